@@ -1,0 +1,239 @@
+"""Drafters: the cheap models that propose tokens. Each keeps its own KV cache in step with the target.
+
+  - `EagleHead`   EAGLE-1/2 head (Li et al., 2024) in the EAGLE project's published format:
+                  config.json (Llama-shaped; non-standard `bias` decides fc.bias, default true),
+                  `fc.weight` [H, 2H] over concat(embedding of the next token, target feature),
+                  `layers.0.*` without `input_layernorm`; no lm_head and no embeddings of its own
+                  (both are the target's; a copied `embed_tokens.weight` is accepted and ignored).
+  - `Eagle3Head`  EAGLE-3 head: `fc` [H, 3H] over three target layers' features, `midlayer.*` whose
+                  q/k/v read 2H (normed embedding ++ normed hidden), `norm`, its own `lm_head` over a
+                  reduced vocabulary mapped back with `d2t` (target_id = draft_id + d2t[draft_id]).
+  - `DraftModel`  an independent small causal LM sharing the target's tokenizer (classic
+                  speculative decoding; Leviathan et al., 2023).
+
+Entries. A drafter's cache holds "entries". For EAGLE heads entry i pairs token x[i+1] with the
+target's feature at position i; for a draft model entry i is token x[i]. Either way, after a round
+that accepted n tokens the drafter appends n + 1 entries whose tokens are (accepted..., bonus),
+and its output at the last entry drafts the next token. Tree nodes at draft level d sit at
+position `len + d - 1`.
+
+Drafters know nothing of verification, sampling or how trees are shaped.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .model import (CausalLM, DecoderLayer, KVCache, MLP, ModelConfig, ModelLoadError, RMSNorm, Attention,
+                    causal_tree, load_state_dict, load_strict, load_target, read_json, rope_cos_sin)
+
+DRAFTERS: dict[str, Callable[..., "Drafter"]] = {}
+
+
+def register_drafter(name: str):
+    def deco(fn):
+        DRAFTERS[name] = fn
+        return fn
+    return deco
+
+
+class Drafter:
+    """Interface shared by all drafters. `feature` says what the target must hand over per entry."""
+
+    feature = "none"  # "none" | "final" (final-norm hidden) | "eagle3" (three layers, concatenated)
+    entry_shift = 0  # EAGLE: entry i carries token x[i+1] (shift 1); draft model: x[i] (shift 0)
+
+    def begin(self, B: int, S: int) -> None:
+        self.cache = self.new_cache(B, S)
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.cache.select(rows)
+
+    def prefill(self, ids: torch.Tensor, lens: torch.Tensor, feats: torch.Tensor | None):
+        """ids [B, T] right-padded prompts, lens [B]; feats [B, T, F] at every prompt position but the last."""
+        s = self.entry_shift
+        return self.extend(ids[:, s:], None if feats is None else feats[:, : ids.shape[1] - s], lens - s)
+
+    def extend(self, toks, feats, n_new):
+        """Append n_new[b] entries (toks [B, W], feats [B, W, F]); return (logits [B, V], hidden) at each row's last one."""
+        B, W = toks.shape
+        pos = self.cache.lens[:, None] + torch.arange(W, device=toks.device)[None, :]
+        logits, hidden = self.forward(toks, self.lift(feats), pos, causal_tree(B, W, toks.device), 0)
+        last = (n_new - 1).clamp(min=0)
+        bi = torch.arange(B, device=toks.device)
+        self.cache.lens += n_new
+        return logits[bi, last], (None if hidden is None else hidden[bi, last])
+
+    def step(self, toks, hidden, level: int, offset: int, mask):
+        """Run tree nodes of draft level `level` (toks [B, T]) in the scratch region after the committed entries."""
+        pos = (self.cache.lens + level - 1)[:, None].expand_as(toks)
+        return self.forward(toks, hidden, pos, mask, offset)
+
+    def lift(self, feats):
+        return feats
+
+
+class DraftModel(Drafter):
+    feature = "none"
+    entry_shift = 0
+
+    def __init__(self, model: CausalLM):
+        self.model = model
+        self.new_cache = model.new_cache
+
+    def forward(self, toks, hidden, pos, mask, offset):
+        logits, _, _ = self.model(toks, pos, self.cache, mask, offset)
+        return logits, None
+
+
+class EagleHead(nn.Module, Drafter):
+    feature = "final"
+    entry_shift = 1
+
+    def __init__(self, cfg: ModelConfig, fc_bias: bool):
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.hidden_size
+        self.fc = nn.Linear(2 * H, H, bias=fc_bias)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, input_norm=False)])
+
+    def attach(self, target: CausalLM) -> "EagleHead":
+        self.target = [target]  # a list keeps the target out of this module's parameters
+        return self
+
+    def new_cache(self, B, S):
+        c = self.cfg
+        return KVCache(B, S, 1, c.num_kv_heads, c.head_dim, self.fc.weight.dtype, self.fc.weight.device)
+
+    def forward(self, toks, feats, pos, mask, offset):
+        tgt = self.target[0]
+        h = self.fc(torch.cat((tgt.embed_tokens(toks), feats.to(self.fc.weight.dtype)), -1))
+        slots, full_mask = self.cache.slots_and_mask(toks.shape[1], mask, offset)
+        cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        h = self.layers[0](h, cos, sin, self.cache.kv[:, :, 0], slots, full_mask)
+        return tgt.lm_head(h), h
+
+    def train_forward(self, emb, feats, pos):
+        """Full-sequence causal forward for training (no cache): emb, feats [B, T, H] -> hidden [B, T, H]."""
+        B, T, _ = emb.shape
+        cache = KVCache(B, T, 1, self.cfg.num_kv_heads, self.cfg.head_dim, emb.dtype, emb.device)
+        h = self.fc(torch.cat((emb, feats), -1))
+        slots, mask = cache.slots_and_mask(T, causal_tree(B, T, emb.device))
+        cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        return self.layers[0](h, cos, sin, cache.kv[:, :, 0].clone(), slots, mask)
+
+
+class Eagle3Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H = cfg.hidden_size
+        self.input_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.hidden_norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, in_features=2 * H)
+        self.post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.mlp = MLP(H, cfg.intermediate_size)
+
+    def forward(self, emb, hidden, cos, sin, kv_layer, slots, mask):
+        x = torch.cat((self.input_layernorm(emb), self.hidden_norm(hidden)), -1)
+        h = hidden + self.self_attn(x, cos, sin, kv_layer, slots, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Eagle3Head(nn.Module, Drafter):
+    feature = "eagle3"
+    entry_shift = 1
+
+    def __init__(self, cfg: ModelConfig, draft_vocab: int, target_vocab: int):
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.hidden_size
+        self.fc = nn.Linear(3 * H, H, bias=False)
+        self.midlayer = Eagle3Layer(cfg)
+        self.norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(H, draft_vocab, bias=False)
+        self.register_buffer("d2t", torch.zeros(draft_vocab, dtype=torch.long))
+        self.register_buffer("t2d", torch.zeros(target_vocab, dtype=torch.bool))
+
+    def attach(self, target: CausalLM) -> "Eagle3Head":
+        L = target.cfg.num_layers
+        target.aux_layers = (1, L // 2 - 1, L - 4)  # inputs of layers 2, L//2 and L-3, as EAGLE-3 reads them
+        self.target = [target]
+        return self
+
+    def new_cache(self, B, S):
+        c = self.cfg
+        return KVCache(B, S, 1, c.num_kv_heads, c.head_dim, self.fc.weight.dtype, self.fc.weight.device)
+
+    def lift(self, feats):
+        return self.fc(feats.to(self.fc.weight.dtype))
+
+    def forward(self, toks, hidden, pos, mask, offset):
+        tgt = self.target[0]
+        emb = tgt.embed_tokens(toks).to(hidden.dtype)
+        slots, full_mask = self.cache.slots_and_mask(toks.shape[1], mask, offset)
+        cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, hidden.dtype)
+        h = self.midlayer(emb, hidden, cos, sin, self.cache.kv[:, :, 0], slots, full_mask)
+        draft_logits = self.lm_head(self.norm(h))  # [B, T, Vd]
+        full = draft_logits.new_full((*draft_logits.shape[:-1], tgt.cfg.vocab_size), float("-inf"))
+        ids = torch.arange(draft_logits.shape[-1], device=h.device) + self.d2t
+        full[..., ids] = draft_logits
+        return full, h
+
+
+# ---------------------------------------------------------------- loading
+
+def _head_config(path: str, target: CausalLM) -> tuple[dict, ModelConfig]:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ModelLoadError(f"{path}: no config.json")
+    raw = read_json(cfg_path)
+    raw.setdefault("architectures", ["LlamaForCausalLM"])
+    cfg = ModelConfig.from_hf(raw, where=cfg_path)
+    if cfg.hidden_size != target.cfg.hidden_size:
+        raise ModelLoadError(f"{cfg_path}: hidden_size {cfg.hidden_size} does not match the target's {target.cfg.hidden_size}")
+    return raw, cfg
+
+
+def _is_eagle3(sd: dict) -> bool:
+    return any(k.startswith("midlayer.") for k in sd)
+
+
+@register_drafter("eagle")
+def load_eagle_head(path: str, target: CausalLM) -> Drafter:
+    """An EAGLE-1/2 or EAGLE-3 head directory (the keys decide which)."""
+    raw, cfg = _head_config(path, target)
+    sd = load_state_dict(path)
+    if _is_eagle3(sd):
+        if "d2t" not in sd:
+            raise ModelLoadError(f"{path}: EAGLE-3 head lacks d2t")
+        head = Eagle3Head(cfg, draft_vocab=sd["d2t"].shape[0], target_vocab=target.cfg.vocab_size)
+    else:
+        head = EagleHead(cfg, fc_bias=bool(raw.get("bias", True)))
+    load_strict(head, sd, path, optional=("embed_tokens.weight",))
+    return head.to(device=target.device, dtype=target.dtype).eval().requires_grad_(False).attach(target)
+
+
+@register_drafter("draft-model")
+def load_draft_model(path: str, target: CausalLM) -> Drafter:
+    model = load_target(path, dtype=str(target.dtype).removeprefix("torch."), device=str(target.device))
+    if model.cfg.vocab_size != target.cfg.vocab_size:
+        raise ModelLoadError(f"{path}: vocab_size {model.cfg.vocab_size} differs from the target's {target.cfg.vocab_size}")
+    return DraftModel(model)
+
+
+def save_eagle_head(head: EagleHead, target_cfg: dict, path: str) -> None:
+    """Write a head in EAGLE's published layout: config.json (Llama-shaped, `bias`) + model.safetensors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    cfg = {k: v for k, v in target_cfg.items() if k not in ("num_hidden_layers",)}
+    cfg.update(architectures=["LlamaForCausalLM"], num_hidden_layers=1, bias=head.fc.bias is not None)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    sd = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
+    save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

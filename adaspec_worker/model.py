@@ -1,0 +1,318 @@
+"""The target model: a small Llama-family transformer of our own, run over a static KV cache.
+
+What it does: loads `LlamaForCausalLM`, `Qwen2ForCausalLM` (q/k/v biases) and `MistralForCausalLM`
+checkpoints from a local Hugging Face directory (safetensors first; a pickled `.bin` only through
+`torch.load(weights_only=True)`), and runs a forward pass over new tokens that sit at explicit
+positions, attend to a per-row prefix of the cache plus an arbitrary (tree) mask among themselves,
+and returns logits, the final-norm hidden state and, on request, intermediate layer features.
+
+What it does not know: tokenization, drafting, sampling, Ray or files other than the checkpoint.
+It is deliberately not a copy of HF's modeling file: one attention block, one MLP, one cache layout.
+
+Cache layout: one tensor `kv` of shape [B, S, L, 2, Hkv, D]. Slot s of row b holds the rotated key
+and the value of the token at sequence position s. Keeping the layer axis inside the slot lets
+KV compaction after verification move every layer of a row in one gather (see `KVCache.compact`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file, key or field at fault."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    eos_token_ids: tuple[int, ...] = field(default=())
+
+    @classmethod
+    def from_hf(cls, cfg: dict, where: str = "config.json") -> "ModelConfig":
+        archs = cfg.get("architectures") or []
+        arch = archs[0] if archs else cfg.get("model_type", "?")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(f"{where}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise ModelLoadError(f"{where}: unsupported rope_type {rope_type!r} (only 'default' RoPE)")
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        heads = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id")
+        eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        bias = bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM"))
+        if cfg.get("sliding_window") and arch == "MistralForCausalLM" and cfg.get("use_sliding_window", True):
+            # sliding attention only differs from full attention past the window
+            pass
+        return cls(
+            architecture=arch, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads", heads),
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bias, eos_token_ids=eos,
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [B, T] -> cos, sin [B, T, D] (HF's half-rotation convention)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions[..., None].float() * inv  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D]; cos/sin [B, T, D]."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, :, None] + rot * sin[:, :, None]
+
+
+class Attention(nn.Module):
+    """GQA attention over the cache. `in_features` differs from hidden only for EAGLE-3's midlayer."""
+
+    def __init__(self, cfg: ModelConfig, in_features: int | None = None, bias: bool | None = None):
+        super().__init__()
+        d, h, hk = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        fin = in_features or cfg.hidden_size
+        b = cfg.attention_bias if bias is None else bias
+        self.q_proj = nn.Linear(fin, h * d, bias=b)
+        self.k_proj = nn.Linear(fin, hk * d, bias=b)
+        self.v_proj = nn.Linear(fin, hk * d, bias=b)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
+        self.h, self.hk, self.d = h, hk, d
+
+    def forward(self, x, cos, sin, kv_layer, slots, mask):
+        """x [B, T, Fin]; kv_layer [B, S, 2, Hkv, D] (a view into the cache); slots [B, T]; mask [B, T, S]."""
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, T, self.h, self.d), cos, sin)
+        k = apply_rope(self.k_proj(x).view(B, T, self.hk, self.d), cos, sin)
+        v = self.v_proj(x).view(B, T, self.hk, self.d)
+        bi = torch.arange(B, device=x.device)[:, None]
+        kv_layer[bi, slots] = torch.stack((k, v), dim=2).to(kv_layer.dtype)  # write [B, T, 2, Hkv, D]
+        keys = kv_layer[:, :, 0].transpose(1, 2)  # [B, Hkv, S, D]
+        vals = kv_layer[:, :, 1].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask[:, None], enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.h * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, input_norm: bool = True):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if input_norm else nn.Identity()
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h, cos, sin, kv_layer, slots, mask):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_layer, slots, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def attention_mask(lens: torch.Tensor, tree_mask: torch.Tensor, S: int) -> torch.Tensor:
+    """Row b's new token t sees cache slots < lens[b] and slot lens[b]+j where tree_mask[b, t, j].
+
+    lens [B]; tree_mask [B, T, W] bool (W = slots of the uncommitted region) -> [B, T, S] bool."""
+    B, T, W = tree_mask.shape
+    rel = torch.arange(S, device=lens.device)[None, :] - lens[:, None]  # [B, S]
+    in_new = (rel >= 0) & (rel < W)
+    idx = rel.clamp(0, W - 1)[:, None, :].expand(B, T, S)
+    return (rel < 0)[:, None, :] | (in_new[:, None, :] & torch.gather(tree_mask, 2, idx))
+
+
+def causal_tree(B: int, T: int, device) -> torch.Tensor:
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril().expand(B, T, T)
+
+
+class KVCache:
+    """Pre-allocated cache: kv [B, S, L, 2, Hkv, D]; lens [B] = committed slots per row."""
+
+    def __init__(self, B: int, S: int, L: int, Hkv: int, D: int, dtype, device):
+        self.kv = torch.zeros(B, S, L, 2, Hkv, D, dtype=dtype, device=device)
+        self.lens = torch.zeros(B, dtype=torch.long, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.shape[1]
+
+    def slots_and_mask(self, T: int, tree_mask: torch.Tensor, offset: int = 0):
+        """Slots [B, T] the T new tokens are written to, and their attention mask [B, T, S]."""
+        assert tree_mask.shape[-1] == offset + T, f"tree mask covers {tree_mask.shape[-1]} slots, expected {offset + T}"
+        slots = self.lens[:, None] + offset + torch.arange(T, device=self.lens.device)[None, :]
+        return slots, attention_mask(self.lens, tree_mask, self.capacity)
+
+    def compact(self, src: torch.Tensor, n_keep: torch.Tensor) -> None:
+        """Move new slots lens+src[b, j] to lens+j (j < P) and commit n_keep[b] of them.
+
+        src [B, P] indexes the block written by the last forward (0 = its first token)."""
+        B, P = src.shape
+        bi = torch.arange(B, device=src.device)[:, None]
+        dst = self.lens[:, None] + torch.arange(P, device=src.device)[None, :]
+        self.kv[bi, dst] = self.kv[bi, self.lens[:, None] + src]
+        self.lens += n_keep
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.kv = self.kv[rows]
+        self.lens = self.lens[rows]
+
+
+class CausalLM(nn.Module):
+    """Llama-family causal LM. `forward` returns (logits [B,T,V], final-norm hidden [B,T,H], aux features)."""
+
+    def __init__(self, cfg: ModelConfig, aux_layers: tuple[int, ...] = ()):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.aux_layers = aux_layers  # layer outputs EAGLE-3 heads read (set by the drafter)
+
+    @property
+    def device(self):
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self):
+        return self.embed_tokens.weight.dtype
+
+    def new_cache(self, B: int, S: int) -> KVCache:
+        c = self.cfg
+        return KVCache(B, S, c.num_layers, c.num_kv_heads, c.head_dim, self.dtype, self.device)
+
+    def forward(self, ids, positions, cache: KVCache, tree_mask=None, offset: int = 0):
+        """ids, positions [B, T]; new tokens go to slots cache.lens + offset + arange(T).
+
+        tree_mask [B, T, offset + T]: what each new token sees of the uncommitted region (default causal)."""
+        B, T = ids.shape
+        if tree_mask is None:
+            tree_mask = causal_tree(B, T, ids.device)
+        slots, mask = cache.slots_and_mask(T, tree_mask, offset)
+        h = self.embed_tokens(ids)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        aux = []
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, cache.kv[:, :, i], slots, mask)
+            if i in self.aux_layers:
+                aux.append(h)
+        hidden = self.norm(h)
+        return self.lm_head(hidden), hidden, (torch.cat(aux, -1) if aux else None)
+
+
+# ---------------------------------------------------------------- loading
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_state_dict(model_dir: str) -> dict[str, torch.Tensor]:
+    """safetensors (single or sharded) first; a `.bin` only through torch.load(weights_only=True)."""
+    from safetensors.torch import load_file
+
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    if files:
+        sd = {}
+        for f in files:
+            sd.update(load_file(os.path.join(model_dir, f)))
+        return sd
+    bins = sorted(f for f in os.listdir(model_dir) if f.endswith(".bin"))
+    if bins:
+        sd = {}
+        for f in bins:
+            try:
+                sd.update(torch.load(os.path.join(model_dir, f), map_location="cpu", weights_only=True))
+            except Exception as e:  # weights_only refuses arbitrary pickles
+                raise ModelLoadError(f"{model_dir}/{f}: refused to unpickle ({type(e).__name__}: {e})") from None
+        return sd
+    raise ModelLoadError(f"{model_dir}: no *.safetensors or *.bin weights found")
+
+
+def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], where: str, optional: tuple[str, ...] = ()) -> None:
+    """load_state_dict that names every missing, unexpected or mis-shaped key."""
+    own = module.state_dict()
+    if getattr(module, "cfg", None) is not None and getattr(module.cfg, "tie_word_embeddings", False):
+        own.pop("lm_head.weight", None)
+    missing = sorted(k for k in own if k not in sd)
+    unexpected = sorted(k for k in sd if k not in own and k not in optional)
+    if missing or unexpected:
+        parts = ([f"missing keys {missing}"] if missing else []) + ([f"unexpected keys {unexpected}"] if unexpected else [])
+        raise ModelLoadError(f"{where}: " + "; ".join(parts))
+    for k, t in own.items():
+        if tuple(sd[k].shape) != tuple(t.shape):
+            raise ModelLoadError(f"{where}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(t.shape)}")
+    module.load_state_dict({k: sd[k] for k in own}, strict=False)  # every own key checked above
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}[dtype]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_target(model_dir: str, dtype: str = "auto", device: str = "auto") -> CausalLM:
+    cfg_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ModelLoadError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
+    cfg = ModelConfig.from_hf(read_json(cfg_path), where=cfg_path)
+    sd = {k.removeprefix("model."): v for k, v in load_state_dict(model_dir).items()}
+    model = CausalLM(cfg)
+    load_strict(model, sd, model_dir, optional=("lm_head.weight",) if cfg.tie_word_embeddings else ())
+    dev = resolve_device(device)
+    return model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval().requires_grad_(False)
