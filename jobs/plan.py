@@ -1,0 +1,76 @@
+"""The shard plan: a pure function of the input (sorted files, row ranges), never of the worker count.
+
+A shard is (index, file, first row, row count). Shards never span files, so a worker reads one
+row range of one Parquet file. `input.limit` truncates the plan after that many rows in file order.
+Row ids come from `input.id_column`, or, when a file lacks it, from "<file name>:<row>".
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+from .manifest import InputCfg
+
+
+class PlanError(ValueError):
+    """The input cannot be planned (missing files, missing columns); the message names it."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    file: str  # full URL or local path
+    start: int
+    rows: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def list_inputs(path: str, storage_options: dict | None = None) -> list[str]:
+    """A Parquet file, a directory of them, or a glob -> sorted file URLs."""
+    fs, root = url_to_fs(path, **(storage_options or {}))
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if any(c in root for c in "*?["):
+        files = fs.glob(root)
+    elif fs.isdir(root):
+        files = [f for f in fs.find(root) if f.endswith(".parquet")]
+    elif fs.exists(root):
+        files = [root]
+    else:
+        raise PlanError(f"input.path: {path} does not exist")
+    files = sorted(files)
+    if not files:
+        raise PlanError(f"input.path: no Parquet files under {path}")
+    return [f if proto in ("file", "local") else f"{proto}://{f}" for f in files]
+
+
+def make_plan(inp: InputCfg, rows_per_shard: int, storage_options: dict | None = None) -> list[Shard]:
+    shards: list[Shard] = []
+    remaining = inp.limit
+    for f in list_inputs(inp.path, storage_options):
+        fs, p = url_to_fs(f, **(storage_options or {}))
+        try:
+            with fs.open(p, "rb") as fh:
+                meta = pq.ParquetFile(fh)
+                n, names = meta.metadata.num_rows, meta.schema_arrow.names
+        except Exception as e:  # a non-Parquet or corrupt file
+            raise PlanError(f"input.path: cannot read {f} as Parquet ({type(e).__name__}: {e})") from None
+        if inp.prompt_column not in names:
+            raise PlanError(f"input.prompt_column: {f} has no column {inp.prompt_column!r} (columns: {', '.join(names)})")
+        if remaining is not None:
+            n = min(n, remaining)
+            remaining -= n
+        for start in range(0, n, rows_per_shard):
+            shards.append(Shard(len(shards), f, start, min(rows_per_shard, n - start)))
+        if remaining == 0:
+            break
+    return shards
+
+
+def input_storage_options(input_path: str, output_path: str, output_options: dict) -> dict:
+    """The manifest has one set of storage options: the input uses them when it lives on the output's store."""
+    proto = lambda u: u.split("://", 1)[0] if "://" in u else "file"  # noqa: E731
+    return dict(output_options) if proto(input_path) == proto(output_path) else {}

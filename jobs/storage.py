@@ -1,0 +1,115 @@
+"""Object storage for a job: fsspec for any backend, tenacity for bounded retries, and the output layout.
+
+Layout under the output root (datatrove style: outputs named by shard, the commit marker last):
+    job.json                        resolved manifest, plan, config hash, adarun version
+    shards/shard-NNNNN.parquet      results
+    errors/shard-NNNNN.parquet      rows that could not be processed (id, error)
+    stats/shard-NNNNN.json          per-shard statistics
+    _commits/shard-NNNNN.json       written last: a shard without it does not exist
+
+Local writes go through a temporary file and a rename, so a reader never sees half a file; object
+stores give that per object already. `ADARUN_CHAOS_WRITE_FAILURE_RATE` (0..1) makes that share of
+writes fail before they reach the store: a fault drill for the retry path, used by the tests.
+This module imports neither torch nor Ray.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import uuid
+
+import fsspec
+from fsspec.core import url_to_fs
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+STORAGE_ATTEMPTS = 6
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}"
+
+
+class ChaosError(OSError):
+    """An injected storage fault."""
+
+
+class Store:
+    """One output (or input) root on any fsspec filesystem, with retried reads and writes."""
+
+    def __init__(self, root: str, storage_options: dict | None = None, backoff_s: float = 0.5):
+        self.url = root
+        self.fs, self.root = url_to_fs(root, **(storage_options or {}))
+        self.local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
+        self.chaos = float(os.environ.get("ADARUN_CHAOS_WRITE_FAILURE_RATE", "0") or 0)
+        self.retry = retry(
+            reraise=True,
+            stop=stop_after_attempt(STORAGE_ATTEMPTS),
+            wait=wait_exponential_jitter(initial=backoff_s, max=max(backoff_s * 16, 0.001), jitter=backoff_s),
+            retry=retry_if_exception_type((OSError, TimeoutError, ConnectionError)),
+        )
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    # ---- raw operations (each retried)
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        self.retry(self._write)(self.path(rel), data)
+
+    def _write(self, p: str, data: bytes) -> None:
+        if self.chaos and random.random() < self.chaos:
+            raise ChaosError(f"injected write failure: {p}")
+        parent = p.rsplit("/", 1)[0]
+        if self.local:
+            self.fs.makedirs(parent, exist_ok=True)
+            tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+            self.fs.mv(tmp, p)
+        else:
+            with self.fs.open(p, "wb") as f:
+                f.write(data)
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.retry(self.fs.cat_file)(self.path(rel))
+
+    def exists(self, rel: str) -> bool:
+        return self.retry(self.fs.exists)(self.path(rel))
+
+    def list(self, rel: str) -> list[str]:
+        """Names (not paths) under a folder; [] when it does not exist."""
+        def ls():
+            p = self.path(rel)
+            if not self.fs.exists(p):
+                return []
+            return sorted(x.rsplit("/", 1)[-1] for x in self.fs.ls(p, detail=False))
+        self.fs.invalidate_cache()
+        return self.retry(ls)()
+
+    def remove(self, rel: str) -> None:
+        p = self.path(rel)
+        if self.retry(self.fs.exists)(p):
+            self.retry(self.fs.rm)(p, recursive=True)
+
+    # ---- JSON helpers
+    def write_json(self, rel: str, obj) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, rel: str):
+        return json.loads(self.read_bytes(rel))
+
+    # ---- the job layout
+    def committed(self) -> dict[int, dict]:
+        """Shard index -> commit marker, for every committed shard."""
+        out = {}
+        for name in self.list("_commits"):
+            if name.startswith("shard-") and name.endswith(".json"):
+                out[int(name[6:11])] = self.read_json(f"_commits/{name}")
+        return out
+
+    def has_shard_files(self) -> bool:
+        return any(self.list(d) for d in ("_commits", "shards", "stats", "errors"))
+
+    def clear_job(self) -> None:
+        for d in ("_commits", "shards", "stats", "errors", "report"):
+            self.remove(d)
