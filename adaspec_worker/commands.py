@@ -1,0 +1,55 @@
+"""Model commands of the `adarun` CLI: train-draft, fit-ldlp, bench.
+
+Torch-free at import (option parsing only); each command imports its implementation when it runs.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+def _fail(msg: str):
+    click.echo(f"adarun: error: {msg}", err=True)
+    sys.exit(2)
+
+
+@click.command("train-draft")
+@click.option("--target", required=True, type=click.Path(exists=True, file_okay=False), help="Target model directory (HF format).")
+@click.option("--corpus", required=True, help="Glob of text files or Parquet files (use ** for recursion).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory for the head (EAGLE format).")
+@click.option("--text-column", default="text", show_default=True, help="Text column of Parquet corpora.")
+@click.option("--steps", type=int, default=None, help="Optimizer steps (default 2000).")
+@click.option("--batch-size", type=int, default=None, help="Blocks per step (default 32).")
+@click.option("--seq-len", type=int, default=None, help="Tokens per block (default 512).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default 1e-3).")
+@click.option("--noise", type=float, default=None, help="Width of uniform noise on input features (default 0.2).")
+@click.option("--max-files", type=int, default=None, help="Use at most this many corpus texts.")
+@click.option("--max-tokens", type=int, default=None, help="Use at most this many corpus tokens.")
+@click.option("--max-seconds", type=float, default=None, help="Stop training after this long (the head is still saved).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--quiet", is_flag=True)
+def train_draft(target, corpus, out, text_column, quiet, **opts):
+    """Train an EAGLE-1/2 draft head for TARGET on a corpus; rerun to resume from its checkpoint.
+
+    Held-out files (shared README's sha1 rule) are always left out.
+
+    \b
+    Example:
+      adarun train-draft --target ../shared/models/pycoder-22m \\
+          --corpus '/usr/lib/python3*/**/*.py' --out heads/pycoder-22m --steps 3000
+    """
+    from .model import ModelLoadError
+    from .train_head import DraftTrainConfig, train_draft as run
+
+    cfg = DraftTrainConfig(**{k: v for k, v in opts.items() if v is not None})
+    try:
+        report = run(target, corpus, out, cfg, text_column=text_column, progress=not quiet)
+    except (ModelLoadError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    click.echo(json.dumps({k: report[k] for k in ("steps_run", "train_seconds", "val_before", "val_after")}))
+
+
+COMMANDS = [train_draft]
