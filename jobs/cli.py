@@ -90,8 +90,9 @@ class _Progress:
 
 @click.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
-@click.option("--output", help="Output URL or path (overrides output.path).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a manifest field, e.g. decoding.temperature=0.7.")
+@click.option("--output", envvar="ADARUN_OUTPUT", help="Output URL or path (overrides output.path). Env: ADARUN_OUTPUT.")
+@click.option("--set", "overrides", multiple=True, envvar="ADARUN_SET", metavar="KEY=VALUE",
+              help="Override a manifest field, e.g. decoding.temperature=0.7. Env: ADARUN_SET (space-separated).")
 @click.option("--dry-run", is_flag=True, help="Print the shard plan and exit.")
 @click.option("--force", is_flag=True, help="Discard another job's shards found in the output.")
 def submit(manifest, output, overrides, dry_run, force):

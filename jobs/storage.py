@@ -45,7 +45,7 @@ class Store:
         self.retry = retry(
             reraise=True,
             stop=stop_after_attempt(STORAGE_ATTEMPTS),
-            wait=wait_exponential_jitter(initial=backoff_s, max=max(backoff_s * 16, 0.001), jitter=backoff_s),
+            wait=wait_exponential_jitter(multiplier=backoff_s, max=max(backoff_s * 16, 0.001), jitter=backoff_s),
             retry=retry_if_exception_type((OSError, TimeoutError, ConnectionError)),
         )
 

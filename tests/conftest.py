@@ -1,0 +1,95 @@
+"""Shared fixtures. One Ray cluster per test session: two nodes on loopback (`ray start --head` plus a
+second `ray start --address` with its own `node2` resource), which every runner test uses."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+TINY = REPO / "models" / "pycoder-tiny"
+TINY_HEAD = REPO / "models" / "pycoder-tiny-eagle"
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback test cluster: no token files to hand around
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _ray(*args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"ray {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
+    return out.stdout + out.stderr
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """Address of a two-node Ray cluster on loopback; the test process is connected to it."""
+    import ray
+
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--object-store-memory=200000000", "--disable-usage-stats"]
+    _ray("start", "--head", "--port=0", "--include-dashboard=false", *common)
+    address = Path("/tmp/ray/ray_current_cluster").read_text().strip()
+    _ray("start", f"--address={address}", *common[:-1], "--resources={\"node2\": 2}", "--disable-usage-stats")
+    os.environ["RAY_ADDRESS"] = address
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield address
+    ray.shutdown()
+    _ray("stop", "--force")
+    os.environ.pop("RAY_ADDRESS", None)
+
+
+@pytest.fixture
+def prompts(tmp_path) -> Path:
+    """40 prompts with ids, three of them bad (empty, null, far too long)."""
+    src = pq.read_table(REPO / "manifests" / "prompts.parquet").to_pylist()
+    rows = [{"id": r["id"], "prompt": r["prompt"][-300:]} for r in src[:37]]
+    rows += [{"id": "bad-empty", "prompt": "   "}, {"id": "bad-null", "prompt": None}, {"id": "bad-long", "prompt": "x = 1\n" * 2000}]
+    path = tmp_path / "prompts.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([("id", pa.string()), ("prompt", pa.string())])), path, row_group_size=7)
+    return path
+
+
+def job_dict(prompts: Path, out: str, **over) -> dict:
+    d = {
+        "name": "test",
+        "input": {"path": str(prompts)},
+        "output": {"path": out},
+        "model": {"target": str(TINY), "draft": str(TINY_HEAD), "dtype": "float32", "device": "cpu"},
+        "decoding": {"max_new_tokens": 12, "seed": 1},
+        "speculative": {"method": "eagle2", "params": {"top_k": 4, "depth": 4, "total_tokens": 12}},
+        "resources": {"workers": 2, "batch_size": 8, "cpus_per_worker": 1},
+        "sharding": {"rows_per_shard": 8},
+        "retry": {"max_attempts": 3, "backoff_s": 0.01},
+        "baseline": {"sample_fraction": 0.05},
+    }
+    for k, v in over.items():
+        section, _, field = k.partition("__")
+        if field:
+            d.setdefault(section, {})[field] = v
+        else:
+            d[section] = v
+    return d
+
+
+def write_manifest(tmp_path: Path, d: dict) -> Path:
+    import yaml
+
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+@pytest.fixture(scope="session")
+def shared():
+    if not (SHARED / "models" / "pycoder-22m").is_dir():
+        pytest.skip("../shared is not beside this checkout")
+    return SHARED
+
+
+__all__ = ["REPO", "TINY", "TINY_HEAD", "job_dict", "write_manifest", "shutil"]
