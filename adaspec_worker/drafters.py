@@ -60,12 +60,18 @@ class Drafter:
     def extend(self, toks, feats, n_new):
         """Append n_new[b] entries (toks [B, W], feats [B, W, F]); return (logits [B, V], hidden) at each row's last one."""
         B, W = toks.shape
+        if W == 0:  # EAGLE on one-token prompts: no entry yet, so no opinion on the first draft
+            tgt = self.target[0]
+            return (torch.zeros(B, tgt.cfg.vocab_size, dtype=tgt.dtype, device=toks.device),
+                    torch.zeros(B, tgt.cfg.hidden_size, dtype=tgt.dtype, device=toks.device))
         pos = self.cache.lens[:, None] + torch.arange(W, device=toks.device)[None, :]
         logits, hidden = self.forward(toks, self.lift(feats), pos, causal_tree(B, W, toks.device), 0)
         last = (n_new - 1).clamp(min=0)
         bi = torch.arange(B, device=toks.device)
         self.cache.lens += n_new
-        return logits[bi, last], (None if hidden is None else hidden[bi, last])
+        some = (n_new > 0)[:, None]  # rows without a new entry get the same blank opinion as when alone
+        return (torch.where(some, logits[bi, last], 0.0),
+                None if hidden is None else torch.where(some, hidden[bi, last], 0.0))
 
     def step(self, toks, hidden, level: int, offset: int, mask):
         """Run tree nodes of draft level `level` (toks [B, T]) in the scratch region after the committed entries."""
@@ -159,7 +165,8 @@ class Eagle3Head(nn.Module, Drafter):
 
     def attach(self, target: CausalLM) -> "Eagle3Head":
         L = target.cfg.num_layers
-        target.aux_layers = (1, L // 2 - 1, L - 4)  # inputs of layers 2, L//2 and L-3, as EAGLE-3 reads them
+        # the inputs of layers 2, L//2 and L-3, as EAGLE-3 reads them (clamped for very shallow targets)
+        target.aux_layers = tuple(min(max(i, 0), L - 1) for i in (1, L // 2 - 1, L - 4))
         self.target = [target]
         return self
 
@@ -232,7 +239,8 @@ def save_eagle_head(head: EagleHead, target_cfg: dict, path: str) -> None:
 
     os.makedirs(path, exist_ok=True)
     cfg = {k: v for k, v in target_cfg.items() if k not in ("num_hidden_layers",)}
-    cfg.update(architectures=["LlamaForCausalLM"], num_hidden_layers=1, bias=head.fc.bias is not None)
+    cfg.update(architectures=["LlamaForCausalLM"], num_hidden_layers=1, bias=head.fc.bias is not None,
+               attention_bias=head.cfg.attention_bias)  # Qwen2 targets: q/k/v biases, said explicitly
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     sd = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}

@@ -240,13 +240,14 @@ class CausalLM(nn.Module):
         slots, mask = cache.slots_and_mask(T, tree_mask, offset)
         h = self.embed_tokens(ids)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
-        aux = []
+        outs = {}
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, cache.kv[:, :, i], slots, mask)
             if i in self.aux_layers:
-                aux.append(h)
+                outs[i] = h
         hidden = self.norm(h)
-        return self.lm_head(hidden), hidden, (torch.cat(aux, -1) if aux else None)
+        aux = torch.cat([outs[i] for i in self.aux_layers], -1) if self.aux_layers else None
+        return self.lm_head(hidden), hidden, aux
 
 
 # ---------------------------------------------------------------- loading
