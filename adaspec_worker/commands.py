@@ -52,4 +52,39 @@ def train_draft(target, corpus, out, text_column, quiet, **opts):
     click.echo(json.dumps({k: report[k] for k in ("steps_run", "train_seconds", "val_before", "val_after")}))
 
 
-COMMANDS = [train_draft]
+@click.command("fit-ldlp")
+@click.option("--target", required=True, type=click.Path(exists=True, file_okay=False), help="Target model directory.")
+@click.option("--draft", required=True, type=click.Path(exists=True, file_okay=False), help="Its EAGLE head.")
+@click.option("--corpus", required=True, help="Glob of text or Parquet files; random prefixes become prompts.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory for the LDLP.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--prompts", type=int, default=None, help="Prefixes to decode for labels (default 400).")
+@click.option("--new-tokens", type=int, default=None, help="Tokens decoded per prefix (default 96).")
+@click.option("--batch-size", type=int, default=None, help="Prefixes decoded together (default 16).")
+@click.option("--draft-cost", type=float, default=None, help="Draft step cost relative to a verification pass, for selection (default 0.15).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True)
+def fit_ldlp(target, draft, corpus, out, text_column, **opts):
+    """Fit AdaEAGLE's draft-length predictor (LDLP) for TARGET and its head.
+
+    Labels: the accepted length of a greedy EAGLE chain of 10 on corpus prefixes. Width, lambda and
+    k_max are chosen on held-out rounds; the choice and its validation scores go in config.json.
+
+    \b
+    Example:
+      adarun fit-ldlp --target models/pycoder-tiny --draft models/pycoder-tiny-eagle \\
+          --corpus '/usr/lib/python3*/*.py' --out models/pycoder-tiny-ldlp
+    """
+    from .ldlp import LDLPFitConfig, fit_ldlp as run
+    from .model import ModelLoadError
+
+    cfg = LDLPFitConfig(**{k: v for k, v in opts.items() if v is not None})
+    try:
+        meta = run(target, draft, corpus, out, cfg, text_column=text_column, log=lambda m: click.echo(m, err=True))
+    except (ModelLoadError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    click.echo(json.dumps({k: meta[k] for k in ("k_max", "width", "lambda", "val_mae", "val_exact_share", "constant_mae",
+                                                "val_simulated_speed", "best_fixed_k_speed", "oracle_speed")}))
+
+
+COMMANDS = [train_draft, fit_ldlp]

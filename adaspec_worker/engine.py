@@ -93,20 +93,28 @@ class PhaseClock:
 
 
 class Engine:
-    def __init__(self, target: CausalLM, method: str = "none", params: dict | None = None, drafter: Drafter | None = None):
+    def __init__(self, target: CausalLM, method: str = "none", params: dict | None = None, drafter: Drafter | None = None,
+                 ldlp=None):
         self.target = target
-        self.proposer: Proposer = build_proposer(method, params)
+        self.proposer: Proposer = build_proposer(method, params, ldlp)
         need = self.proposer.spec.drafter
         assert (need is None) or drafter is not None, f"method {method!r} needs a {need} drafter (model.draft)"
         self.drafter = drafter if need else None
         self.method = method
+        self.round_hook = None  # optional callable(ldlp_feat [B, 2H], n_accepted [B], tree): label collection
 
     @classmethod
-    def load(cls, target: CausalLM, method: str, params: dict | None, draft_path: str | None) -> "Engine":
+    def load(cls, target: CausalLM, method: str, params: dict | None, draft_path: str | None,
+             ldlp_path: str | None = None) -> "Engine":
         from .specs import parse_spec
-        need = parse_spec(method, params).drafter
-        drafter = DRAFTERS[need](draft_path, target) if need else None
-        return cls(target, method, params, drafter)
+        spec = parse_spec(method, params)
+        drafter = DRAFTERS[spec.drafter](draft_path, target) if spec.drafter else None
+        ldlp = None
+        if getattr(spec, "uses_ldlp", False):
+            from .ldlp import load_ldlp
+            assert ldlp_path, f"method {method!r} needs an LDLP (model.ldlp)"
+            ldlp = load_ldlp(ldlp_path, target)
+        return cls(target, method, params, drafter, ldlp)
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], sp: SamplingParams, seeds: list[int] | None = None,
@@ -133,7 +141,16 @@ class Engine:
             _, hidden, aux = tgt(ids[:, :-1], pos, cache)
             feats = aux if (self.drafter and self.drafter.feature == "eagle3") else hidden
         cache.lens = lens - 1
-        root = ids[torch.arange(B, device=dev), lens - 1]
+        bi = torch.arange(B, device=dev)
+        root = ids[bi, lens - 1]
+        prop = self.proposer
+        feat = None
+        if prop.wants_features or self.round_hook:  # LDLP input: emb(pending token) ++ hidden that produced it
+            h_last = hidden[bi, (lens - 2).clamp(min=0)] if Tp > 1 else torch.zeros(B, tgt.cfg.hidden_size, dtype=tgt.dtype, device=dev)
+            h_last = torch.where((lens > 1)[:, None], h_last, 0.0)
+            feat = torch.cat([tgt.embed_tokens(root), h_last], -1)
+        prop.plan = None
+        prop.start(B, dev, sp, prompts, self)
         d_logits = d_hidden = None
         if self.drafter is not None:
             self.drafter.begin(B, S + self.proposer.scratch)
@@ -148,7 +165,8 @@ class Engine:
         eos = set(sp.eos_token_ids)
         while rows:
             clock.mark("draft")
-            tree = self.proposer.propose(RoundInput(root, d_logits, d_hidden, self.drafter, sp, seed_t, counter))
+            rin = RoundInput(root, d_logits, d_hidden, self.drafter, sp, seed_t, counter, feat)
+            tree = prop.propose(rin)
             clock.mark("verify")
             logits, hidden, aux = tgt(tree.tokens, tree.positions(cache.lens), cache, tree.ancestors())
             verdict = self._verify(tree, logits, sp, seed_t, counter)
@@ -161,19 +179,29 @@ class Engine:
                 f = aux if self.drafter.feature == "eagle3" else hidden
                 fp = torch.gather(f, 1, path[:, :, None].expand(-1, -1, f.shape[-1]))
                 d_logits, d_hidden = self.drafter.extend(emitted, fp, n + 1)
+            if self.round_hook:
+                self.round_hook(feat, n, tree)
             root = verdict.bonus
             counter = counter + n + 1
-            self.proposer.observe(verdict, tree)
-            host = torch.cat([n[:, None], (tree.valid.sum(1, keepdim=True) - 1), emitted], 1).tolist()  # the round's one sync
+            if feat is not None:
+                bi = torch.arange(root.shape[0], device=dev)
+                feat = torch.cat([tgt.embed_tokens(root), hidden[bi, path[bi, n]]], -1)
+                rin.ldlp_feat = feat
+            plan = prop.observe(verdict, tree, rin)
+            depth = (tree.depth * tree.valid).amax(1, keepdim=True)  # deepest draft level offered per row
+            sync = [n[:, None], (tree.valid.sum(1, keepdim=True) - 1), depth, emitted] + ([plan[:, None].long()] if plan is not None else [])
+            host = torch.cat(sync, 1).tolist()  # the round's one sync
+            if plan is not None:
+                prop.plan = [row[-1] for row in host]
             clock.flush(stats)
             stats.rounds += 1
             keep = []
             for i, row in enumerate(host):
                 b = rows[i]
-                na, drafted, toks = row[0], row[1], row[2: 3 + row[0]]
+                na, drafted, ddepth, toks = row[0], row[1], row[2], row[3: 4 + row[0]]
                 st = seq[b]
                 st.rounds += 1; st.drafted += drafted; st.accepted += na
-                st.draft_lengths[tree.levels] += 1
+                st.draft_lengths[ddepth] += 1
                 for d in range(1, na + 1):
                     st.accepted_by_depth[d] += 1
                 reason = self._append(out[b], toks, sp, eos, stop_fn, b)
@@ -188,6 +216,10 @@ class Engine:
                 k = torch.tensor(keep, device=dev)
                 cache.select(k)
                 root, seed_t, counter = root[k], seed_t[k], counter[k]
+                feat = None if feat is None else feat[k]
+                prop.select(k)
+                if prop.plan is not None:
+                    prop.plan = [prop.plan[i] for i in keep]
                 if self.drafter is not None:
                     self.drafter.select(k)
                     d_logits = d_logits[k]

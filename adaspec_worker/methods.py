@@ -39,20 +39,55 @@ class RoundInput:
     sp: SamplingParams
     seeds: torch.Tensor  # [B]
     counter: torch.Tensor  # [B] tokens emitted so far (random-number counter)
+    ldlp_feat: torch.Tensor | None = None  # [B, 2H] emb(bonus) ++ target hidden that produced it
 
 
 class Proposer:
+    """Turns the drafter's state at the root into a draft tree.
+
+    Adaptive proposers keep per-row device state and may return, from `observe`, a [B] integer
+    plan for the next round (e.g. LDLP's chain length). The engine brings it to the host with the
+    round's one sync and hands it back as `self.plan` (a list) before the next `propose`."""
+
     scratch = 0  # drafter cache slots a round's tree expansion needs beyond the committed entries
     max_nodes = 1  # most nodes a tree can have (root included)
+    wants_features = False  # needs RoundInput.ldlp_feat
+    plan: list[int] | None = None
 
     def __init__(self, spec):
         self.spec = spec
 
+    def start(self, B: int, device, sp: SamplingParams, prompts: list[list[int]], engine) -> None:
+        """Called once per generate() before the first round."""
+
     def propose(self, r: RoundInput) -> DraftTree:
         raise NotImplementedError
 
-    def observe(self, verdict, tree: DraftTree) -> None:
-        """Feedback after verification; adaptive proposers override."""
+    def observe(self, verdict, tree: DraftTree, r: RoundInput) -> torch.Tensor | None:
+        """Feedback after verification; may return the next round's [B] plan."""
+        return None
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Rows left the batch: keep per-row state aligned."""
+
+
+def draft_chain(r: RoundInput, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy chain of k draft tokens: tokens, their draft log-probabilities and the draft entropy (nats)
+    of each step's untempered distribution, all [B, k]. One drafter step per token, no host sync."""
+    B = r.root.shape[0]
+    logits, hidden = r.root_logits, r.root_hidden
+    toks, lps, ents = [], [], []
+    for j in range(k):
+        lp = torch.log_softmax(logits.float(), -1)  # [B, V]
+        t = lp.argmax(-1)
+        toks.append(t)
+        lps.append(lp.gather(1, t[:, None])[:, 0])
+        ents.append(-(lp.exp() * lp).nan_to_num().sum(-1))
+        if j + 1 < k:
+            chain = torch.ones(B, 1, j + 1, dtype=torch.bool, device=t.device)  # sees every earlier draft
+            out, hid = r.drafter.step(t[:, None], None if hidden is None else hidden[:, None], j + 1, j, chain)
+            logits, hidden = out[:, 0], (None if hid is None else hid[:, 0])
+    return torch.stack(toks, 1), torch.stack(lps, 1), torch.stack(ents, 1)
 
 
 @proposer("none")
@@ -68,8 +103,7 @@ class EagleChain(Proposer):
         self.scratch, self.max_nodes = spec.k, spec.k + 1
 
     def propose(self, r):
-        t = grow_dynamic(r.root, r.root_logits, r.root_hidden, r.drafter.step, top_k=1, depth=self.spec.k, total_tokens=self.spec.k)
-        return t
+        return chain_tree(r.root, draft_chain(r, self.spec.k)[0])
 
 
 @proposer("eagle-tree")
@@ -108,7 +142,7 @@ class DraftModelChain(Proposer):
     def propose(self, r):
         k = self.spec.k
         if r.sp.greedy:
-            return grow_dynamic(r.root, r.root_logits, None, r.drafter.step, top_k=1, depth=k, total_tokens=k)
+            return chain_tree(r.root, draft_chain(r, k)[0])
         B = r.root.shape[0]
         u = uniform(r.seeds, r.counter, STREAM_DRAFT, k)
         logits, toks, qs = r.root_logits, [], []
@@ -124,6 +158,10 @@ class DraftModelChain(Proposer):
         return chain_tree(r.root, torch.stack(toks, 1), draft_probs=torch.stack(qs, 1))
 
 
-def build_proposer(name: str, params: dict | None) -> Proposer:
+def build_proposer(name: str, params: dict | None, ldlp=None) -> Proposer:
     spec = parse_spec(name, params)
-    return PROPOSERS[name](spec)
+    cls = PROPOSERS[name]
+    return cls(spec, ldlp) if getattr(cls, "needs_ldlp", False) else cls(spec)
+
+
+from . import adaptive  # noqa: E402,F401  (registers the adaptive proposers beside these)

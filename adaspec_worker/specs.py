@@ -75,6 +75,85 @@ class DraftModelSpec:
         _positive("k", self.k)
 
 
+# ---------------------------------------------------------------- adaptive methods (issue: adaptive structures)
+
+@method("adaeagle")
+class AdaEagleSpec:
+    """AdaEAGLE (Zhang et al., 2024): a chain whose length is LDLP's prediction each round (may be 0).
+    k_max 0 = the LDLP artifact's own k_max."""
+    k_max: int = 0
+    drafter = "eagle"
+    uses_ldlp = True
+
+
+@method("adaeagle-ddd")
+class AdaEagleDDDSpec:
+    """AdaEAGLE-DDD (Zhang et al., 2024): LDLP's length plus the cumulative draft log-probability
+    threshold; drafting stops only when both say stop (bounded by k_max)."""
+    threshold: float = -0.6
+    k_max: int = 0
+    drafter = "eagle"
+    uses_ldlp = True
+
+
+@method("adaedl")
+class AdaEDLSpec:
+    """AdaEDL (Agrawal et al., 2024): stop drafting when 1 - sqrt(gamma * H) < lambda, H the draft's
+    (untempered) entropy in nats. The bound and gamma = 0.2 are the paper's; adapting lambda each round
+    (EMA of the acceptance rate with beta1, lambda +/- eps against the target rate alpha, then
+    lambda <- 0.9 lambda + 0.1 lambda') follows later re-implementations; lam0 and k_max are ours."""
+    gamma: float = 0.2
+    lam0: float = 0.7
+    beta1: float = 0.5
+    alpha: float = 0.9
+    eps: float = 0.01
+    k_max: int = 8
+    drafter = "eagle"
+
+
+@method("ddd")
+class DDDSpec:
+    """Dynamic Depth Decoding (Brown et al., 2024): EAGLE-2 beams, continue while log(sum of the beams'
+    probabilities) stays above `threshold`, checked only at `check_depths` (one host sync each)."""
+    top_k: int = 8
+    max_depth: int = 10
+    total_tokens: int = 60
+    threshold: float = -1.5
+    check_depths: tuple = (3, 5, 7)
+    drafter = "eagle"
+
+
+@method("opt-tree")
+class OptTreeSpec:
+    """OPT-Tree (Wang et al., 2024), level-wise: keep the globally best n nodes per level by path
+    probability; stop when the expected acceptance length E = sum of path probabilities grows by
+    less than delta (checked per level)."""
+    n: int = 8
+    max_depth: int = 10
+    delta: float = 0.2
+    drafter = "eagle"
+
+
+@method("ldlp-tree")
+class LDLPTreeSpec:
+    """Ours: LDLP's predicted length sets the EAGLE-2 tree depth each round (depth = prediction + 1,
+    within [min_depth, max_depth]) and the node budget scales with it (nodes_per_level x depth)."""
+    top_k: int = 8
+    nodes_per_level: int = 10
+    min_depth: int = 1
+    max_depth: int = 8
+    drafter = "eagle"
+    uses_ldlp = True
+
+
+@method("oracle")
+class OracleSpec:
+    """Benchmark-only ceiling: each round drafts the ideal chain length, read off the target's own
+    greedy continuation computed ahead (greedy decoding only)."""
+    k_max: int = 10
+    drafter = "eagle"
+
+
 def _positive(name: str, v) -> None:
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise SpecError(f"{name} must be an integer >= 1, got {v!r}")
@@ -98,6 +177,11 @@ def parse_spec(name: str, params: dict | None):
             raise SpecError(f"{k} must be a number, got {v!r}")
         if want in ("bool", bool) and not isinstance(v, bool):
             raise SpecError(f"{k} must be true or false, got {v!r}")
+        if want in ("tuple", tuple) and k == "check_depths":
+            if not isinstance(v, (list, tuple)) or not all(isinstance(x, int) and x >= 1 for x in v):
+                raise SpecError(f"{k} must be a list of depths >= 1, got {v!r}")
+            params[k] = tuple(v)
+            continue
         if want in ("tuple", tuple):
             params[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, (list, tuple)) else v
     spec = cls(**params)

@@ -148,7 +148,7 @@ def train_draft(target_dir: str, corpus: str, out: str, cfg: DraftTrainConfig, t
         opt.step()
         step += 1
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(acc):.2f}", step_ms=f"{(time.time() - ts) * 1e3:.0f}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{acc.item():.2f}", step_ms=f"{(time.time() - ts) * 1e3:.0f}")
         bar.update(1)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             _save_checkpoint(ckpt, head, opt, step, cfg)

@@ -67,8 +67,13 @@ def chain_tree(root: torch.Tensor, drafts: torch.Tensor, valid: torch.Tensor | N
 
 
 def grow_dynamic(root: torch.Tensor, root_logits: torch.Tensor, root_hidden, step: StepFn,
-                 top_k: int, depth: int, total_tokens: int) -> DraftTree:
-    """EAGLE-2 dynamic tree. root [B]; root_logits [B, V] from the drafter at the root."""
+                 top_k: int, depth: int, total_tokens: int, keep: str = "rerank",
+                 stop: Callable[[int, torch.Tensor], bool] | None = None) -> DraftTree:
+    """EAGLE-2 dynamic tree. root [B]; root_logits [B, V] from the drafter at the root.
+
+    keep="rerank": all candidates compete globally for `total_tokens` slots (EAGLE-2).
+    keep="frontier": the tree is exactly the top_k frontier of every level (OPT-Tree's level-wise form).
+    stop(level, frontier_scores [B, K]) -> True ends the expansion after that level (DDD, OPT-Tree)."""
     B, V = root_logits.shape
     dev = root_logits.device
     K = min(top_k, V)
@@ -76,12 +81,15 @@ def grow_dynamic(root: torch.Tensor, root_logits: torch.Tensor, root_hidden, ste
     s, t = logp.topk(K, dim=-1)  # [B, K]
     cand_tok, cand_score, cand_parent, cand_depth = [t], [s], [torch.full((B, K), -1, device=dev)], [1]
     front_tok, front_score, front_idx = t, s, torch.arange(K, device=dev).expand(B, K)
+    kept = [front_idx]
     front_hidden = None if root_hidden is None else root_hidden[:, None].expand(B, K, -1)
     n_cand = K
     width = K * max(depth - 1, 0)  # scratch slots the frontier levels occupy in the drafter's cache
     front_anc = torch.zeros(B, K, max(width, 1), dtype=torch.bool, device=dev)
     bi = torch.arange(B, device=dev)[:, None]
     for level in range(1, depth):
+        if stop is not None and stop(level, front_score):
+            break
         off = (level - 1) * K
         own = torch.zeros_like(front_anc)
         own[:, torch.arange(K), off + torch.arange(K)] = True
@@ -93,13 +101,12 @@ def grow_dynamic(root: torch.Tensor, root_logits: torch.Tensor, root_hidden, ste
         parent = front_idx[:, :, None].expand(B, K, K).reshape(B, K * K)
         cand_tok.append(ct.reshape(B, K * K)); cand_score.append(score); cand_parent.append(parent)
         cand_depth.append(level + 1)
-        if level == depth - 1:
-            break
         fs, pick = score.topk(K, dim=-1)  # next frontier [B, K]
         local_parent = pick // K
         front_tok = torch.gather(ct.reshape(B, K * K), 1, pick)
         front_score = fs
         front_idx = n_cand + pick
+        kept.append(front_idx)
         front_hidden = None if hidden is None else hidden[bi, local_parent]
         front_anc = (front_anc | own)[bi, local_parent]
         n_cand += K * K
@@ -108,16 +115,18 @@ def grow_dynamic(root: torch.Tensor, root_logits: torch.Tensor, root_hidden, ste
     par = torch.cat(cand_parent, 1)
     dep = torch.cat([torch.full((B, c.shape[1]), d, device=dev) for c, d in zip(cand_tok, cand_depth)], 1)
     C = tok.shape[1]
-    n = min(total_tokens, C)
-    # a child's score never exceeds its parent's; the depth tiebreak makes that strict, so the
-    # kept set is closed under ancestors
-    key = score.double() - 1e-9 * dep
-    sel = key.topk(n, dim=-1).indices.sort(dim=-1).values  # [B, n] candidate order = topological
+    if keep == "frontier":
+        sel = torch.cat(kept, 1).sort(dim=-1).values
+    else:
+        # a child's score never exceeds its parent's; the depth tiebreak makes that strict, so the
+        # kept set is closed under ancestors
+        key = score.double() - 1e-9 * dep
+        sel = key.topk(min(total_tokens, C), dim=-1).indices.sort(dim=-1).values  # [B, n] topological order
+    n = sel.shape[1]
     inv = torch.full((B, C + 1), -1, device=dev, dtype=torch.long)
     inv[bi, sel] = torch.arange(n, device=dev).expand(B, n)
     p = torch.gather(par, 1, sel)
     parent_node = torch.where(p < 0, 0, torch.gather(inv, 1, p.clamp(min=0)) + 1)
-    assert bool((parent_node >= 0).all()), "EAGLE-2 rerank kept a node without its parent"
     zero = torch.zeros(B, 1, dtype=torch.long, device=dev)
     return DraftTree(tokens=torch.cat([root[:, None], torch.gather(tok, 1, sel)], 1),
                      parents=torch.cat([zero, parent_node], 1),

@@ -1,0 +1,136 @@
+"""Adaptive methods: lossless under greedy decoding, AdaEDL's lambda update by hand, and the two
+training commands (train-draft, fit-ldlp) doing what they claim on tiny setups."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from adarun.cli import cli
+from adaspec_worker.adaptive import adaedl_update
+from adaspec_worker.engine import Engine
+from adaspec_worker.ldlp import LDLP, save_ldlp
+from adaspec_worker.methods import PROPOSERS
+from adaspec_worker.model import load_target
+from adaspec_worker.sampling import SamplingParams
+from adaspec_worker.specs import METHOD_SPECS
+from tests import tiny
+from tests.conftest import REPO, TINY, TINY_HEAD
+
+ADAPTIVE = [("adaeagle", {}), ("adaeagle-ddd", {}), ("adaedl", {"k_max": 4}), ("ddd", {"top_k": 3, "max_depth": 5, "total_tokens": 12}),
+            ("opt-tree", {"n": 3, "max_depth": 5, "delta": 0.05}), ("ldlp-tree", {"top_k": 3, "nodes_per_level": 4, "max_depth": 4}),
+            ("oracle", {"k_max": 5})]
+
+
+def test_every_method_has_a_proposer_and_a_spec():
+    assert set(PROPOSERS) == set(METHOD_SPECS)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ada")
+    hf = tiny.hf_model("llama", vocab=24)
+    tiny.save(hf, d / "target")
+    tiny.random_eagle_head(d / "target", d / "head")
+    torch.manual_seed(0)
+    m = LDLP(64, 32, 4)
+    with torch.no_grad():
+        m.out.bias.fill_(2.0)  # predicts lengths around 2, varying with the input
+    save_ldlp(m, str(d / "ldlp"), {"note": "random"})
+    return hf, d, load_target(str(d / "target"), dtype="float64", device="cpu")
+
+
+@pytest.mark.parametrize("method,params", ADAPTIVE, ids=[m for m, _ in ADAPTIVE])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_adaptive_greedy_equals_plain(setup, method, params, batch):
+    hf, d, tgt = setup
+    g = torch.Generator().manual_seed(batch + 10)
+    prompts = [torch.randint(0, 24, (int(n),), generator=g).tolist() for n in torch.randint(1, 12, (batch,), generator=g)]
+    sp = SamplingParams(max_new_tokens=16)
+    plain, _ = Engine(tgt, "none").generate(prompts, sp)
+    eng = Engine.load(tgt, method, params, str(d / "head"), str(d / "ldlp"))
+    outs, st = eng.generate(prompts, sp)
+    assert [o.tokens for o in outs] == [p.tokens for p in plain]
+    assert st.seq.tau >= 1.0
+
+
+def test_adaptive_on_the_shipped_model_beats_a_random_guess():
+    tgt = load_target(str(TINY), dtype="float32", device="cpu")
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY)
+    rows = pq.read_table(REPO / "manifests" / "prompts.parquet").column("prompt").to_pylist()[:4]
+    prompts = [tok(r, add_special_tokens=False)["input_ids"][-200:] for r in rows]
+    sp = SamplingParams(max_new_tokens=24)
+    plain, _ = Engine(tgt, "none").generate(prompts, sp)
+    taus = {}
+    for method in ("adaeagle", "oracle", "ldlp-tree"):
+        eng = Engine.load(tgt, method, {}, str(TINY_HEAD), str(REPO / "models" / "pycoder-tiny-ldlp"))
+        outs, st = eng.generate(prompts, sp)
+        assert [o.tokens for o in outs] == [p.tokens for p in plain]
+        taus[method] = st.seq.tau
+    assert taus["oracle"] >= taus["adaeagle"] > 1.3
+
+
+def test_adaedl_lambda_update_by_hand():
+    lam, ema = torch.tensor([0.7], dtype=torch.float64), torch.tensor([0.9], dtype=torch.float64)
+    # round 1: acceptance 0.5 -> ema 0.7 < 0.9 -> lambda' = 0.71 -> lambda = 0.9*0.7 + 0.1*0.71 = 0.701
+    lam, ema = adaedl_update(lam, ema, torch.tensor([0.5], dtype=torch.float64), 0.5, 0.9, 0.01)
+    assert ema.item() == pytest.approx(0.7) and lam.item() == pytest.approx(0.701)
+    # round 2: acceptance 1.0 -> ema 0.85 < 0.9 -> lambda' = 0.711 -> lambda = 0.6309 + 0.0711 = 0.702
+    lam, ema = adaedl_update(lam, ema, torch.tensor([1.0], dtype=torch.float64), 0.5, 0.9, 0.01)
+    assert ema.item() == pytest.approx(0.85) and lam.item() == pytest.approx(0.702)
+    # round 3: acceptance 1.0 -> ema 0.925 >= 0.9 -> lambda' = 0.692 -> lambda = 0.6318 + 0.0692 = 0.701
+    lam, ema = adaedl_update(lam, ema, torch.tensor([1.0], dtype=torch.float64), 0.5, 0.9, 0.01)
+    assert ema.item() == pytest.approx(0.925) and lam.item() == pytest.approx(0.701)
+
+
+def test_train_draft_lowers_loss_raises_tau_and_writes_eagle_format(tmp_path):
+    from safetensors.torch import load_file
+
+    d = tmp_path
+    (d / "target").symlink_to(TINY)  # a real (trained) tiny target: a head can learn it in a few steps
+    corpus = d / "corpus"
+    corpus.mkdir()
+    for i, p in enumerate(sorted((REPO / "adaspec_worker").glob("*.py"))):
+        (corpus / f"{i}.py").write_text(p.read_text())
+    r = CliRunner().invoke(cli, ["train-draft", "--target", str(d / "target"), "--corpus", str(corpus / "*.py"), "--out", str(d / "head"),
+                                 "--steps", "150", "--batch-size", "8", "--seq-len", "64", "--lr", "3e-3", "--quiet", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output.strip().splitlines()[-1])
+    assert rep["val_after"]["loss"] < rep["val_before"]["loss"]
+    keys = set(load_file(str(d / "head" / "model.safetensors")))
+    assert "fc.weight" in keys and "fc.bias" in keys and not any(k.startswith(("lm_head", "layers.0.input_layernorm")) for k in keys)
+    assert all(k.startswith(("fc.", "layers.0.")) for k in keys)
+    cfg = json.loads((d / "head" / "config.json").read_text())
+    assert cfg["bias"] is True and cfg["num_hidden_layers"] == 1
+    tiny.random_eagle_head(d / "target", d / "random")
+    tgt = load_target(str(d / "target"), dtype="float32", device="cpu")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY)
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("import os\nimport sys\n\n\ndef main(", "class Foo:\n    def __init__(self")]
+    taus = {}
+    for name in ("random", "head"):
+        _, st = Engine.load(tgt, "eagle", {"k": 4}, str(d / name)).generate(prompts, SamplingParams(max_new_tokens=32))
+        taus[name] = st.seq.tau
+    assert taus["head"] > taus["random"]
+    # resume: rerunning continues from the checkpoint rather than starting over
+    r = CliRunner().invoke(cli, ["train-draft", "--target", str(d / "target"), "--corpus", str(corpus / "*.py"), "--out", str(d / "head"),
+                                 "--steps", "160", "--batch-size", "8", "--seq-len", "64", "--quiet", "--device", "cpu"])
+    assert json.loads(r.output.strip().splitlines()[-1])["steps_run"] == 10
+
+
+def test_fit_ldlp_beats_a_constant_predictor(tmp_path):
+    from adaspec_worker.ldlp import LDLPFitConfig, fit_ldlp
+
+    import sysconfig
+    cfg = LDLPFitConfig(prompts=80, new_tokens=40, widths=(64,), lambdas=(2.0,), k_maxes=(6,), steps=300, device="cpu", dtype="float32")
+    meta = fit_ldlp(str(TINY), str(TINY_HEAD), sysconfig.get_paths()["stdlib"] + "/*.py", str(tmp_path / "ldlp"), cfg, log=lambda m: None)
+    assert meta["val_mae"] < meta["constant_mae"]
+    saved = json.loads((tmp_path / "ldlp" / "config.json").read_text())
+    for k in ("width", "lambda", "k_max", "val_mae", "val_exact_share"):
+        assert k in saved
