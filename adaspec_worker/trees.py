@@ -45,7 +45,7 @@ class DraftTree:
         eye = torch.eye(N, dtype=torch.bool, device=self.parents.device).expand(B, N, N)
         anc = eye
         idx = self.parents[:, :, None].expand(B, N, N)
-        for _ in range(int(self.depth.max()) if N > 1 else 0):  # depth-many doublings suffice
+        for _ in range(self.levels if N > 1 else 0):  # `levels` is a static bound: no host sync
             anc = eye | torch.gather(anc, 1, idx)
         return anc
 

@@ -82,7 +82,7 @@ class ShardWorker:
         torch.manual_seed(0)
         self.tok = AutoTokenizer.from_pretrained(m.model.target)
         self.target = load_target(m.model.target, m.model.dtype, m.model.device)
-        self.engine = Engine.load(self.target, m.speculative.method, m.speculative.params, m.model.draft)
+        self.engine = Engine.load(self.target, m.speculative.method, m.speculative.params, m.model.draft, m.model.ldlp)
         self.plain = Engine(self.target, "none")
         d = m.decoding
         eos = self.target.cfg.eos_token_ids or ((self.tok.eos_token_id,) if self.tok.eos_token_id is not None else ())

@@ -193,6 +193,7 @@ def _check(m: Manifest) -> None:
         where = "speculative.method" if "unknown method" in str(e) else "speculative.params"
         raise ManifestError(f"{where}: {e}") from None
     need(spec.drafter is None or m.model.draft, "model.draft", f"method {m.speculative.method!r} needs a draft ({spec.drafter})")
+    need(not getattr(spec, "uses_ldlp", False) or m.model.ldlp, "model.ldlp", f"method {m.speculative.method!r} needs an LDLP (adarun fit-ldlp)")
     r = m.resources
     need(r.workers >= 1, "resources.workers", f"must be >= 1, got {r.workers}")
     need(r.gpus_per_worker >= 0, "resources.gpus_per_worker", f"must be >= 0, got {r.gpus_per_worker}")
