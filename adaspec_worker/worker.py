@@ -102,6 +102,7 @@ class ShardWorker:
         from .engine import EngineStats
 
         t0, started = time.perf_counter(), time.time()
+        e0 = self._energy_mj()
         m = self.m
         ids, prompts = read_rows(shard, m)
         ctx = self.target.cfg.max_position_embeddings
@@ -132,6 +133,7 @@ class ShardWorker:
             et = pa.Table.from_pylist([{"id": i, "error": e} for i, e in errors], schema=ERROR_SCHEMA)
             self.store.write_bytes(f"errors/{name}.parquet", _parquet_bytes(et))
         wall = time.perf_counter() - t0
+        e1 = self._energy_mj()
         res = m.resources
         seq = stats.seq
         shard_stats = {
@@ -146,6 +148,7 @@ class ShardWorker:
             "draft_lengths": dict(sorted(seq.draft_lengths.items())),
             "draft_seconds": stats.draft_s, "verify_seconds": stats.verify_s,
             "other_seconds": stats.other_s + stats.prefill_s, "baseline": baseline,
+            "energy_kwh": (e1 - e0) / 3.6e9 if e0 is not None and e1 is not None else None,
             **self.info(),
         }
         self.store.write_json(f"stats/{name}.json", shard_stats)
@@ -156,6 +159,20 @@ class ShardWorker:
                 "completion_tokens": shard_stats["completion_tokens"], "wall_seconds": wall}
 
     # ------------------------------------------------------------------ helpers
+    def _energy_mj(self) -> float | None:
+        """The GPU's energy counter (millijoules) through NVML, where it can be read."""
+        if not self.device.startswith("cuda"):
+            return None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            vis = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+            h = pynvml.nvmlDeviceGetHandleByIndex(int(vis) if vis.isdigit() else 0)
+            return float(pynvml.nvmlDeviceGetTotalEnergyConsumption(h))
+        except Exception:  # no NVML, or a GPU that does not report energy
+            return None
+
     def _check_row(self, prompt, ctx: int) -> tuple[str | None, list[int] | None]:
         if prompt is None:
             return "empty prompt (null)", None

@@ -167,14 +167,57 @@ def status(output, as_json):
     """
     store, doc = _open_job(output)
     s = job_status(store, doc)
+    if store.committed():
+        from .report import load_run, summarize
+
+        rep = summarize(load_run(store))
+        s.update({k: rep[k] for k in ("cost_usd", "completion_tokens_per_second", "mean_accepted_length", "measured_speedup")})
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
     eta = "done" if s["complete"] else (f"{s['eta_seconds']:.0f}s" if s["eta_seconds"] is not None else "unknown")
     click.echo(f"{s['name']}: shards {s['shards_done']}/{s['shards_total']}, rows {s['rows']} (+{s['error_rows']} errors) "
                f"of {s['input_rows_total']}, completion tokens {s['completion_tokens']}, ETA {eta}")
+    if "cost_usd" in s:
+        tps, tau, sp = s["completion_tokens_per_second"], s["mean_accepted_length"], s["measured_speedup"]
+        click.echo(f"  cost ${s['cost_usd']:.4f}, {tps or 0:.1f} tok/s, tau {tau or 0:.2f}, "
+                   f"measured speedup {'n/a' if sp is None else f'{sp:.2f}x'}")
+
+
+@click.command()
+@click.argument("outputs", nargs=-1, required=True)
+@click.option("--format", "fmt", type=click.Choice(["md", "html", "json"]), default="md", show_default=True,
+              help="What to print; all three files are written under OUTPUT/report/ either way.")
+def report(outputs, fmt):
+    """Cost and speedup report of a run (OUTPUT), or two runs side by side (A B).
+
+    \b
+    Examples:
+      adarun report out/quickstart
+      adarun report out/last-night out/tonight
+    """
+    from .report import compare_md, write_report
+
+    if len(outputs) > 2:
+        fail_usage("report takes one output, or two to compare")
+    reps = []
+    for out in outputs:
+        store, _ = _open_job(out)
+        if not store.committed():
+            fail_usage(f"{out}: no committed shards yet")
+        reps.append(write_report(store))
+    if len(reps) == 2:
+        click.echo(compare_md(*reps))
+        return
+    store = Store(outputs[0])
+    if fmt == "json":
+        click.echo(json.dumps(reps[0], indent=2))
+    elif fmt == "md":
+        click.echo(store.read_bytes("report/report.md").decode())
+    else:
+        click.echo(store.path("report/report.html"))
 
 
 def register(group: click.Group) -> None:
-    for c in (submit, resume, status):
+    for c in (submit, resume, status, report):
         group.add_command(c)

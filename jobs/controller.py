@@ -127,14 +127,14 @@ def run_job(m: Manifest, force: bool = False, listener: Listener | None = None) 
         while idle and queue and queue[0][0] <= now:
             _, shard, attempt = queue.popleft()
             actor = idle.popleft()
-            inflight[actor.run_shard.remote(shard.to_dict(), attempt)] = (actor, shard, attempt)
+            inflight[actor.run_shard.remote(shard.to_dict(), attempt)] = (actor, shard, attempt, time.time())
             emit("dispatch", {"shard": shard.index, "attempt": attempt, "actor": actor})
         if not inflight:  # everything queued is backing off
             time.sleep(max(0.0, min(q[0] for q in queue) - time.time()))
             continue
         ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
         for ref in ready:
-            actor, shard, attempt = inflight.pop(ref)
+            actor, shard, attempt, t_dispatch = inflight.pop(ref)
             try:
                 out = ray.get(ref)
             except (RayActorError, RayTaskError) as e:
@@ -148,9 +148,12 @@ def run_job(m: Manifest, force: bool = False, listener: Listener | None = None) 
                 if attempt < m.retry.max_attempts:
                     delay = m.retry.backoff_s * 2 ** (attempt - 1)
                     queue.append((time.time() + delay, shard, attempt + 1))
-                    state.retries.append({"shard": shard.index, "attempt": attempt, "actor_died": dead, "cause": cause})
+                    state.retries.append({"shard": shard.index, "attempt": attempt, "actor_died": dead, "cause": cause,
+                                          "seconds": time.time() - t_dispatch})
                     emit("retry", {"shard": shard.index, "attempt": attempt, "cause": cause, "actor_died": dead})
                 else:
+                    state.retries.append({"shard": shard.index, "attempt": attempt, "actor_died": dead, "cause": cause,
+                                          "seconds": time.time() - t_dispatch, "final": True})
                     state.failed[shard.index] = cause
                     emit("fail", {"shard": shard.index, "cause": cause})
                 continue
@@ -164,7 +167,12 @@ def run_job(m: Manifest, force: bool = False, listener: Listener | None = None) 
             emit("commit", out)
     for a in idle:
         ray.kill(a, no_restart=True)
-    store.write_json("_job_run.json", {"finished_at": time.time(), "started_at": state.started, "retries": state.retries,
+    old = store.read_json("_job_run.json") if store.exists("_job_run.json") else {}
+    old_runs = old.get("runs", [])
+    store.write_json("_job_run.json", {"runs": old_runs + [{"started_at": state.started, "finished_at": time.time(),
+                                                           "committed": state.committed, "skipped": state.skipped}],
+                                        "finished_at": time.time(), "started_at": state.started,
+                                        "retries": old.get("retries", []) + state.retries,
                                         "failed": {shard_name(k): v for k, v in state.failed.items()},
                                         "first_commit_seconds": state.first_commit_s})
     if state.failed:

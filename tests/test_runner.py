@@ -218,3 +218,66 @@ def test_chaos_store_really_fails_writes(tmp_path, monkeypatch):
     monkeypatch.setenv("ADARUN_CHAOS_WRITE_FAILURE_RATE", "1.0")
     with pytest.raises(OSError, match="injected"):
         Store(str(tmp_path), backoff_s=0.001).write_bytes("x", b"1")
+
+
+# ------------------------------------------------------------------ the report
+
+def _png_ok(data: bytes) -> bool:
+    import matplotlib.image as mpimg
+    import io
+
+    img = mpimg.imread(io.BytesIO(data), format="png")
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and img.shape[0] > 50 and float(img.std()) > 0.01
+
+
+def test_report_of_a_finished_job(finished_job, tmp_path):
+    import shutil as sh
+
+    _, out, m, _ = finished_job
+    r = CliRunner().invoke(cli, ["report", str(out), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    stats = [json.loads(p.read_text()) for p in sorted((out / "stats").iterdir())]
+    assert rep["total_rows"] == sum(s["rows"] for s in stats) == 37
+    assert rep["error_rows"] == 3
+    assert rep["completion_tokens"] == sum(s["completion_tokens"] for s in stats) == pq.read_table(out / "shards").column("num_completion_tokens").to_numpy().sum()
+    assert rep["prompt_tokens"] == sum(s["prompt_tokens"] for s in stats)
+    hours = sum(s["cpu_seconds"] for s in stats) / 3600
+    assert rep["cpu_hours"] == pytest.approx(hours)
+    assert rep["cost_usd"] == pytest.approx(hours * m.cost.cpu_hour_usd + rep["gpu_hours"] * m.cost.gpu_hour_usd)
+    assert rep["measured_speedup"] > 0 and rep["baseline_samples"] >= 5 and rep["shards_missing"] == 0
+    for k in ("usd_per_million_completion_tokens", "completion_tokens_per_second", "mean_accepted_length", "measured_speedup_ci95",
+              "autoregressive_cost_usd_estimate", "saved_usd_estimate", "retry_waste_seconds", "idle_tail_seconds"):
+        assert rep[k] is not None, k
+    rdir = out / "report"
+    for name in ("throughput.png", "shard_durations.png", "tau_hist.png", "acceptance_by_depth.png", "draft_lengths.png"):
+        assert _png_ok((rdir / name).read_bytes()), name
+    assert "measured_speedup" in (rdir / "report.md").read_text()
+    html_path = rdir / "report.html"
+    assert "data:image/png;base64," in html_path.read_text()
+    chromium = sh.which("chromium") or sh.which("chromium-browser")
+    assert chromium, "headless Chromium is needed (.ci/run installs Debian's chromium)"
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,1400",
+                    html_path.as_uri()], check=True, capture_output=True, timeout=120)
+    assert _png_ok(shot.read_bytes()), "the rendered page is blank"
+
+
+def test_report_of_a_partly_finished_job(finished_job, tmp_path):
+    import shutil as sh
+
+    _, out, _, _ = finished_job
+    part = tmp_path / "part"
+    sh.copytree(out, part)
+    (part / "_commits" / "shard-00003.json").unlink()
+    sh.rmtree(part / "report", ignore_errors=True)
+    r = CliRunner().invoke(cli, ["report", str(part), "--format", "json"])
+    rep = json.loads(r.output)
+    assert rep["shards_committed"] == 4 and rep["shards_missing"] == 1
+    committed = [json.loads((part / "stats" / f"shard-0000{i}.json").read_text()) for i in (0, 1, 2, 4)]
+    assert rep["total_rows"] == sum(s["rows"] for s in committed)
+    assert "1 missing" in (part / "report" / "report.md").read_text()
+    r = CliRunner().invoke(cli, ["report", str(out), str(part)])
+    assert r.exit_code == 0 and "| total_rows |" in r.output

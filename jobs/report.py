@@ -1,0 +1,222 @@
+"""The cost and speedup report of a run: `adarun report OUTPUT` and `adarun report A B`.
+
+Reads only committed shards (a shard without its commit marker does not exist) and says how many
+are missing. Numbers: totals summed over shard stats; cost = device hours x the manifest's prices;
+the speedup is measured, not assumed: each shard decoded a sample of its rows a second time with
+plain autoregressive decoding on the same actor, and the report takes the geometric mean of the
+per-row time-per-token ratios with a 95% t-interval on their logs. Writes OUTPUT/report/report.json,
+report.md and a self-contained report.html (charts inlined), plus the PNG charts.
+No torch here; matplotlib draws with the Agg backend.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections import Counter, defaultdict
+
+from .storage import Store
+
+
+def load_run(store: Store) -> dict:
+    doc = store.read_json("job.json")
+    commits = store.committed()
+    stats = []
+    for i in sorted(commits):
+        name = f"stats/shard-{i:05d}.json"
+        if store.exists(name):
+            stats.append(store.read_json(name))
+    run = store.read_json("_job_run.json") if store.exists("_job_run.json") else {}
+    return {"job": doc, "commits": commits, "stats": stats, "run": run}
+
+
+def speedup_ci(samples: list[dict]) -> tuple[float | None, list[float] | None, int]:
+    """Geometric mean of plain/spec time-per-token ratios and a 95% t-interval (on logs)."""
+    logs = []
+    for s in samples:
+        if s.get("spec_seconds") and s.get("plain_seconds") and s.get("spec_tokens") and s.get("plain_tokens"):
+            logs.append(math.log((s["plain_seconds"] / s["plain_tokens"]) / (s["spec_seconds"] / s["spec_tokens"])))
+    n = len(logs)
+    if n == 0:
+        return None, None, 0
+    mean = sum(logs) / n
+    if n == 1:
+        return math.exp(mean), None, 1
+    sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (n - 1))
+    from scipy.stats import t as student  # noqa: PLC0415
+
+    half = student.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    return math.exp(mean), [math.exp(mean - half), math.exp(mean + half)], n
+
+
+def summarize(run: dict) -> dict:
+    job, stats = run["job"], run["stats"]
+    m = job["manifest"]
+    plan = job["plan"]
+    res, cost = m["resources"], m["cost"]
+    tok = sum(s["completion_tokens"] for s in stats)
+    start = min((s["started_at"] for s in stats), default=0.0)
+    end = max((s["finished_at"] for s in stats), default=0.0)
+    wall = max(end - start, 0.0)
+    gpu_h = sum(s["gpu_seconds"] for s in stats) / 3600
+    cpu_h = sum(s["cpu_seconds"] for s in stats) / 3600
+    usd = gpu_h * cost["gpu_hour_usd"] + cpu_h * cost["cpu_hour_usd"]
+    rounds = sum(s["rounds"] for s in stats)
+    emitted = sum(s["accepted_tokens"] + s["rounds"] for s in stats)
+    samples = [b for s in stats for b in s.get("baseline", [])]
+    sp, ci, n_samples = speedup_ci(samples)
+    last_by_actor: dict[str, float] = {}
+    for s in stats:
+        last_by_actor[s["actor_id"]] = max(last_by_actor.get(s["actor_id"], 0.0), s["finished_at"])
+    energy = [s.get("energy_kwh") for s in stats]
+    gpus = res["workers"] * res["gpus_per_worker"]
+    ar_usd = usd * sp if sp else None
+    return {
+        "name": job["name"], "job_hash": job["job_hash"], "method": m["speculative"]["method"], "params": m["speculative"]["params"],
+        "shards_committed": len(stats), "shards_total": len(plan), "shards_missing": len(plan) - len(stats),
+        "total_rows": sum(s["rows"] for s in stats), "error_rows": sum(s["error_rows"] for s in stats),
+        "prompt_tokens": sum(s["prompt_tokens"] for s in stats), "completion_tokens": tok,
+        "wall_seconds": wall, "gpu_hours": gpu_h, "cpu_hours": cpu_h, "cost_usd": usd,
+        "gpu_hour_usd": cost["gpu_hour_usd"], "cpu_hour_usd": cost["cpu_hour_usd"],
+        "usd_per_million_completion_tokens": usd / tok * 1e6 if tok else None,
+        "completion_tokens_per_second": tok / wall if wall else None,
+        "completion_tokens_per_second_per_gpu": (tok / wall / gpus) if wall and gpus else None,
+        "mean_accepted_length": emitted / rounds if rounds else None,
+        "measured_speedup": sp, "measured_speedup_ci95": ci, "baseline_samples": n_samples,
+        "autoregressive_cost_usd_estimate": ar_usd, "saved_usd_estimate": (ar_usd - usd) if ar_usd is not None else None,
+        "retry_waste_seconds": sum(r.get("seconds", 0.0) for r in run["run"].get("retries", [])),
+        "retries": len(run["run"].get("retries", [])),
+        "idle_tail_seconds": sum(end - t for t in last_by_actor.values()),
+        "energy_kwh": sum(energy) if energy and all(e is not None for e in energy) else None,
+        "time_split_seconds": {k: sum(s[f"{k}_seconds"] for s in stats) for k in ("draft", "verify", "other")},
+        "accelerators": sorted({s["accelerator"] for s in stats}),
+        "workers": len(last_by_actor),
+    }
+
+
+# ------------------------------------------------------------------ charts
+
+def charts(run: dict) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = run["stats"]
+    out = {}
+
+    def save(fig, name):
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=90)
+        plt.close(fig)
+        out[name] = buf.getvalue()
+
+    t0 = min((s["started_at"] for s in stats), default=0.0)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    by_actor = defaultdict(list)
+    for s in stats:
+        by_actor[s["actor_id"]].append(s)
+    for i, (actor, ss) in enumerate(sorted(by_actor.items())):
+        ss.sort(key=lambda s: s["finished_at"])
+        ax.plot([s["finished_at"] - t0 for s in ss], [s["completion_tokens"] / max(s["wall_seconds"], 1e-9) for s in ss],
+                marker="o", label=f"worker {i}")
+    ax.set(xlabel="seconds since first shard started", ylabel="completion tokens/s", title="Throughput per worker")
+    ax.legend(fontsize=7)
+    save(fig, "throughput.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar([s["shard"] for s in stats], [s["wall_seconds"] for s in stats], color="tab:blue")
+    ax.set(xlabel="shard", ylabel="seconds", title="Shard durations (stragglers stand out)")
+    save(fig, "shard_durations.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.hist([s["tau"] for s in stats if s["rounds"]], bins=20, color="tab:green")
+    ax.set(xlabel="tau (tokens per target forward)", ylabel="shards", title="Mean accepted length per shard")
+    save(fig, "tau_hist.png")
+
+    rounds = sum(s["rounds"] for s in stats) or 1
+    depth = Counter()
+    lengths = Counter()
+    for s in stats:
+        depth.update({int(k): v for k, v in s["accepted_by_depth"].items()})
+        lengths.update({int(k): v for k, v in s["draft_lengths"].items()})
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ks = sorted(depth)
+    ax.bar(ks, [depth[k] / rounds for k in ks], color="tab:orange")
+    ax.set(xlabel="draft depth", ylabel="share of rounds accepting it", title="Acceptance by depth", ylim=(0, 1))
+    save(fig, "acceptance_by_depth.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ks = sorted(lengths)
+    ax.bar(ks, [lengths[k] for k in ks], color="tab:purple")
+    ax.set(xlabel="draft length (deepest level offered)", ylabel="rounds", title="Chosen draft lengths")
+    save(fig, "draft_lengths.png")
+    return out
+
+
+# ------------------------------------------------------------------ rendering
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:,.4g}" if abs(v) < 1e6 else f"{v:,.0f}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return str(v)
+
+
+HEADLINE = ["total_rows", "error_rows", "completion_tokens", "wall_seconds", "completion_tokens_per_second",
+            "completion_tokens_per_second_per_gpu", "gpu_hours", "cpu_hours", "cost_usd", "usd_per_million_completion_tokens",
+            "mean_accepted_length", "measured_speedup", "measured_speedup_ci95", "autoregressive_cost_usd_estimate",
+            "saved_usd_estimate", "retry_waste_seconds", "idle_tail_seconds", "energy_kwh"]
+
+
+def render_md(rep: dict, images: list[str]) -> str:
+    lines = [f"# adarun report: {rep['name']}", "",
+             f"Method `{rep['method']}` {json.dumps(rep['params'])}; shards committed {rep['shards_committed']}/{rep['shards_total']}"
+             + (f" (**{rep['shards_missing']} missing**: the report covers committed shards only)" if rep["shards_missing"] else "")
+             + f"; accelerators: {', '.join(rep['accelerators'])}.", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(rep[k])} |" for k in HEADLINE]
+    ts = rep["time_split_seconds"]
+    lines += ["", f"Time split (summed over shards): draft {ts['draft']:.1f}s, verify {ts['verify']:.1f}s, other {ts['other']:.1f}s. "
+              f"Speedup from {rep['baseline_samples']} rows decoded both ways on the same actors.", ""]
+    lines += [f"![{n}]({n})" for n in images]
+    return "\n".join(lines) + "\n"
+
+
+def render_html(rep: dict, pngs: dict[str, bytes]) -> str:
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(_fmt(rep[k]))}</td></tr>" for k in HEADLINE)
+    imgs = "".join(f'<figure><img alt="{n}" src="data:image/png;base64,{base64.b64encode(b).decode()}"></figure>' for n, b in pngs.items())
+    missing = (f"<p class=warn>{rep['shards_missing']} shard(s) not committed: this report covers committed shards only.</p>"
+               if rep["shards_missing"] else "")
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>adarun report: {html.escape(rep['name'])}</title>
+<style>body{{font-family:sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse}}td{{border:1px solid #ccc;padding:4px 10px}}
+figure{{display:inline-block;margin:8px}}.warn{{color:#b00;font-weight:bold}}</style></head><body>
+<h1>adarun report: {html.escape(rep['name'])}</h1>
+<p>Method <code>{html.escape(rep['method'])}</code>; shards committed {rep['shards_committed']}/{rep['shards_total']}.</p>{missing}
+<table>{rows}</table>{imgs}</body></html>"""
+
+
+def write_report(store: Store) -> dict:
+    run = load_run(store)
+    rep = summarize(run)
+    pngs = charts(run)
+    for name, data in pngs.items():
+        store.write_bytes(f"report/{name}", data)
+    store.write_json("report/report.json", rep)
+    store.write_bytes("report/report.md", render_md(rep, list(pngs)).encode())
+    store.write_bytes("report/report.html", render_html(rep, pngs).encode())
+    return rep
+
+
+def compare_md(a: dict, b: dict) -> str:
+    lines = [f"| metric | {a['name']} ({a['method']}) | {b['name']} ({b['method']}) | B / A |", "|---|---|---|---|"]
+    for k in HEADLINE:
+        va, vb = a.get(k), b.get(k)
+        ratio = f"{vb / va:.3g}" if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and va else ""
+        lines.append(f"| {k} | {_fmt(va)} | {_fmt(vb)} | {ratio} |")
+    return "\n".join(lines) + "\n"
