@@ -19,6 +19,7 @@ from .trees import chain_tree, grow_dynamic
 class _LDLPChain(Proposer):
     needs_ldlp = True
     wants_features = True
+    wants_plan = True
 
     def __init__(self, spec, ldlp):
         super().__init__(spec)
@@ -27,19 +28,27 @@ class _LDLPChain(Proposer):
         self.k_max = getattr(spec, "k_max", 0) or ldlp.k_max
         self.scratch, self.max_nodes = self.k_max, self.k_max + 1
 
-    def lengths(self, r: RoundInput) -> list[int]:
+    def start(self, B, device, sp, prompts, engine):
+        self.row_state("k", B, 0, torch.long, device)  # the plan on the device, for graph replays
+
+    def lengths(self, r: RoundInput) -> torch.Tensor:
         if self.plan is None:  # first round of a generate(): no verification sync to ride on yet
-            self.plan = self.ldlp.predict(r.ldlp_feat).clamp(max=self.k_max).tolist()
-        return self.plan
+            self.k.copy_(self.ldlp.predict(r.ldlp_feat).clamp(max=self.k_max))
+            self.plan = self.k.tolist()
+        return self.k
+
+    def plan_key(self):
+        return (max(self.plan),) if self.plan else ("first",)
 
     def observe(self, verdict, tree, r):
-        return self.ldlp.predict(r.ldlp_feat).clamp(max=self.k_max)
+        self.k.copy_(self.ldlp.predict(r.ldlp_feat).clamp(max=self.k_max))
+        return self.k
 
 
 @proposer("adaeagle")
 class AdaEagle(_LDLPChain):
     def propose(self, r):
-        k = torch.tensor(self.lengths(r), device=r.root.device)
+        k = self.lengths(r)
         K = int(max(self.plan))
         if K == 0:
             return chain_tree(r.root, r.root.new_zeros(r.root.shape[0], 0))
@@ -49,8 +58,11 @@ class AdaEagle(_LDLPChain):
 
 @proposer("adaeagle-ddd")
 class AdaEagleDDD(_LDLPChain):
+    def plan_key(self):
+        return () if self.plan else ("first",)
+
     def propose(self, r):
-        k = torch.tensor(self.lengths(r), device=r.root.device)
+        k = self.lengths(r)
         toks, logp, _ = draft_chain(r, self.k_max)
         j = torch.arange(self.k_max, device=k.device)[None, :]
         go = (j < k[:, None]) | (logp.cumsum(-1) > self.spec.threshold)  # stop only when both say stop
@@ -71,8 +83,8 @@ class AdaEDL(Proposer):
         self.scratch, self.max_nodes = spec.k_max, spec.k_max + 1
 
     def start(self, B, device, sp, prompts, engine):
-        self.lam = torch.full((B,), self.spec.lam0, device=device, dtype=torch.float64)
-        self.ema = torch.full((B,), self.spec.alpha, device=device, dtype=torch.float64)
+        self.row_state("lam", B, self.spec.lam0, torch.float64, device)
+        self.row_state("ema", B, self.spec.alpha, torch.float64, device)
 
     def propose(self, r):
         toks, _, ent = draft_chain(r, self.spec.k_max)
@@ -84,15 +96,15 @@ class AdaEDL(Proposer):
         rate = verdict.n_accepted.double() / drafted.clamp(min=1)
         lam, ema = adaedl_update(self.lam, self.ema, rate, self.spec.beta1, self.spec.alpha, self.spec.eps)
         had = drafted > 0  # a round without drafts says nothing about acceptance
-        self.lam, self.ema = torch.where(had, lam, self.lam), torch.where(had, ema, self.ema)
+        self.lam.copy_(torch.where(had, lam, self.lam))
+        self.ema.copy_(torch.where(had, ema, self.ema))
         return None
-
-    def select(self, rows):
-        self.lam, self.ema = self.lam[rows], self.ema[rows]
 
 
 @proposer("ddd")
 class DDD(Proposer):
+    graphable = False  # syncs at its check depths
+
     def __init__(self, spec):
         super().__init__(spec)
         s = spec
@@ -108,6 +120,8 @@ class DDD(Proposer):
 
 @proposer("opt-tree")
 class OptTree(Proposer):
+    graphable = False  # syncs once per level
+
     def __init__(self, spec):
         super().__init__(spec)
         self.max_nodes = 1 + spec.n * spec.max_depth
@@ -127,14 +141,24 @@ class LDLPTree(_LDLPChain):
         self.max_nodes = 1 + spec.nodes_per_level * spec.max_depth
         self.scratch = spec.top_k * spec.max_depth
 
+    def plan_key(self):
+        return (self.depth(),) if self.plan else ("first",)
+
+    def depth(self) -> int:
+        s = self.spec
+        return min(max(int(max(self.plan)) + 1, s.min_depth), s.max_depth)
+
     def propose(self, r):
         s = self.spec
-        depth = min(max(int(max(self.lengths(r))) + 1, s.min_depth), s.max_depth)
+        self.lengths(r)
+        depth = self.depth()
         return grow_dynamic(r.root, r.root_logits, r.root_hidden, r.drafter.step, s.top_k, depth, s.nodes_per_level * depth)
 
 
 @proposer("oracle")
 class Oracle(Proposer):
+    graphable = False  # one extra sync per round sizes the verification exactly
+
     def __init__(self, spec):
         super().__init__(spec)
         self.scratch, self.max_nodes = spec.k_max, spec.k_max + 1
@@ -148,6 +172,7 @@ class Oracle(Proposer):
         self.ref = torch.full((B, width), -1, dtype=torch.long, device=device)
         for i, c in enumerate(ref):
             self.ref[i, : len(c.tokens)] = torch.tensor(c.tokens, device=device)
+        self._full = {"ref": self.ref}
 
     def propose(self, r):
         k = self.spec.k_max
@@ -157,5 +182,3 @@ class Oracle(Proposer):
         K = int(good.sum(1).max())  # benchmark-only: one extra sync to size the verification exactly
         return chain_tree(r.root, toks[:, :K], valid=good[:, :K].bool())
 
-    def select(self, rows):
-        self.ref = self.ref[rows]

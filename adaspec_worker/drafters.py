@@ -46,8 +46,14 @@ class Drafter:
     feature = "none"  # "none" | "final" (final-norm hidden) | "eagle3" (three layers, concatenated)
     entry_shift = 0  # EAGLE: entry i carries token x[i+1] (shift 1); draft model: x[i] (shift 0)
 
-    def begin(self, B: int, S: int) -> None:
+    def begin(self, B: int, S: int) -> bool:
+        """A cache for B rows of S slots; reuses the last one when it fits. True when newly allocated."""
+        cache = getattr(self, "cache", None)
+        if cache is not None and cache.fits(B, S):
+            cache.view(B)
+            return False
         self.cache = self.new_cache(B, S)
+        return True
 
     def select(self, rows: torch.Tensor) -> None:
         self.cache.select(rows)

@@ -92,20 +92,67 @@ class PhaseClock:
         self.marks = self.marks[-1:]
 
 
+def bucket(n: int) -> int:
+    """Static batch sizes: the next power of two."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class Workspace:
+    """Per-engine buffers every round reads and writes in place, sized (B rows, S slots).
+
+    Row state lives in views of capacity-sized buffers, so shapes and addresses repeat from round to
+    round and from call to call: the condition for replaying captured CUDA graphs."""
+
+    def __init__(self, engine: "Engine", B: int, S: int):
+        tgt, dev = engine.target, engine.target.device
+        H, V = tgt.cfg.hidden_size, tgt.cfg.vocab_size
+        self.B_cap, self.S = B, S
+        self.cache = tgt.new_cache(B, S)
+        self.full = {
+            "root": torch.zeros(B, dtype=torch.long, device=dev),
+            "seed": torch.zeros(B, dtype=torch.long, device=dev),
+            "counter": torch.zeros(B, dtype=torch.long, device=dev),
+            "alive": torch.zeros(B, dtype=torch.bool, device=dev),
+            "d_logits": torch.zeros(B, V, dtype=tgt.dtype, device=dev),
+            "d_hidden": torch.zeros(B, H, dtype=tgt.dtype, device=dev),
+            "feat": torch.zeros(B, 2 * H, dtype=tgt.dtype, device=dev),
+            "host": torch.zeros(B, 5 + engine.proposer.max_nodes, dtype=torch.long, device=dev),
+        }
+        self.graphs: dict = {}
+        self.seen: set = set()
+        self.pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
+        self.view(B)
+
+    def view(self, B: int) -> None:
+        self.B = B
+        for k, v in self.full.items():
+            setattr(self, k, v[:B])
+        self.cache.view(B)
+
+    def select(self, rows: torch.Tensor) -> None:
+        n = rows.shape[0]
+        for v in self.full.values():
+            v[:n] = v[rows]
+        self.cache.select(rows)
+        self.view(n)
+
+
 class Engine:
     def __init__(self, target: CausalLM, method: str = "none", params: dict | None = None, drafter: Drafter | None = None,
-                 ldlp=None):
+                 ldlp=None, fast: bool = True):
         self.target = target
         self.proposer: Proposer = build_proposer(method, params, ldlp)
         need = self.proposer.spec.drafter
         assert (need is None) or drafter is not None, f"method {method!r} needs a {need} drafter (model.draft)"
         self.drafter = drafter if need else None
         self.method = method
+        self.fast = fast  # static batch buckets, plus CUDA graphs on CUDA
         self.round_hook = None  # optional callable(ldlp_feat [B, 2H], n_accepted [B], tree): label collection
+        self.ws: Workspace | None = None
 
     @classmethod
     def load(cls, target: CausalLM, method: str, params: dict | None, draft_path: str | None,
-             ldlp_path: str | None = None) -> "Engine":
+             ldlp_path: str | None = None, fast: bool = True) -> "Engine":
         from .specs import parse_spec
         spec = parse_spec(method, params)
         drafter = DRAFTERS[spec.drafter](draft_path, target) if spec.drafter else None
@@ -114,90 +161,90 @@ class Engine:
             from .ldlp import load_ldlp
             assert ldlp_path, f"method {method!r} needs an LDLP (model.ldlp)"
             ldlp = load_ldlp(ldlp_path, target)
-        return cls(target, method, params, drafter, ldlp)
+        return cls(target, method, params, drafter, ldlp, fast)
+
+    @property
+    def graphs_on(self) -> bool:
+        return self.fast and self.target.device.type == "cuda" and self.proposer.graphable and self.round_hook is None
+
+    def _workspace(self, B: int, S: int) -> Workspace:
+        S = -(-S // 256) * 256 if self.fast else S  # static capacity buckets
+        if self.ws is None or self.ws.B_cap < B or self.ws.S != S:
+            self.ws = Workspace(self, B, S)
+        self.ws.view(B)
+        return self.ws
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], sp: SamplingParams, seeds: list[int] | None = None,
                  stop_fn: StopFn | None = None) -> tuple[list[Completion], EngineStats]:
         tgt, dev = self.target, self.target.device
-        B = len(prompts)
-        assert B > 0 and all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
-        seeds = seeds if seeds is not None else [0] * B
-        lens = torch.tensor([len(p) for p in prompts], device=dev)
+        n_rows = len(prompts)
+        assert n_rows > 0 and all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
+        seeds = seeds if seeds is not None else [0] * n_rows
+        B = bucket(n_rows) if self.fast else n_rows
+        prompts_b = list(prompts) + [prompts[0]] * (B - n_rows)  # padding rows start dead
+        lens = torch.tensor([len(p) for p in prompts_b], device=dev)
         Tp = int(lens.max())
-        S = Tp + sp.max_new_tokens + self.proposer.max_nodes + 1
         limit = tgt.cfg.max_position_embeddings
         assert Tp + sp.max_new_tokens <= limit, f"prompt ({Tp}) + max_new_tokens ({sp.max_new_tokens}) exceeds the model's context {limit}"
+        ws = self._workspace(B, Tp + sp.max_new_tokens + self.proposer.max_nodes + 1)
         ids = torch.zeros(B, Tp, dtype=torch.long, device=dev)
-        for i, p in enumerate(prompts):
+        for i, p in enumerate(prompts_b):
             ids[i, : len(p)] = torch.tensor(p, device=dev)
         stats = EngineStats()
         clock = PhaseClock(dev)
         clock.mark("prefill")
-        cache = tgt.new_cache(B, S)
-        feats = None
+        cache = ws.cache
+        cache.lens.zero_()
+        feats = hidden = None
         if Tp > 1:
             pos = torch.arange(Tp - 1, device=dev).expand(B, -1)
             _, hidden, aux = tgt(ids[:, :-1], pos, cache)
             feats = aux if (self.drafter and self.drafter.feature == "eagle3") else hidden
-        cache.lens = lens - 1
+        cache.lens.copy_(lens - 1)
         bi = torch.arange(B, device=dev)
-        root = ids[bi, lens - 1]
+        ws.root.copy_(ids[bi, lens - 1])
+        ws.seed.copy_(torch.tensor(seeds + [0] * (B - n_rows), device=dev))
+        ws.counter.zero_()
+        ws.alive.copy_(torch.arange(B, device=dev) < n_rows)
         prop = self.proposer
-        feat = None
-        if prop.wants_features or self.round_hook:  # LDLP input: emb(pending token) ++ hidden that produced it
-            h_last = hidden[bi, (lens - 2).clamp(min=0)] if Tp > 1 else torch.zeros(B, tgt.cfg.hidden_size, dtype=tgt.dtype, device=dev)
-            h_last = torch.where((lens > 1)[:, None], h_last, 0.0)
-            feat = torch.cat([tgt.embed_tokens(root), h_last], -1)
-        prop.plan = None
-        prop.start(B, dev, sp, prompts, self)
-        d_logits = d_hidden = None
+        h_last = hidden[bi, (lens - 2).clamp(min=0)] if Tp > 1 else torch.zeros(B, tgt.cfg.hidden_size, dtype=tgt.dtype, device=dev)
+        ws.feat.copy_(torch.cat([tgt.embed_tokens(ws.root), torch.where((lens > 1)[:, None], h_last, 0.0)], -1))
         if self.drafter is not None:
-            self.drafter.begin(B, S + self.proposer.scratch)
-            d_logits, d_hidden = self.drafter.prefill(ids, lens, feats)
+            if self.drafter.begin(ws.B_cap, ws.S + prop.scratch):
+                ws.graphs.clear(); ws.seen.clear()
+            self.drafter.cache.view(B)
+            self.drafter.cache.lens.zero_()
+            dl, dh = self.drafter.prefill(ids, lens, feats)
+            ws.d_logits.copy_(dl)
+            if dh is not None:
+                ws.d_hidden.copy_(dh)
+        prop.plan = None
+        prop.start(B, dev, sp, prompts_b, self)
 
-        rows = list(range(B))  # original index of each live batch row
-        seed_t = torch.tensor(seeds, dtype=torch.long, device=dev)
-        counter = torch.zeros(B, dtype=torch.long, device=dev)
-        out: list[list[int]] = [[] for _ in range(B)]
-        seq = [SeqStats() for _ in range(B)]
-        done: list[Completion | None] = [None] * B
+        rows = list(range(B))  # original index of each batch row (>= n_rows: padding)
+        out: list[list[int]] = [[] for _ in range(n_rows)]
+        seq = [SeqStats() for _ in range(n_rows)]
+        done: list[Completion | None] = [None] * n_rows
+        live = n_rows
         eos = set(sp.eos_token_ids)
-        while rows:
+        while live:
+            key = (ws.B, tuple(prop.plan_key()))
             clock.mark("draft")
-            rin = RoundInput(root, d_logits, d_hidden, self.drafter, sp, seed_t, counter, feat)
-            tree = prop.propose(rin)
+            tree = self._run(("draft",) + key, lambda: prop.propose(self._round_input(sp)))
             clock.mark("verify")
-            logits, hidden, aux = tgt(tree.tokens, tree.positions(cache.lens), cache, tree.ancestors())
-            verdict = self._verify(tree, logits, sp, seed_t, counter)
+            self._run(("verify",) + key, lambda: self._verify_commit(tree, sp))
             clock.mark("other")
-            n, path = verdict.n_accepted, verdict.path
-            cache.compact(path, n + 1)
-            tok_path = torch.gather(tree.tokens, 1, path)  # [B, P] root, accepted...
-            emitted = torch.cat([tok_path[:, 1:], tok_path[:, :1]], 1).scatter(1, n[:, None], verdict.bonus[:, None])
-            if self.drafter is not None:
-                f = aux if self.drafter.feature == "eagle3" else hidden
-                fp = torch.gather(f, 1, path[:, :, None].expand(-1, -1, f.shape[-1]))
-                d_logits, d_hidden = self.drafter.extend(emitted, fp, n + 1)
-            if self.round_hook:
-                self.round_hook(feat, n, tree)
-            root = verdict.bonus
-            counter = counter + n + 1
-            if feat is not None:
-                bi = torch.arange(root.shape[0], device=dev)
-                feat = torch.cat([tgt.embed_tokens(root), hidden[bi, path[bi, n]]], -1)
-                rin.ldlp_feat = feat
-            plan = prop.observe(verdict, tree, rin)
-            depth = (tree.depth * tree.valid).amax(1, keepdim=True)  # deepest draft level offered per row
-            sync = [n[:, None], (tree.valid.sum(1, keepdim=True) - 1), depth, emitted] + ([plan[:, None].long()] if plan is not None else [])
-            host = torch.cat(sync, 1).tolist()  # the round's one sync
-            if plan is not None:
-                prop.plan = [row[-1] for row in host]
+            host = ws.host.tolist()  # the round's one device-to-host sync
             clock.flush(stats)
             stats.rounds += 1
-            keep = []
+            if host and host[0][-1] >= 0 and prop.wants_plan:
+                prop.plan = [r[-1] for r in host]
+            finished = []
             for i, row in enumerate(host):
                 b = rows[i]
+                if b >= n_rows or done[b] is not None:
+                    continue
                 na, drafted, ddepth, toks = row[0], row[1], row[2], row[3: 4 + row[0]]
                 st = seq[b]
                 st.rounds += 1; st.drafted += drafted; st.accepted += na
@@ -207,28 +254,85 @@ class Engine:
                 reason = self._append(out[b], toks, sp, eos, stop_fn, b)
                 if reason:
                     done[b] = Completion(out[b], reason, st)
-                else:
-                    keep.append(i)
-            if len(keep) < len(rows):
-                rows = [rows[i] for i in keep]
-                if not rows:
-                    break
-                k = torch.tensor(keep, device=dev)
-                cache.select(k)
-                root, seed_t, counter = root[k], seed_t[k], counter[k]
-                feat = None if feat is None else feat[k]
-                prop.select(k)
-                if prop.plan is not None:
-                    prop.plan = [prop.plan[i] for i in keep]
-                if self.drafter is not None:
-                    self.drafter.select(k)
-                    d_logits = d_logits[k]
-                    d_hidden = None if d_hidden is None else d_hidden[k]
+                    finished.append(i)
+            if finished:
+                live -= len(finished)
+                ws.alive[torch.tensor(finished, device=dev)] = False
+                if live and (not self.fast or bucket(live) < ws.B):
+                    keep_n = bucket(live) if self.fast else live
+                    alive_idx = [i for i, b in enumerate(rows) if b < n_rows and done[b] is None]
+                    dead_idx = [i for i in range(len(rows)) if i not in set(alive_idx)]
+                    order = (alive_idx + dead_idx)[:keep_n]
+                    k = torch.tensor(order, device=dev)
+                    ws.select(k)
+                    rows = [rows[i] for i in order]
+                    prop.select(k)
+                    if self.drafter is not None:
+                        self.drafter.select(k)
+                    if prop.plan is not None:
+                        prop.plan = [prop.plan[i] for i in order]
         clock.mark("other")
         clock.flush(stats)
         for s in seq:
             EngineStats.merge(stats, EngineStats(seq=s))
         return done, stats
+
+    def _round_input(self, sp) -> RoundInput:
+        ws = self.ws
+        return RoundInput(ws.root, ws.d_logits, ws.d_hidden if self.drafter is not None else None, self.drafter, sp,
+                          ws.seed, ws.counter, ws.feat)
+
+    def _run(self, key, fn):
+        """fn() reads and writes workspace buffers only. On CUDA its second use captures a graph, later uses replay it."""
+        ws = self.ws
+        if not self.graphs_on:
+            return fn()
+        hit = ws.graphs.get(key)
+        if hit is not None:
+            hit[0].replay()
+            return hit[1]
+        if key not in ws.seen:  # first use runs eagerly: the warm-up
+            ws.seen.add(key)
+            return fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=ws.pool):
+            out = fn()
+        ws.graphs[key] = (graph, out)
+        graph.replay()
+        return out
+
+    def _verify_commit(self, tree, sp: SamplingParams) -> None:
+        """One target pass over the tree, verification, KV compaction, drafter catch-up; state updated in place."""
+        ws, tgt = self.ws, self.target
+        cache = ws.cache
+        logits, hidden, aux = tgt(tree.tokens, tree.positions(cache.lens), cache, tree.ancestors())
+        verdict = self._verify(tree, logits, sp, ws.seed, ws.counter)
+        n, path = verdict.n_accepted, verdict.path
+        keep = torch.where(ws.alive, n + 1, 0)  # dead rows stay frozen
+        cache.compact(path, keep)
+        tok_path = torch.gather(tree.tokens, 1, path)  # [B, P] root, accepted...
+        emitted = torch.cat([tok_path[:, 1:], tok_path[:, :1]], 1).scatter(1, n[:, None], verdict.bonus[:, None])
+        if self.drafter is not None:
+            f = aux if self.drafter.feature == "eagle3" else hidden
+            fp = torch.gather(f, 1, path[:, :, None].expand(-1, -1, f.shape[-1]))
+            dl, dh = self.drafter.extend(emitted, fp, keep)
+            ws.d_logits.copy_(torch.where(ws.alive[:, None], dl, ws.d_logits))
+            if dh is not None:
+                ws.d_hidden.copy_(torch.where(ws.alive[:, None], dh, ws.d_hidden))
+        if self.round_hook:
+            self.round_hook(ws.feat, n, tree)
+        bi = torch.arange(ws.B, device=n.device)
+        new_root = torch.where(ws.alive, verdict.bonus, ws.root)
+        ws.feat.copy_(torch.cat([tgt.embed_tokens(new_root), hidden[bi, path[bi, n]]], -1))
+        ws.root.copy_(new_root)
+        ws.counter.add_(keep)
+        rin = self._round_input(sp)
+        plan = self.proposer.observe(verdict, tree, rin)
+        depth = (tree.depth * tree.valid).amax(1, keepdim=True)  # deepest draft level offered per row
+        cols = [n[:, None], tree.valid.sum(1, keepdim=True) - 1, depth, emitted]
+        host = torch.cat(cols, 1)
+        ws.host[:, : host.shape[1]].copy_(host)
+        ws.host[:, -1].copy_(plan if plan is not None else torch.full_like(n, -1))
 
     def _verify(self, tree, logits, sp: SamplingParams, seeds, counter) -> Verdict:
         if sp.greedy:
@@ -257,4 +361,3 @@ class Engine:
                 del buf[cut:]
                 return "stop"
         return None
-

@@ -52,6 +52,8 @@ class Proposer:
     scratch = 0  # drafter cache slots a round's tree expansion needs beyond the committed entries
     max_nodes = 1  # most nodes a tree can have (root included)
     wants_features = False  # needs RoundInput.ldlp_feat
+    wants_plan = False  # observe() returns a plan that rides the round's sync
+    graphable = True  # no host sync inside propose/observe: the rounds can be CUDA graphs
     plan: list[int] | None = None
 
     def __init__(self, spec):
@@ -63,12 +65,30 @@ class Proposer:
     def propose(self, r: RoundInput) -> DraftTree:
         raise NotImplementedError
 
+    def plan_key(self) -> tuple:
+        """What of the host-side plan changes the round's shapes (part of the CUDA graph key)."""
+        return ()
+
     def observe(self, verdict, tree: DraftTree, r: RoundInput) -> torch.Tensor | None:
         """Feedback after verification; may return the next round's [B] plan."""
         return None
 
+    def row_state(self, name: str, B: int, fill, dtype, device) -> torch.Tensor:
+        """A per-row state tensor that keeps its address across calls (a view of a capacity buffer)."""
+        full = self.__dict__.setdefault("_full", {}).get(name)
+        if full is None or full.shape[0] < B or full.device != torch.device(device):
+            full = self._full[name] = torch.empty(B, dtype=dtype, device=device)
+        view = full[:B]
+        view.fill_(fill)
+        setattr(self, name, view)
+        return view
+
     def select(self, rows: torch.Tensor) -> None:
-        """Rows left the batch: keep per-row state aligned."""
+        """Rows left the batch: keep per-row state aligned, in place."""
+        n = rows.shape[0]
+        for name, full in self.__dict__.get("_full", {}).items():
+            full[:n] = full[rows]
+            setattr(self, name, full[:n])
 
 
 def draft_chain(r: RoundInput, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -173,15 +173,25 @@ def causal_tree(B: int, T: int, device) -> torch.Tensor:
 
 
 class KVCache:
-    """Pre-allocated cache: kv [B, S, L, 2, Hkv, D]; lens [B] = committed slots per row."""
+    """Pre-allocated cache: kv [B, S, L, 2, Hkv, D]; lens [B] = committed slots per row.
+
+    `kv` and `lens` are views of the first B rows of buffers allocated once at capacity, so a batch
+    that shrinks keeps its memory addresses (what CUDA graphs captured over it need)."""
 
     def __init__(self, B: int, S: int, L: int, Hkv: int, D: int, dtype, device):
-        self.kv = torch.zeros(B, S, L, 2, Hkv, D, dtype=dtype, device=device)
-        self.lens = torch.zeros(B, dtype=torch.long, device=device)
+        self.full_kv = torch.zeros(B, S, L, 2, Hkv, D, dtype=dtype, device=device)
+        self.full_lens = torch.zeros(B, dtype=torch.long, device=device)
+        self.view(B)
+
+    def view(self, B: int) -> None:
+        self.kv, self.lens = self.full_kv[:B], self.full_lens[:B]
 
     @property
     def capacity(self) -> int:
         return self.kv.shape[1]
+
+    def fits(self, B: int, S: int) -> bool:
+        return self.full_kv.shape[0] >= B and self.full_kv.shape[1] == S
 
     def slots_and_mask(self, T: int, tree_mask: torch.Tensor, offset: int = 0):
         """Slots [B, T] the T new tokens are written to, and their attention mask [B, T, S]."""
@@ -200,8 +210,11 @@ class KVCache:
         self.lens += n_keep
 
     def select(self, rows: torch.Tensor) -> None:
-        self.kv = self.kv[rows]
-        self.lens = self.lens[rows]
+        """Keep `rows` (indices into the current batch), moved to the front, in place."""
+        n = rows.shape[0]
+        self.full_kv[:n] = self.full_kv[rows]
+        self.full_lens[:n] = self.full_lens[rows]
+        self.view(n)
 
 
 class CausalLM(nn.Module):
