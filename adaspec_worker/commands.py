@@ -87,4 +87,42 @@ def fit_ldlp(target, draft, corpus, out, text_column, **opts):
                                                 "val_simulated_speed", "best_fixed_k_speed", "oracle_speed")}))
 
 
-COMMANDS = [train_draft, fit_ldlp]
+def _csv(kind):
+    return lambda ctx, param, v: tuple(kind(x) for x in v.split(",") if x.strip()) if isinstance(v, str) else v
+
+
+@click.command("bench")
+@click.option("--target", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--draft", type=click.Path(exists=True, file_okay=False), help="EAGLE head for the EAGLE-based methods.")
+@click.option("--draft-model", type=click.Path(exists=True, file_okay=False), help="Small LM: transformers' assistant and the draft-model method.")
+@click.option("--ldlp", type=click.Path(exists=True, file_okay=False), help="LDLP for adaeagle, adaeagle-ddd, ldlp-tree.")
+@click.option("--prompts", required=True, type=click.Path(exists=True, dir_okay=False), help="Parquet file of prompts.")
+@click.option("--prompt-column", default="prompt", show_default=True)
+@click.option("--methods", default="eagle2", show_default=True, callback=_csv(str),
+              help="Comma-separated adarun methods, parameters after colons: eagle2:depth=8:total_tokens=80 (none is always run).")
+@click.option("--batch-sizes", default="1,4,16,64", show_default=True, callback=_csv(int))
+@click.option("--temperatures", default="0,0.7", show_default=True, callback=_csv(float))
+@click.option("--new-tokens", default=128, show_default=True)
+@click.option("--n-prompts", default=8, show_default=True, help="Prompts per cell (at least the batch size).")
+@click.option("--repeats", default=3, show_default=True, help="Timed runs per cell (median reported) after one warm-up.")
+@click.option("--baselines", default="hf,hf-lookup,hf-assist", show_default=True, callback=_csv(str),
+              help="transformers baselines to run (empty string: none).")
+@click.option("--hf-prompts", default=2, show_default=True, help="Prompts per transformers cell at batch 1.")
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", default="bench/results/run", show_default=True, type=click.Path(file_okay=False))
+def bench(**opts):
+    """Benchmark methods side by side: JSON, Markdown table and PNG plots in --out.
+
+    \b
+    Example:
+      adarun bench --target ../shared/models/pycoder-22m --draft heads/pycoder-22m-eagle \\
+          --prompts ../shared/data/code-prompts.parquet --methods eagle2,adaeagle --ldlp heads/pycoder-22m-ldlp
+    """
+    from .bench import BenchConfig, run_bench
+
+    result = run_bench(BenchConfig(**opts), sys.argv[2:] if len(sys.argv) > 2 else [], log=lambda m: click.echo(m, err=True))
+    click.echo(f"{len(result['cells'])} cells -> {opts['out']}/bench.json, bench.md, speedup.png, tau.png")
+
+
+COMMANDS = [train_draft, fit_ldlp, bench]
