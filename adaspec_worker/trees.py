@@ -92,7 +92,8 @@ def grow_dynamic(root: torch.Tensor, root_logits: torch.Tensor, root_hidden, ste
             break
         off = (level - 1) * K
         own = torch.zeros_like(front_anc)
-        own[:, torch.arange(K), off + torch.arange(K)] = True
+        ar = torch.arange(K, device=dev)  # every index tensor on the device: rounds are graph-captured
+        own[:, ar, off + ar] = True
         mask = (front_anc | own)[:, :, : off + K]
         logits, hidden = step(front_tok, front_hidden, level, off, mask)  # [B, K, V], [B, K, H]
         lp = torch.log_softmax(logits.float(), -1)
@@ -144,11 +145,22 @@ DEFAULT_STATIC_TREE = (
 )
 
 
+_STATIC_CACHE: dict = {}
+
+
 @dataclass(frozen=True)
 class StaticShape:
     """A static tree precomputed level by level: parent (index within previous level) and rank."""
 
     levels: tuple[tuple[tuple[int, int], ...], ...]
+
+    def tensors(self, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(parent, rank) index tensors per level, made once per device (no host copies inside a round)."""
+        key = str(device)
+        if key not in _STATIC_CACHE.setdefault(self, {}):
+            _STATIC_CACHE[self][key] = [(torch.tensor([p for p, _ in lv], device=device), torch.tensor([r for _, r in lv], device=device))
+                                        for lv in self.levels]
+        return _STATIC_CACHE[self][key]
 
     @property
     def width(self) -> int:
@@ -180,18 +192,17 @@ def grow_static(root: torch.Tensor, root_logits: torch.Tensor, root_hidden, step
     level_start, prev_start = 1, 0
     anc_prev = None  # [W_prev, scratch] ancestry of the previous level's nodes in the drafter scratch
     offset = 0
-    for d, level in enumerate(shape.levels, start=1):
-        par = torch.tensor([p for p, _ in level], device=dev)
-        rank = torch.tensor([r for _, r in level], device=dev)
+    for d, (level, (par, rank)) in enumerate(zip(shape.levels, shape.tensors(dev)), start=1):
         if d > 1:  # run the drafter over the previous level to get its children's logits
             W = logits_src_tok.shape[1]
             own = torch.zeros(W, offset + W, dtype=torch.bool, device=dev)
-            own[torch.arange(W), offset + torch.arange(W)] = True
+            ar = torch.arange(W, device=dev)
+            own[ar, offset + ar] = True
             mask = own if anc_prev is None else own | torch.nn.functional.pad(anc_prev, (0, W))
             logits, hidden = step(logits_src_tok, hidden_src, d - 1, offset, mask.expand(B, -1, -1))
             anc_prev_next = mask[par]
             offset += W
-        top = logits.topk(int(rank.max()) + 1, dim=-1).indices  # [B, Wp, r]
+        top = logits.topk(max(r for _, r in level) + 1, dim=-1).indices  # [B, Wp, r]
         tok = top[bi, par[None, :], rank[None, :]]
         toks.append(tok)
         pars.append((prev_start + par).expand(B, -1))
