@@ -86,6 +86,8 @@ class PhaseClock:
 
     def flush(self, stats: EngineStats) -> None:
         """Attribute the time between consecutive marks to the phase that started it (after a sync)."""
+        if self.cuda and self.marks:
+            self.marks[-1][1].synchronize()  # a no-op after the round's sync; needed at the end of generate()
         for (phase, a), (_, b) in zip(self.marks, self.marks[1:]):
             dt = a.elapsed_time(b) / 1e3 if self.cuda else b - a
             setattr(stats, f"{phase}_s", getattr(stats, f"{phase}_s") + dt)

@@ -91,9 +91,8 @@ def grow_dynamic(root: torch.Tensor, root_logits: torch.Tensor, root_hidden, ste
         if stop is not None and stop(level, front_score):
             break
         off = (level - 1) * K
-        own = torch.zeros_like(front_anc)
-        ar = torch.arange(K, device=dev)  # every index tensor on the device: rounds are graph-captured
-        own[:, ar, off + ar] = True
+        own = torch.zeros_like(front_anc)  # (no scalar index_put: rounds are graph-captured)
+        own[:, :, off: off + K] = torch.eye(K, dtype=torch.bool, device=dev)
         mask = (front_anc | own)[:, :, : off + K]
         logits, hidden = step(front_tok, front_hidden, level, off, mask)  # [B, K, V], [B, K, H]
         lp = torch.log_softmax(logits.float(), -1)
@@ -196,8 +195,7 @@ def grow_static(root: torch.Tensor, root_logits: torch.Tensor, root_hidden, step
         if d > 1:  # run the drafter over the previous level to get its children's logits
             W = logits_src_tok.shape[1]
             own = torch.zeros(W, offset + W, dtype=torch.bool, device=dev)
-            ar = torch.arange(W, device=dev)
-            own[ar, offset + ar] = True
+            own[:, offset:] = torch.eye(W, dtype=torch.bool, device=dev)
             mask = own if anc_prev is None else own | torch.nn.functional.pad(anc_prev, (0, W))
             logits, hidden = step(logits_src_tok, hidden_src, d - 1, offset, mask.expand(B, -1, -1))
             anc_prev_next = mask[par]
