@@ -31,14 +31,16 @@ class _LDLPChain(Proposer):
     def start(self, B, device, sp, prompts, engine):
         self.row_state("k", B, 0, torch.long, device)  # the plan on the device, for graph replays
 
+    def prime(self, r: RoundInput) -> None:
+        """First round of a generate(): no verification sync to ride on yet, so one of its own."""
+        self.k.copy_(self.ldlp.predict(r.ldlp_feat).clamp(max=self.k_max))
+        self.plan = self.k.tolist()
+
     def lengths(self, r: RoundInput) -> torch.Tensor:
-        if self.plan is None:  # first round of a generate(): no verification sync to ride on yet
-            self.k.copy_(self.ldlp.predict(r.ldlp_feat).clamp(max=self.k_max))
-            self.plan = self.k.tolist()
         return self.k
 
     def plan_key(self):
-        return (max(self.plan),) if self.plan else ("first",)
+        return (max(self.plan),)
 
     def observe(self, verdict, tree, r):
         self.k.copy_(self.ldlp.predict(r.ldlp_feat).clamp(max=self.k_max))
@@ -59,7 +61,7 @@ class AdaEagle(_LDLPChain):
 @proposer("adaeagle-ddd")
 class AdaEagleDDD(_LDLPChain):
     def plan_key(self):
-        return () if self.plan else ("first",)
+        return ()
 
     def propose(self, r):
         k = self.lengths(r)
@@ -142,7 +144,7 @@ class LDLPTree(_LDLPChain):
         self.scratch = spec.top_k * spec.max_depth
 
     def plan_key(self):
-        return (self.depth(),) if self.plan else ("first",)
+        return (self.depth(),)
 
     def depth(self) -> int:
         s = self.spec

@@ -223,6 +223,8 @@ class Engine:
                 ws.d_hidden.copy_(dh)
         prop.plan = None
         prop.start(B, dev, sp, prompts_b, self)
+        if prop.wants_plan:
+            prop.prime(self._round_input(sp))
 
         rows = list(range(B))  # original index of each batch row (>= n_rows: padding)
         out: list[list[int]] = [[] for _ in range(n_rows)]

@@ -65,6 +65,9 @@ class Proposer:
     def propose(self, r: RoundInput) -> DraftTree:
         raise NotImplementedError
 
+    def prime(self, r: RoundInput) -> None:
+        """Set the first round's plan (proposers with `wants_plan`)."""
+
     def plan_key(self) -> tuple:
         """What of the host-side plan changes the round's shapes (part of the CUDA graph key)."""
         return ()
