@@ -189,7 +189,9 @@ class Engine:
         Tp = int(lens.max())
         limit = tgt.cfg.max_position_embeddings
         assert Tp + sp.max_new_tokens <= limit, f"prompt ({Tp}) + max_new_tokens ({sp.max_new_tokens}) exceeds the model's context {limit}"
-        ws = self._workspace(B, Tp + sp.max_new_tokens + self.proposer.max_nodes + 1)
+        # a row may commit up to a whole tree past max_new_tokens in its last round, and a finished row
+        # (frozen in its bucket) still has the next tree written after it
+        ws = self._workspace(B, Tp + sp.max_new_tokens + 2 * self.proposer.max_nodes + 1)
         ids = torch.zeros(B, Tp, dtype=torch.long, device=dev)
         for i, p in enumerate(prompts_b):
             ids[i, : len(p)] = torch.tensor(p, device=dev)

@@ -230,5 +230,7 @@ def test_fast_path_equals_eager_path(setup, method, params):
         for sp in (SamplingParams(max_new_tokens=14, eos_token_ids=(eos,)), SamplingParams(max_new_tokens=14, temperature=0.8)):
             outs, _ = eng.generate(prompts, sp, seeds=[1, 2, 3, 4, 5])
             res.setdefault(fast, []).append([(o.tokens, o.finish_reason) for o in outs])
+            cap = eng.ws.cache.capacity  # frozen rows never write past the cache (device asserts catch it on CUDA)
+            assert int(eng.ws.cache.lens.max()) + eng.proposer.max_nodes <= cap
         assert (eng.ws.B_cap == 8) == fast
     assert res[True] == res[False]
