@@ -210,20 +210,25 @@ def run_bench(cfg: BenchConfig, argv: list[str], log=print) -> dict:
                 res = timer.run(lambda: bench_adarun(eng, prompts, B, cfg.n_prompts, sp))
                 record(name, label, B, T, res, "adarun")
         del eng
-    # ratios within this run
+        write_outputs({"meta": meta, "config": {}, "cells": cells, "partial": True}, cfg.out)  # keep what is measured
+    result = {"meta": meta, "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}, "cells": cells}
+    write_outputs(result, cfg.out)
+    return result
+
+
+def add_ratios(cells: list[dict]) -> None:
+    """Speedups and memory as ratios within this run (same batch size and temperature)."""
     for c in cells:
         same = lambda lab: next((x for x in cells if x["label"] == lab and x["batch"] == c["batch"] and x["temperature"] == c["temperature"]), None)  # noqa: E731
         base, hfg = same("none"), same("hf-generate")
         c["speedup_vs_none"] = c["tokens_per_s"] / base["tokens_per_s"] if base else None
         c["speedup_vs_hf_generate"] = c["tokens_per_s"] / hfg["tokens_per_s"] if hfg else None
         c["mem_vs_none"] = c["peak_mem_mib"] / base["peak_mem_mib"] if base and c["peak_mem_mib"] and base["peak_mem_mib"] else None
-    result = {"meta": meta, "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}, "cells": cells}
-    write_outputs(result, cfg.out)
-    return result
 
 
 def write_outputs(result: dict, out: str) -> None:
     os.makedirs(out, exist_ok=True)
+    add_ratios(result["cells"])
     with open(os.path.join(out, "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
     with open(os.path.join(out, "bench.md"), "w") as f:
