@@ -217,6 +217,10 @@ class ShardWorker:
         if frac <= 0 or not good or self.m.speculative.method == "none":
             return []
         picked = [g for g in good if in_baseline_sample(g[0], frac)] or [good[0]]
+        if not getattr(self, "_baseline_warm", False):  # first use on this actor: compile/capture outside the timing
+            for eng in (self.engine, self.plain):
+                eng.generate([picked[0][2]], self.sp, [0])
+            self._baseline_warm = True
         out = []
         for rid, _, toks in picked:
             seed = [row_seed(self.m.decoding.seed, rid)]
