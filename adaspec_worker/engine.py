@@ -267,7 +267,8 @@ class Engine:
                 if live and (not self.fast or bucket(live) < ws.B):
                     keep_n = bucket(live) if self.fast else live
                     alive_idx = [i for i, b in enumerate(rows) if b < n_rows and done[b] is None]
-                    dead_idx = [i for i in range(len(rows)) if i not in set(alive_idx)]
+                    alive_set = set(alive_idx)
+                    dead_idx = [i for i in range(len(rows)) if i not in alive_set]
                     order = (alive_idx + dead_idx)[:keep_n]
                     k = torch.tensor(order, device=dev)
                     ws.select(k)

@@ -85,6 +85,9 @@ class AdaEagleSpec:
     drafter = "eagle"
     uses_ldlp = True
 
+    def check(self):
+        _non_negative("k_max", self.k_max)
+
 
 @method("adaeagle-ddd")
 class AdaEagleDDDSpec:
@@ -94,6 +97,9 @@ class AdaEagleDDDSpec:
     k_max: int = 0
     drafter = "eagle"
     uses_ldlp = True
+
+    def check(self):
+        _non_negative("k_max", self.k_max)
 
 
 @method("adaedl")
@@ -110,6 +116,11 @@ class AdaEDLSpec:
     k_max: int = 8
     drafter = "eagle"
 
+    def check(self):
+        _positive("k_max", self.k_max)
+        if not (self.gamma > 0 and 0 <= self.beta1 <= 1 and 0 < self.alpha <= 1 and self.eps >= 0):
+            raise SpecError("gamma must be > 0, beta1 in [0, 1], alpha in (0, 1], eps >= 0")
+
 
 @method("ddd")
 class DDDSpec:
@@ -122,6 +133,10 @@ class DDDSpec:
     check_depths: tuple = (3, 5, 7)
     drafter = "eagle"
 
+    def check(self):
+        for n in ("top_k", "max_depth", "total_tokens"):
+            _positive(n, getattr(self, n))
+
 
 @method("opt-tree")
 class OptTreeSpec:
@@ -132,6 +147,12 @@ class OptTreeSpec:
     max_depth: int = 10
     delta: float = 0.2
     drafter = "eagle"
+
+    def check(self):
+        _positive("n", self.n)
+        _positive("max_depth", self.max_depth)
+        if self.delta < 0:
+            raise SpecError(f"delta must be >= 0, got {self.delta}")
 
 
 @method("ldlp-tree")
@@ -145,6 +166,12 @@ class LDLPTreeSpec:
     drafter = "eagle"
     uses_ldlp = True
 
+    def check(self):
+        for n in ("top_k", "nodes_per_level", "min_depth", "max_depth"):
+            _positive(n, getattr(self, n))
+        if self.max_depth < self.min_depth:
+            raise SpecError(f"max_depth ({self.max_depth}) must be >= min_depth ({self.min_depth})")
+
 
 @method("oracle")
 class OracleSpec:
@@ -152,6 +179,14 @@ class OracleSpec:
     greedy continuation computed ahead (greedy decoding only)."""
     k_max: int = 10
     drafter = "eagle"
+
+    def check(self):
+        _positive("k_max", self.k_max)
+
+
+def _non_negative(name: str, v) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise SpecError(f"{name} must be an integer >= 0, got {v!r}")
 
 
 def _positive(name: str, v) -> None:
