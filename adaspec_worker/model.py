@@ -62,16 +62,17 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         bias = bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM"))
-        if cfg.get("sliding_window") and arch == "MistralForCausalLM" and cfg.get("use_sliding_window", True):
-            # sliding attention only differs from full attention past the window
-            pass
+        max_pos = cfg.get("max_position_embeddings", 2048)
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        if window and arch in ("MistralForCausalLM", "Qwen2ForCausalLM") and window < max_pos:
+            max_pos = window  # full attention equals sliding attention within the window: cap the usable context
         return cls(
             architecture=arch, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
             num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads", heads),
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            max_position_embeddings=max_pos,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bias, eos_token_ids=eos,
         )

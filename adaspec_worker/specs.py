@@ -194,12 +194,54 @@ def _positive(name: str, v) -> None:
         raise SpecError(f"{name} must be an integer >= 1, got {v!r}")
 
 
+# ---------------------------------------------------------------- per-job tuning (ours)
+
+AUTOTUNE_KEYS = ("autotune", "autotune_fraction")
+
+# candidate settings `autotune` measures, per method (each merged over the given params)
+AUTOTUNE_CANDIDATES: dict[str, list[dict]] = {
+    "eagle": [{"k": k} for k in (2, 3, 4, 6)],
+    "eagle2": [{"depth": d, "total_tokens": t} for d, t in ((4, 30), (6, 60), (8, 80), (5, 40))],
+    "draft-model": [{"k": k} for k in (2, 4, 6)],
+    "adaeagle": [{"k_max": k} for k in (4, 6, 10)],
+    "adaeagle-ddd": [{"threshold": t} for t in (-0.3, -0.6, -1.0)],
+    "adaedl": [{"lam0": x} for x in (0.5, 0.7, 0.85)],
+    "ddd": [{"threshold": t} for t in (-1.0, -1.5, -2.5)],
+    "opt-tree": [{"delta": x} for x in (0.1, 0.2, 0.4)],
+    "ldlp-tree": [{"nodes_per_level": n, "max_depth": d} for n, d in ((6, 6), (10, 8), (4, 6))],
+}
+
+
+def split_autotune(params: dict | None) -> tuple[dict, dict]:
+    """Separate the job-level keys `autotune` (bool) and `autotune_fraction` (0..0.5) from method params."""
+    params = dict(params or {})
+    tune = {k: params.pop(k) for k in AUTOTUNE_KEYS if k in params}
+    if "autotune" in tune and not isinstance(tune["autotune"], bool):
+        raise SpecError(f"autotune must be true or false, got {tune['autotune']!r}")
+    frac = tune.setdefault("autotune_fraction", 0.02)
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 0.5:
+        raise SpecError(f"autotune_fraction must be in (0, 0.5], got {frac!r}")
+    tune.setdefault("autotune", False)
+    return params, tune
+
+
+def autotune_candidates(name: str, params: dict) -> list[dict]:
+    """Full parameter sets to measure: the given params first, then each candidate merged over them."""
+    base = spec_params(parse_spec(name, params))
+    out = [base]
+    for c in AUTOTUNE_CANDIDATES.get(name, []):
+        merged = spec_params(parse_spec(name, {**base, **c}))
+        if merged not in out:
+            out.append(merged)
+    return out
+
+
 def parse_spec(name: str, params: dict | None):
     """Method name + params mapping -> the method's frozen spec; SpecError names what is wrong."""
     if name not in METHOD_SPECS:
         raise SpecError(f"unknown method {name!r}; known: {', '.join(sorted(METHOD_SPECS))}")
     cls = METHOD_SPECS[name]
-    params = dict(params or {})
+    params, _ = split_autotune(params)
     known = {f.name: f for f in fields(cls)}
     for k in params:
         if k not in known:

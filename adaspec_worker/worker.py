@@ -82,7 +82,11 @@ class ShardWorker:
         torch.manual_seed(0)
         self.tok = AutoTokenizer.from_pretrained(m.model.target)
         self.target = load_target(m.model.target, m.model.dtype, m.model.device)
-        self.engine = Engine.load(self.target, m.speculative.method, m.speculative.params, m.model.draft, m.model.ldlp)
+        from adaspec_worker.specs import split_autotune
+
+        params, self.tune = split_autotune(m.speculative.params)
+        self.engine = Engine.load(self.target, m.speculative.method, params, m.model.draft, m.model.ldlp)
+        self.autotune: dict | None = None  # the choice, once this actor has measured
         self.plain = Engine(self.target, "none")
         d = m.decoding
         eos = self.target.cfg.eos_token_ids or ((self.tok.eos_token_id,) if self.tok.eos_token_id is not None else ())
@@ -113,6 +117,8 @@ class ShardWorker:
                 errors.append((rid, err))
             else:
                 good.append((rid, prompt, toks))
+        if self.tune["autotune"] and self.autotune is None and good:
+            self._autotune(good)
         results: dict[str, tuple] = {}
         stats = EngineStats()
         order = sorted(range(len(good)), key=lambda i: len(good[i][2]))  # similar lengths batch together
@@ -149,6 +155,7 @@ class ShardWorker:
             "draft_seconds": stats.draft_s, "verify_seconds": stats.verify_s,
             "other_seconds": stats.other_s + stats.prefill_s, "baseline": baseline,
             "energy_kwh": (e1 - e0) / 3.6e9 if e0 is not None and e1 is not None else None,
+            "autotune": self.autotune,
             **self.info(),
         }
         self.store.write_json(f"stats/{name}.json", shard_stats)
@@ -159,6 +166,34 @@ class ShardWorker:
                 "completion_tokens": shard_stats["completion_tokens"], "wall_seconds": wall}
 
     # ------------------------------------------------------------------ helpers
+    def _autotune(self, good: list) -> None:
+        """Measure the method's candidate settings on a small slice of rows; keep the fastest for this actor."""
+        import math
+
+        from .engine import Engine
+        from .specs import autotune_candidates
+
+        m = self.m
+        n = max(m.resources.batch_size, math.ceil(self.tune["autotune_fraction"] * len(good)))
+        rows = [g[2] for g in good[:n]]
+        seeds = [row_seed(m.decoding.seed, g[0]) for g in good[:n]]
+        ldlp = getattr(self.engine.proposer, "ldlp", None)
+        tried, t0 = [], time.perf_counter()
+        for params in autotune_candidates(m.speculative.method, split_autotune(m.speculative.params)[0]):
+            eng = Engine(self.target, m.speculative.method, params, self.engine.drafter, ldlp)
+            eng.generate(rows, self.sp, seeds)  # warm-up (graphs, allocator)
+            sync = _sync_fn(self.device)
+            t = time.perf_counter()
+            outs, _ = eng.generate(rows, self.sp, seeds)
+            sync()
+            tps = sum(len(o.tokens) for o in outs) / (time.perf_counter() - t)
+            tried.append({"params": params, "tokens_per_second": tps})
+            if tps >= max(x["tokens_per_second"] for x in tried):
+                best = eng
+        self.engine = best
+        self.autotune = {"rows": n, "seconds": time.perf_counter() - t0, "candidates": tried,
+                         "chosen": max(tried, key=lambda x: x["tokens_per_second"])["params"]}
+
     def _energy_mj(self) -> float | None:
         """The GPU's energy counter (millijoules) through NVML, where it can be read."""
         if not self.device.startswith("cuda"):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 
 import yaml
 
-from adaspec_worker.specs import SpecError, parse_spec, spec_params
+from adaspec_worker.specs import SpecError, parse_spec, spec_params, split_autotune
 
 
 class ManifestError(ValueError):
@@ -189,6 +189,7 @@ def _check(m: Manifest) -> None:
     need(all(isinstance(s, str) and s for s in d.stop), "decoding.stop", "must be a list of non-empty strings")
     try:
         spec = parse_spec(m.speculative.method, m.speculative.params)
+        split_autotune(m.speculative.params)
     except SpecError as e:
         where = "speculative.method" if "unknown method" in str(e) else "speculative.params"
         raise ManifestError(f"{where}: {e}") from None
@@ -205,7 +206,10 @@ def _check(m: Manifest) -> None:
     need(m.cost.gpu_hour_usd >= 0, "cost.gpu_hour_usd", f"must be >= 0, got {m.cost.gpu_hour_usd}")
     need(m.cost.cpu_hour_usd >= 0, "cost.cpu_hour_usd", f"must be >= 0, got {m.cost.cpu_hour_usd}")
     need(0 <= m.baseline.sample_fraction <= 1, "baseline.sample_fraction", f"must be in [0, 1], got {m.baseline.sample_fraction}")
+    _, tune = split_autotune(m.speculative.params)
     m.speculative.params = spec_params(spec)  # resolved: every default explicit in job.json
+    if tune["autotune"]:
+        m.speculative.params.update(tune)
 
 
 def apply_override(data: dict, assignment: str) -> None:

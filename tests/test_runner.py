@@ -281,3 +281,17 @@ def test_report_of_a_partly_finished_job(finished_job, tmp_path):
     assert "1 missing" in (part / "report" / "report.md").read_text()
     r = CliRunner().invoke(cli, ["report", str(out), str(part)])
     assert r.exit_code == 0 and "| total_rows |" in r.output
+
+
+def test_autotune_picks_a_measured_setting_and_records_it(ray_cluster, prompts, tmp_path):
+    out = tmp_path / "out"
+    d = job_dict(prompts, str(out), speculative={"method": "eagle2", "params": {"top_k": 4, "autotune": True, "autotune_fraction": 0.1}},
+                 resources={"workers": 1, "batch_size": 4, "cpus_per_worker": 1})
+    state = run_job(manifest_from_dict(d))
+    assert state.committed == 5
+    stats = [json.loads(p.read_text()) for p in sorted((out / "stats").iterdir())]
+    tune = stats[0]["autotune"]
+    assert len(tune["candidates"]) == 4 and all(c["tokens_per_second"] > 0 for c in tune["candidates"])
+    best = max(tune["candidates"], key=lambda c: c["tokens_per_second"])
+    assert tune["chosen"] == best["params"] and all(s["autotune"] == tune for s in stats)  # one choice per actor
+    assert_exactly_once(prompts, out)
