@@ -26,6 +26,8 @@ from jobs.manifest import Manifest, manifest_from_dict
 from jobs.plan import input_storage_options
 from jobs.storage import Store, shard_name
 
+from .specs import split_autotune
+
 OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("completion", pa.string()),
     ("num_prompt_tokens", pa.int32()), ("num_completion_tokens", pa.int32()), ("finish_reason", pa.string()),
@@ -82,8 +84,6 @@ class ShardWorker:
         torch.manual_seed(0)
         self.tok = AutoTokenizer.from_pretrained(m.model.target)
         self.target = load_target(m.model.target, m.model.dtype, m.model.device)
-        from adaspec_worker.specs import split_autotune
-
         params, self.tune = split_autotune(m.speculative.params)
         self.engine = Engine.load(self.target, m.speculative.method, params, m.model.draft, m.model.ldlp)
         self.autotune: dict | None = None  # the choice, once this actor has measured
@@ -171,7 +171,7 @@ class ShardWorker:
         import math
 
         from .engine import Engine
-        from .specs import autotune_candidates
+        from .specs import autotune_candidates  # noqa: PLC0415
 
         m = self.m
         n = max(m.resources.batch_size, math.ceil(self.tune["autotune_fraction"] * len(good)))
