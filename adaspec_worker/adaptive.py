@@ -49,9 +49,18 @@ class _LDLPChain(Proposer):
 
 @proposer("adaeagle")
 class AdaEagle(_LDLPChain):
+    def plan_key(self):
+        return (self.chain_len(),)
+
+    def chain_len(self) -> int:
+        """Chain drafted this round: the longest row's LDLP length, rounded up to a few sizes so the
+        graphs captured per size stay few (rows with shorter predictions mask their extra nodes)."""
+        K = int(max(self.plan))
+        return 0 if K == 0 else min(next(b for b in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 10**9) if b >= K), self.k_max)
+
     def propose(self, r):
         k = self.lengths(r)
-        K = int(max(self.plan))
+        K = self.chain_len()
         if K == 0:
             return chain_tree(r.root, r.root.new_zeros(r.root.shape[0], 0))
         toks, _, _ = draft_chain(r, K)
