@@ -265,14 +265,18 @@ def plots(result: dict, out: str) -> None:
     cells = [c for c in result["cells"] if c["kind"] == "adarun"]
     temps = sorted({c["temperature"] for c in cells})
     fig, axes = plt.subplots(1, len(temps), figsize=(6 * len(temps), 4), squeeze=False)
+    names = list(dict.fromkeys(c["label"] for c in cells))
+    colors = plt.cm.tab20(range(len(names))) if len(names) <= 20 else plt.cm.viridis([i / len(names) for i in range(len(names))])
+    markers = "os^Dvx*P<>hX"
     for ax, T in zip(axes[0], temps):
-        for label in dict.fromkeys(c["label"] for c in cells):
+        for i, label in enumerate(names):  # a distinct colour and marker per method
             pts = sorted((c["batch"], c["speedup_vs_none"]) for c in cells if c["label"] == label and c["temperature"] == T)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], color=colors[i], label=label)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set(xscale="log", xlabel="batch size", ylabel="speedup over adarun none", title=f"temperature {T}")
-        ax.legend(fontsize=7)
+    handles = max((ax.get_legend_handles_labels() for ax in axes[0]), key=lambda hl: len(hl[1]))  # the panel with every method
+    axes[0][-1].legend(*handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(os.path.join(out, "speedup.png"), dpi=90)
     plt.close(fig)
