@@ -191,7 +191,7 @@ def run_bench(cfg: BenchConfig, argv: list[str], log=print) -> dict:
                     kinds.append(("hf-assisted", {"assistant_model": assistant}))
                 for name, kw in kinds:
                     with torch.inference_mode():
-                        res = timer.run(lambda: bench_hf(hf, prompts, B, min(cfg.hf_prompts, max(B, 1)) if B == 1 else B,
+                        res = timer.run(lambda: bench_hf(hf, prompts, B, cfg.hf_prompts if B == 1 else B,
                                                          T, cfg.new_tokens, dev, **kw))
                     record(name, name, B, T, res, "transformers")
         del hf, assistant

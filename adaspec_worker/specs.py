@@ -6,8 +6,7 @@ proposer that implements it; a test asserts the two registries name the same met
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 METHOD_SPECS: dict[str, type] = {}
 
@@ -271,4 +270,4 @@ def spec_params(spec) -> dict:
     return {f.name: getattr(spec, f.name) for f in fields(spec)}
 
 
-__all__ = ["METHOD_SPECS", "SpecError", "parse_spec", "spec_params", "field"]
+__all__ = ["METHOD_SPECS", "SpecError", "parse_spec", "spec_params", "split_autotune", "autotune_candidates"]

@@ -193,11 +193,11 @@ def grow_static(root: torch.Tensor, root_logits: torch.Tensor, root_hidden, step
     offset = 0
     for d, (level, (par, rank)) in enumerate(zip(shape.levels, shape.tensors(dev)), start=1):
         if d > 1:  # run the drafter over the previous level to get its children's logits
-            W = logits_src_tok.shape[1]
+            W = prev_tok.shape[1]
             own = torch.zeros(W, offset + W, dtype=torch.bool, device=dev)
             own[:, offset:] = torch.eye(W, dtype=torch.bool, device=dev)
             mask = own if anc_prev is None else own | torch.nn.functional.pad(anc_prev, (0, W))
-            logits, hidden = step(logits_src_tok, hidden_src, d - 1, offset, mask.expand(B, -1, -1))
+            logits, hidden = step(prev_tok, prev_hidden, d - 1, offset, mask.expand(B, -1, -1))
             anc_prev_next = mask[par]
             offset += W
         top = logits.topk(max(r for _, r in level) + 1, dim=-1).indices  # [B, Wp, r]
@@ -205,8 +205,8 @@ def grow_static(root: torch.Tensor, root_logits: torch.Tensor, root_hidden, step
         toks.append(tok)
         pars.append((prev_start + par).expand(B, -1))
         deps.append(torch.full_like(tok, d))
-        logits_src_tok = tok
-        hidden_src = None if hidden is None else hidden[:, par]
+        prev_tok = tok  # this level is expanded next
+        prev_hidden = None if hidden is None else hidden[:, par]
         anc_prev = None if d == 1 else anc_prev_next
         prev_start, level_start = level_start, level_start + len(level)
     tokens = torch.cat(toks, 1)

@@ -126,7 +126,7 @@ class ShardWorker:
         for s in range(0, len(order), bs):
             batch = [good[i] for i in order[s: s + bs]]
             outs, st = self.engine.generate([b[2] for b in batch], self.sp, [row_seed(m.decoding.seed, b[0]) for b in batch],
-                                            self._stop_fn([b[2] for b in batch]))
+                                            self._stop_fn())
             stats.merge(st)
             for (rid, prompt, toks), c in zip(batch, outs):
                 results[rid] = (prompt, self._text(c.tokens), len(toks), len(c.tokens), c.finish_reason)
@@ -230,13 +230,15 @@ class ShardWorker:
                 text = text[:i]
         return text
 
-    def _stop_fn(self, _prompts):
+    def _stop_fn(self):
         stops = self.m.decoding.stop
         if not stops:
             return None
+        tail = max(len(s) for s in stops) + 16  # tokens: each is at least one character
 
         def fn(_row: int, toks: list[int]):
-            text = self.tok.decode(toks, skip_special_tokens=True)
+            # called every round, so a stop string not in the tail was already caught in an earlier round
+            text = self.tok.decode(toks[-tail:], skip_special_tokens=True)
             if not any(s in text for s in stops):
                 return None
             for k in range(1, len(toks) + 1):  # the shortest prefix that already holds a stop string

@@ -24,7 +24,7 @@ def fail_usage(msg: str):
 
 
 def _run(m, force: bool, dry_run: bool):
-    from .controller import JobConflict, JobFailed, prepare, run_job
+    from .controller import JobConflict, JobFailed, run_job
 
     try:
         if dry_run:

@@ -1,8 +1,6 @@
 """GPU sanity check: the CUDA-graph fast path gives the eager path's tokens (greedy and sampled), per method."""
 import sys
 
-import torch
-
 from adaspec_worker.corpus import load_tokenizer
 from adaspec_worker.engine import Engine
 from adaspec_worker.model import load_target

@@ -10,8 +10,6 @@ Each test is run again with a deliberately broken verifier and must then fail, p
 """
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
