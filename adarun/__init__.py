@@ -1,2 +1,4 @@
 """adarun: distributed batch generation with adaptive speculative decoding."""
-__version__ = "0.1.0"
+from jobs import __version__
+
+__all__ = ["__version__"]

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import Engine
-from .model import load_target
-from .sampling import SamplingParams
+from .decode.engine import Engine
+from .decode.model import load_target
+from .decode.sampling import SamplingParams
 
 
 @dataclass
@@ -156,7 +156,7 @@ def bench_hf(model, prompts, B, n, temperature, new_tokens, dev, **kw) -> dict:
 def run_bench(cfg: BenchConfig, argv: list[str], log=print) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .model import resolve_device, resolve_dtype
+    from .decode.model import resolve_device, resolve_dtype
 
     dev = torch.device(resolve_device(cfg.device))
     torch.manual_seed(0)

@@ -41,8 +41,8 @@ def train_draft(target, corpus, out, text_column, quiet, **opts):
       adarun train-draft --target ../shared/models/pycoder-22m \\
           --corpus '/usr/lib/python3*/**/*.py' --out heads/pycoder-22m --steps 3000
     """
-    from .model import ModelLoadError
-    from .train_head import DraftTrainConfig, train_draft as run
+    from .decode.model import ModelLoadError
+    from .train.draft_head import DraftTrainConfig, train_draft as run
 
     cfg = DraftTrainConfig(**{k: v for k, v in opts.items() if v is not None})
     try:
@@ -75,8 +75,8 @@ def fit_ldlp(target, draft, corpus, out, text_column, **opts):
       adarun fit-ldlp --target models/pycoder-tiny --draft models/pycoder-tiny-eagle \\
           --corpus '/usr/lib/python3*/*.py' --out models/pycoder-tiny-ldlp
     """
-    from .ldlp import LDLPFitConfig, fit_ldlp as run
-    from .model import ModelLoadError
+    from .decode.ldlp import LDLPFitConfig, fit_ldlp as run
+    from .decode.model import ModelLoadError
 
     cfg = LDLPFitConfig(**{k: v for k, v in opts.items() if v is not None})
     try:

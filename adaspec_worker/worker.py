@@ -26,7 +26,7 @@ from jobs.manifest import Manifest, manifest_from_dict
 from jobs.plan import input_storage_options
 from jobs.storage import Store, shard_name
 
-from .specs import split_autotune
+from jobs.specs import split_autotune
 
 OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("completion", pa.string()),
@@ -75,9 +75,9 @@ class ShardWorker:
         import torch
         from transformers import AutoTokenizer
 
-        from .engine import Engine
-        from .model import load_target
-        from .sampling import SamplingParams
+        from .decode.engine import Engine
+        from .decode.model import load_target
+        from .decode.sampling import SamplingParams
 
         self.m = m = manifest_from_dict(manifest)
         self.store = Store(output_url, m.output.storage_options, m.retry.backoff_s)
@@ -103,7 +103,7 @@ class ShardWorker:
 
     # ------------------------------------------------------------------ one shard
     def run_shard(self, shard: dict, attempt: int) -> dict:
-        from .engine import EngineStats
+        from .decode.engine import EngineStats
 
         t0, started = time.perf_counter(), time.time()
         e0 = self._energy_mj()
@@ -170,8 +170,8 @@ class ShardWorker:
         """Measure the method's candidate settings on a small slice of rows; keep the fastest for this actor."""
         import math
 
-        from .engine import Engine
-        from .specs import autotune_candidates  # noqa: PLC0415
+        from .decode.engine import Engine
+        from jobs.specs import autotune_candidates  # noqa: PLC0415
 
         m = self.m
         n = max(m.resources.batch_size, math.ceil(self.tune["autotune_fraction"] * len(good)))

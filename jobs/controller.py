@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from adarun import __version__
+from . import __version__
 
 from .manifest import Manifest
 from .plan import Shard, input_storage_options, make_plan

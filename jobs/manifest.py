@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 
 import yaml
 
-from adaspec_worker.specs import SpecError, parse_spec, spec_params, split_autotune
+from .specs import SpecError, parse_spec, spec_params, split_autotune
 
 
 class ManifestError(ValueError):

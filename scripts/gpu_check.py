@@ -1,10 +1,10 @@
 """GPU sanity check: the CUDA-graph fast path gives the eager path's tokens (greedy and sampled), per method."""
 import sys
 
-from adaspec_worker.corpus import load_tokenizer
-from adaspec_worker.engine import Engine
-from adaspec_worker.model import load_target
-from adaspec_worker.sampling import SamplingParams
+from adaspec_worker.train.corpus import load_tokenizer
+from adaspec_worker.decode.engine import Engine
+from adaspec_worker.decode.model import load_target
+from adaspec_worker.decode.sampling import SamplingParams
 
 target, head, ldlp, prompts_path = sys.argv[1:5]
 import pyarrow.parquet as pq

@@ -10,10 +10,10 @@ import time
 import pyarrow.parquet as pq
 import torch
 
-from adaspec_worker.corpus import load_tokenizer
-from adaspec_worker.engine import Engine
-from adaspec_worker.model import load_target
-from adaspec_worker.sampling import SamplingParams
+from adaspec_worker.train.corpus import load_tokenizer
+from adaspec_worker.decode.engine import Engine
+from adaspec_worker.decode.model import load_target
+from adaspec_worker.decode.sampling import SamplingParams
 
 target_dir, head, prompts = sys.argv[1:4]
 n = int(sys.argv[4]) if len(sys.argv) > 4 else 16

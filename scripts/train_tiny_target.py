@@ -19,7 +19,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from adaspec_worker.corpus import load_tokenizer, read_texts, split, token_blocks
+from adaspec_worker.train.corpus import load_tokenizer, read_texts, split, token_blocks
 
 
 def main():

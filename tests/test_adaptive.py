@@ -9,13 +9,13 @@ import torch
 from click.testing import CliRunner
 
 from adarun.cli import cli
-from adaspec_worker.adaptive import adaedl_update
-from adaspec_worker.engine import Engine
-from adaspec_worker.ldlp import LDLP, save_ldlp
-from adaspec_worker.methods import PROPOSERS
-from adaspec_worker.model import load_target
-from adaspec_worker.sampling import SamplingParams
-from adaspec_worker.specs import METHOD_SPECS
+from adaspec_worker.decode.proposers.adaptive import adaedl_update
+from adaspec_worker.decode.engine import Engine
+from adaspec_worker.decode.ldlp import LDLP, save_ldlp
+from adaspec_worker.decode.proposers.fixed import PROPOSERS
+from adaspec_worker.decode.model import load_target
+from adaspec_worker.decode.sampling import SamplingParams
+from jobs.specs import METHOD_SPECS
 from tests import tiny
 from tests.conftest import REPO, TINY, TINY_HEAD
 
@@ -95,7 +95,7 @@ def test_train_draft_lowers_loss_raises_tau_and_writes_eagle_format(tmp_path):
     (d / "target").symlink_to(TINY)  # a real (trained) tiny target: a head can learn it in a few steps
     corpus = d / "corpus"
     corpus.mkdir()
-    for i, p in enumerate(sorted((REPO / "adaspec_worker").glob("*.py"))):
+    for i, p in enumerate(sorted((REPO / "adaspec_worker").rglob("*.py"))):
         (corpus / f"{i}.py").write_text(p.read_text())
     r = CliRunner().invoke(cli, ["train-draft", "--target", str(d / "target"), "--corpus", str(corpus / "*.py"), "--out", str(d / "head"),
                                  "--steps", "150", "--batch-size", "8", "--seq-len", "64", "--lr", "3e-3", "--quiet", "--device", "cpu"])
@@ -125,7 +125,7 @@ def test_train_draft_lowers_loss_raises_tau_and_writes_eagle_format(tmp_path):
 
 
 def test_fit_ldlp_beats_a_constant_predictor(tmp_path):
-    from adaspec_worker.ldlp import LDLPFitConfig, fit_ldlp
+    from adaspec_worker.decode.ldlp import LDLPFitConfig, fit_ldlp
 
     import sysconfig
     cfg = LDLPFitConfig(prompts=80, new_tokens=40, widths=(64,), lambdas=(2.0,), k_maxes=(6,), steps=300, device="cpu", dtype="float32")

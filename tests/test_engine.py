@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from adaspec_worker.drafters import DRAFTERS
-from adaspec_worker.engine import Engine
-from adaspec_worker.model import ModelLoadError, load_target
-from adaspec_worker.sampling import SamplingParams
-from adaspec_worker.trees import DraftTree, grow_dynamic, grow_static, StaticShape, DEFAULT_STATIC_TREE
+from adaspec_worker.decode.drafters import DRAFTERS
+from adaspec_worker.decode.engine import Engine
+from adaspec_worker.decode.model import ModelLoadError, load_target
+from adaspec_worker.decode.sampling import SamplingParams
+from adaspec_worker.decode.trees import DraftTree, grow_dynamic, grow_static, StaticShape, DEFAULT_STATIC_TREE
 from tests import tiny
 
 METHODS = [("none", {}), ("eagle", {"k": 3}), ("eagle-tree", {}), ("eagle2", {"top_k": 4, "depth": 4, "total_tokens": 12}),

@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaspec_worker import verify
-from adaspec_worker.engine import Engine
-from adaspec_worker.model import load_target
-from adaspec_worker.sampling import SamplingParams, target_probs
+from adaspec_worker.decode import verify
+from adaspec_worker.decode.engine import Engine
+from adaspec_worker.decode.model import load_target
+from adaspec_worker.decode.sampling import SamplingParams, target_probs
 from tests import tiny
 
 

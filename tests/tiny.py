@@ -32,8 +32,8 @@ def save(model, path: Path) -> Path:
 
 
 def random_eagle_head(target_dir: Path, out: Path, seed: int = 0, bias: bool = True) -> Path:
-    from adaspec_worker.drafters import EagleHead, save_eagle_head
-    from adaspec_worker.model import ModelConfig, read_json
+    from adaspec_worker.decode.drafters import EagleHead, save_eagle_head
+    from adaspec_worker.decode.model import ModelConfig, read_json
 
     torch.manual_seed(seed)
     raw = read_json(str(target_dir / "config.json"))
@@ -45,8 +45,8 @@ def random_eagle_head(target_dir: Path, out: Path, seed: int = 0, bias: bool = T
 def random_eagle3_head(target_dir: Path, out: Path, draft_vocab: int, seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
-    from adaspec_worker.drafters import Eagle3Head
-    from adaspec_worker.model import ModelConfig, read_json
+    from adaspec_worker.decode.drafters import Eagle3Head
+    from adaspec_worker.decode.model import ModelConfig, read_json
 
     torch.manual_seed(seed)
     raw = read_json(str(target_dir / "config.json"))

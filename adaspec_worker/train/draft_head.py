@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .corpus import load_tokenizer, read_texts, split, token_blocks
-from .drafters import EagleHead, save_eagle_head
-from .model import ModelConfig, load_target, read_json
+from ..decode.drafters import EagleHead, save_eagle_head
+from ..decode.model import ModelConfig, load_target, read_json
 
 
 @dataclass

@@ -12,9 +12,9 @@ from typing import Callable
 
 import torch
 
-from .sampling import STREAM_DRAFT, SamplingParams, sample, target_probs, uniform
-from .specs import METHOD_SPECS, parse_spec
-from .trees import DEFAULT_STATIC_TREE, DraftTree, StaticShape, chain_tree, grow_dynamic, grow_static
+from ..sampling import STREAM_DRAFT, SamplingParams, sample, target_probs, uniform
+from jobs.specs import METHOD_SPECS, parse_spec
+from ..trees import DEFAULT_STATIC_TREE, DraftTree, StaticShape, chain_tree, grow_dynamic, grow_static
 
 PROPOSERS: dict[str, Callable] = {}
 

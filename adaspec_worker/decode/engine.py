@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from .drafters import DRAFTERS, Drafter
-from .methods import Proposer, RoundInput, build_proposer
+from .proposers.fixed import Proposer, RoundInput, build_proposer
 from .model import CausalLM
 from .sampling import SamplingParams, target_probs
 from .verify import Verdict, verify_chain_sampling, verify_greedy, verify_tree_sampling
@@ -155,7 +155,7 @@ class Engine:
     @classmethod
     def load(cls, target: CausalLM, method: str, params: dict | None, draft_path: str | None,
              ldlp_path: str | None = None, fast: bool = True) -> "Engine":
-        from .specs import parse_spec
+        from jobs.specs import parse_spec
         spec = parse_spec(method, params)
         drafter = DRAFTERS[spec.drafter](draft_path, target) if spec.drafter else None
         ldlp = None

@@ -168,7 +168,7 @@ def fit(x: torch.Tensor, y: torch.Tensor, cfg: LDLPFitConfig, log=print) -> tupl
 
 
 def fit_ldlp(target_dir: str, draft_dir: str, corpus: str, out: str, cfg: LDLPFitConfig, text_column: str = "text", log=print) -> dict:
-    from .corpus import load_tokenizer, read_texts
+    from ..train.corpus import load_tokenizer, read_texts
     from .engine import Engine
     from .model import load_target
 

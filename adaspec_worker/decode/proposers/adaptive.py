@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .methods import Proposer, RoundInput, draft_chain, proposer
-from .trees import chain_tree, grow_dynamic
+from .fixed import Proposer, RoundInput, draft_chain, proposer
+from ..trees import chain_tree, grow_dynamic
 
 
 class _LDLPChain(Proposer):
@@ -175,7 +175,7 @@ class Oracle(Proposer):
         self.scratch, self.max_nodes = spec.k_max, spec.k_max + 1
 
     def start(self, B, device, sp, prompts, engine):
-        from .engine import Engine
+        from ..engine import Engine
 
         assert sp.greedy, "the oracle is defined for greedy decoding only"
         ref, _ = Engine(engine.target, "none").generate(prompts, sp)
