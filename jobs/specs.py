@@ -1,49 +1,84 @@
-"""Speculative method names and their parameters: typed, validated, one source of defaults.
+"""Speculative methods as the manifest names them: typed parameters, defaults, sources, what each needs.
 
-Torch-free on purpose: the controller (`jobs/`) validates `speculative.method` and
-`speculative.params` from a manifest with this module alone. `methods.py` binds each name to the
-proposer that implements it; a test asserts the two registries name the same methods.
+Torch-free on purpose: the controller (`jobs/`) validates `speculative.method` and `speculative.params`
+with this module alone, and the decoder (`adaspec_worker.decode`) receives the parsed spec object,
+never the (name, params) pair. One registry, `METHOD_SPECS`, maps a manifest name to its spec
+class; the decoder keys its proposers by that class (`@implements(Eagle2Spec)`), and a test asserts
+that every spec class has exactly one proposer. Adding a method = one spec here + one proposer class.
+
+Each spec class declares, as class attributes (not parameters):
+  - `needs`: the `model.*` paths the method needs and what kind each must be, e.g.
+    `{"draft": "eagle", "ldlp": "ldlp"}` (`draft` kinds: "eagle" head or independent "draft-model");
+  - `autotune_grid`: the settings per-job autotune measures, each merged over the given parameters.
 """
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
-METHOD_SPECS: dict[str, type] = {}
-
-
-def method(name: str):
-    def deco(cls):
-        cls.method_name = name
-        METHOD_SPECS[name] = cls
-        return dataclass(frozen=True)(cls)
-    return deco
+METHOD_SPECS: dict[str, type["MethodSpec"]] = {}
 
 
 class SpecError(ValueError):
     """Bad method name or parameter; the message names it."""
 
 
+class MethodSpec:
+    """Base of every method spec (each subclass is a frozen dataclass made by `@method`)."""
+
+    name: ClassVar[str]
+    needs: ClassVar[dict[str, str]] = {}
+    autotune_grid: ClassVar[tuple[dict, ...]] = ()
+
+    def check(self) -> None:
+        """Raise SpecError naming a bad parameter (types are checked before this runs)."""
+
+    @property
+    def drafter_kind(self) -> str | None:
+        return self.needs.get("draft")
+
+    def params(self) -> dict:
+        """Every parameter with its resolved value: what job.json records."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    def with_params(self, **changes) -> "MethodSpec":
+        return parse_spec(self.name, {**self.params(), **changes})
+
+
+def method(name: str):
+    """Register a spec class under its manifest name (and make it a frozen dataclass)."""
+    def deco(cls):
+        assert issubclass(cls, MethodSpec), f"{cls.__name__} must derive from MethodSpec"
+        assert name not in METHOD_SPECS, f"method {name!r} registered twice"
+        cls.name = name
+        METHOD_SPECS[name] = cls
+        return dataclass(frozen=True)(cls)
+    return deco
+
+
 @method("none")
-class NoneSpec:
+class NoneSpec(MethodSpec):
     """Plain autoregressive decoding: the baseline every speedup is measured against."""
-    drafter = None
 
 
 @method("eagle")
-class EagleSpec:
+class EagleSpec(MethodSpec):
     """EAGLE-1 chain (Li et al., 2024): the head drafts k tokens greedily; verified as a chain."""
     k: int = 5
-    drafter = "eagle"
+    needs = {"draft": "eagle"}
+    autotune_grid = ({"k": 2}, {"k": 3}, {"k": 4}, {"k": 6})
 
     def check(self):
         _positive("k", self.k)
 
 
 @method("eagle-tree")
-class EagleTreeSpec:
+class EagleTreeSpec(MethodSpec):
     """EAGLE-1 static tree: fixed paths of child ranks (default: an 18-node tree of depth 5)."""
-    tree: tuple = ()  # paths such as [[0], [1], [0, 0]]; empty = the default tree
-    drafter = "eagle"
+    tree: tuple[tuple[int, ...], ...] = ()  # paths such as [[0], [1], [0, 0]]; empty = the default tree
+    needs = {"draft": "eagle"}
 
     def check(self):
         for p in self.tree:
@@ -52,12 +87,14 @@ class EagleTreeSpec:
 
 
 @method("eagle2")
-class Eagle2Spec:
+class Eagle2Spec(MethodSpec):
     """EAGLE-2 dynamic tree (Li et al., 2024): top_k expansion per level, global rerank to total_tokens."""
     top_k: int = 10
     depth: int = 6
     total_tokens: int = 60
-    drafter = "eagle"
+    needs = {"draft": "eagle"}
+    autotune_grid = ({"depth": 4, "total_tokens": 30}, {"depth": 6, "total_tokens": 60}, {"depth": 8, "total_tokens": 80},
+                     {"depth": 5, "total_tokens": 40})
 
     def check(self):
         for n in ("top_k", "depth", "total_tokens"):
@@ -65,44 +102,45 @@ class Eagle2Spec:
 
 
 @method("draft-model")
-class DraftModelSpec:
+class DraftModelSpec(MethodSpec):
     """Classic speculative decoding with an independent draft model (Leviathan et al., 2023): a chain of k."""
     k: int = 4
-    drafter = "draft-model"
+    needs = {"draft": "draft-model"}
+    autotune_grid = ({"k": 2}, {"k": 4}, {"k": 6})
 
     def check(self):
         _positive("k", self.k)
 
 
-# ---------------------------------------------------------------- adaptive methods (issue: adaptive structures)
+# ---------------------------------------------------------------- adaptive methods
 
 @method("adaeagle")
-class AdaEagleSpec:
+class AdaEagleSpec(MethodSpec):
     """AdaEAGLE (Zhang et al., 2024): a chain whose length is LDLP's prediction each round (may be 0).
     k_max 0 = the LDLP artifact's own k_max."""
     k_max: int = 0
-    drafter = "eagle"
-    uses_ldlp = True
+    needs = {"draft": "eagle", "ldlp": "ldlp"}
+    autotune_grid = ({"k_max": 4}, {"k_max": 6}, {"k_max": 10})
 
     def check(self):
         _non_negative("k_max", self.k_max)
 
 
 @method("adaeagle-ddd")
-class AdaEagleDDDSpec:
+class AdaEagleDDDSpec(MethodSpec):
     """AdaEAGLE-DDD (Zhang et al., 2024): LDLP's length plus the cumulative draft log-probability
     threshold; drafting stops only when both say stop (bounded by k_max)."""
     threshold: float = -0.6
     k_max: int = 0
-    drafter = "eagle"
-    uses_ldlp = True
+    needs = {"draft": "eagle", "ldlp": "ldlp"}
+    autotune_grid = ({"threshold": -0.3}, {"threshold": -0.6}, {"threshold": -1.0})
 
     def check(self):
         _non_negative("k_max", self.k_max)
 
 
 @method("adaedl")
-class AdaEDLSpec:
+class AdaEDLSpec(MethodSpec):
     """AdaEDL (Agrawal et al., 2024): stop drafting when 1 - sqrt(gamma * H) < lambda, H the draft's
     (untempered) entropy in nats. The bound and gamma = 0.2 are the paper's; adapting lambda each round
     (EMA of the acceptance rate with beta1, lambda +/- eps against the target rate alpha, then
@@ -113,7 +151,8 @@ class AdaEDLSpec:
     alpha: float = 0.9
     eps: float = 0.01
     k_max: int = 8
-    drafter = "eagle"
+    needs = {"draft": "eagle"}
+    autotune_grid = ({"lam0": 0.5}, {"lam0": 0.7}, {"lam0": 0.85})
 
     def check(self):
         _positive("k_max", self.k_max)
@@ -122,30 +161,34 @@ class AdaEDLSpec:
 
 
 @method("ddd")
-class DDDSpec:
+class DDDSpec(MethodSpec):
     """Dynamic Depth Decoding (Brown et al., 2024): EAGLE-2 beams, continue while log(sum of the beams'
     probabilities) stays above `threshold`, checked only at `check_depths` (one host sync each)."""
     top_k: int = 8
     max_depth: int = 10
     total_tokens: int = 60
     threshold: float = -1.5
-    check_depths: tuple = (3, 5, 7)
-    drafter = "eagle"
+    check_depths: tuple[int, ...] = (3, 5, 7)
+    needs = {"draft": "eagle"}
+    autotune_grid = ({"threshold": -1.0}, {"threshold": -1.5}, {"threshold": -2.5})
 
     def check(self):
         for n in ("top_k", "max_depth", "total_tokens"):
             _positive(n, getattr(self, n))
+        if not all(d >= 1 for d in self.check_depths):
+            raise SpecError(f"check_depths must be a list of depths >= 1, got {list(self.check_depths)!r}")
 
 
 @method("opt-tree")
-class OptTreeSpec:
+class OptTreeSpec(MethodSpec):
     """OPT-Tree (Wang et al., 2024), level-wise: keep the globally best n nodes per level by path
     probability; stop when the expected acceptance length E = sum of path probabilities grows by
     less than delta (checked per level)."""
     n: int = 8
     max_depth: int = 10
     delta: float = 0.2
-    drafter = "eagle"
+    needs = {"draft": "eagle"}
+    autotune_grid = ({"delta": 0.1}, {"delta": 0.2}, {"delta": 0.4})
 
     def check(self):
         _positive("n", self.n)
@@ -155,15 +198,16 @@ class OptTreeSpec:
 
 
 @method("ldlp-tree")
-class LDLPTreeSpec:
+class LDLPTreeSpec(MethodSpec):
     """Ours: LDLP's predicted length sets the EAGLE-2 tree depth each round (depth = prediction + 1,
     within [min_depth, max_depth]) and the node budget scales with it (nodes_per_level x depth)."""
     top_k: int = 8
     nodes_per_level: int = 10
     min_depth: int = 1
     max_depth: int = 8
-    drafter = "eagle"
-    uses_ldlp = True
+    needs = {"draft": "eagle", "ldlp": "ldlp"}
+    autotune_grid = ({"nodes_per_level": 6, "max_depth": 6}, {"nodes_per_level": 10, "max_depth": 8},
+                     {"nodes_per_level": 4, "max_depth": 6})
 
     def check(self):
         for n in ("top_k", "nodes_per_level", "min_depth", "max_depth"):
@@ -173,11 +217,11 @@ class LDLPTreeSpec:
 
 
 @method("oracle")
-class OracleSpec:
+class OracleSpec(MethodSpec):
     """Benchmark-only ceiling: each round drafts the ideal chain length, read off the target's own
     greedy continuation computed ahead (greedy decoding only)."""
     k_max: int = 10
-    drafter = "eagle"
+    needs = {"draft": "eagle"}
 
     def check(self):
         _positive("k_max", self.k_max)
@@ -193,81 +237,57 @@ def _positive(name: str, v) -> None:
         raise SpecError(f"{name} must be an integer >= 1, got {v!r}")
 
 
-# ---------------------------------------------------------------- per-job tuning (ours)
-
-AUTOTUNE_KEYS = ("autotune", "autotune_fraction")
-
-# candidate settings `autotune` measures, per method (each merged over the given params)
-AUTOTUNE_CANDIDATES: dict[str, list[dict]] = {
-    "eagle": [{"k": k} for k in (2, 3, 4, 6)],
-    "eagle2": [{"depth": d, "total_tokens": t} for d, t in ((4, 30), (6, 60), (8, 80), (5, 40))],
-    "draft-model": [{"k": k} for k in (2, 4, 6)],
-    "adaeagle": [{"k_max": k} for k in (4, 6, 10)],
-    "adaeagle-ddd": [{"threshold": t} for t in (-0.3, -0.6, -1.0)],
-    "adaedl": [{"lam0": x} for x in (0.5, 0.7, 0.85)],
-    "ddd": [{"threshold": t} for t in (-1.0, -1.5, -2.5)],
-    "opt-tree": [{"delta": x} for x in (0.1, 0.2, 0.4)],
-    "ldlp-tree": [{"nodes_per_level": n, "max_depth": d} for n, d in ((6, 6), (10, 8), (4, 6))],
-}
+def _plain(v):
+    """Spec values as plain JSON data (tuples -> lists)."""
+    return [_plain(x) for x in v] if isinstance(v, (tuple, list)) else v
 
 
-def split_autotune(params: dict | None) -> tuple[dict, dict]:
-    """Separate the job-level keys `autotune` (bool) and `autotune_fraction` (0..0.5) from method params."""
-    params = dict(params or {})
-    tune = {k: params.pop(k) for k in AUTOTUNE_KEYS if k in params}
-    if "autotune" in tune and not isinstance(tune["autotune"], bool):
-        raise SpecError(f"autotune must be true or false, got {tune['autotune']!r}")
-    frac = tune.setdefault("autotune_fraction", 0.02)
-    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 0.5:
-        raise SpecError(f"autotune_fraction must be in (0, 0.5], got {frac!r}")
-    tune.setdefault("autotune", False)
-    return params, tune
+def _coerce(name: str, v: Any, hint) -> Any:
+    """A parameter value checked against its annotation; lists become tuples where the spec wants tuples."""
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if not isinstance(v, bool):
+            raise SpecError(f"{name} must be true or false, got {v!r}")
+    elif hint is int:
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise SpecError(f"{name} must be an integer, got {v!r}")
+    elif hint is float:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise SpecError(f"{name} must be a number, got {v!r}")
+        return float(v)
+    elif origin is tuple:
+        if not isinstance(v, (list, tuple)):
+            raise SpecError(f"{name} must be a list, got {v!r}")
+        item = typing.get_args(hint)[0]
+        return tuple(_coerce(name, x, item) for x in v)
+    return v
 
 
-def autotune_candidates(name: str, params: dict) -> list[dict]:
-    """Full parameter sets to measure: the given params first, then each candidate merged over them."""
-    base = spec_params(parse_spec(name, params))
-    out = [base]
-    for c in AUTOTUNE_CANDIDATES.get(name, []):
-        merged = spec_params(parse_spec(name, {**base, **c}))
-        if merged not in out:
-            out.append(merged)
-    return out
-
-
-def parse_spec(name: str, params: dict | None):
+def parse_spec(name: str, params: dict | None) -> MethodSpec:
     """Method name + params mapping -> the method's frozen spec; SpecError names what is wrong."""
     if name not in METHOD_SPECS:
         raise SpecError(f"unknown method {name!r}; known: {', '.join(sorted(METHOD_SPECS))}")
     cls = METHOD_SPECS[name]
-    params, _ = split_autotune(params)
-    known = {f.name: f for f in fields(cls)}
-    for k in params:
+    if params is not None and not isinstance(params, dict):
+        raise SpecError(f"params must be a mapping, got {params!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    for k in params or {}:
         if k not in known:
             raise SpecError(f"method {name!r} has no parameter {k!r}; known: {', '.join(known) or 'none'}")
-    for k, v in params.items():
-        want = known[k].type  # a string under postponed annotations
-        if want in ("int", int) and (not isinstance(v, int) or isinstance(v, bool)):
-            raise SpecError(f"{k} must be an integer, got {v!r}")
-        if want in ("float", float) and not isinstance(v, (int, float)):
-            raise SpecError(f"{k} must be a number, got {v!r}")
-        if want in ("bool", bool) and not isinstance(v, bool):
-            raise SpecError(f"{k} must be true or false, got {v!r}")
-        if want in ("tuple", tuple) and k == "check_depths":
-            if not isinstance(v, (list, tuple)) or not all(isinstance(x, int) and x >= 1 for x in v):
-                raise SpecError(f"{k} must be a list of depths >= 1, got {v!r}")
-            params[k] = tuple(v)
-            continue
-        if want in ("tuple", tuple):
-            params[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, (list, tuple)) else v
-    spec = cls(**params)
-    if hasattr(spec, "check"):
-        spec.check()
+    spec = cls(**{k: _coerce(k, v, hints[k]) for k, v in (params or {}).items()})
+    spec.check()
     return spec
 
 
-def spec_params(spec) -> dict:
-    return {f.name: getattr(spec, f.name) for f in fields(spec)}
+def autotune_candidates(spec: MethodSpec) -> list[MethodSpec]:
+    """The settings per-job autotune measures: the given spec first, then each grid entry merged over it."""
+    out = [spec]
+    for change in spec.autotune_grid:
+        cand = spec.with_params(**change)
+        if cand not in out:
+            out.append(cand)
+    return out
 
 
-__all__ = ["METHOD_SPECS", "SpecError", "parse_spec", "spec_params", "split_autotune", "autotune_candidates"]
+__all__ = ["METHOD_SPECS", "MethodSpec", "SpecError", "autotune_candidates", "method", "parse_spec"]

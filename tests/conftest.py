@@ -3,7 +3,6 @@ second `ray start --address` with its own `node2` resource), which every runner 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-TINY = REPO / "models" / "pycoder-tiny"
-TINY_HEAD = REPO / "models" / "pycoder-tiny-eagle"
+from tests.helpers import REPO, SHARED
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback test cluster: no token files to hand around
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -55,41 +51,8 @@ def prompts(tmp_path) -> Path:
     return path
 
 
-def job_dict(prompts: Path, out: str, **over) -> dict:
-    d = {
-        "name": "test",
-        "input": {"path": str(prompts)},
-        "output": {"path": out},
-        "model": {"target": str(TINY), "draft": str(TINY_HEAD), "dtype": "float32", "device": "cpu"},
-        "decoding": {"max_new_tokens": 12, "seed": 1},
-        "speculative": {"method": "eagle2", "params": {"top_k": 4, "depth": 4, "total_tokens": 12}},
-        "resources": {"workers": 2, "batch_size": 8, "cpus_per_worker": 1},
-        "sharding": {"rows_per_shard": 8},
-        "retry": {"max_attempts": 3, "backoff_s": 0.01},
-        "baseline": {"sample_fraction": 0.05},
-    }
-    for k, v in over.items():
-        section, _, field = k.partition("__")
-        if field:
-            d.setdefault(section, {})[field] = v
-        else:
-            d[section] = v
-    return d
-
-
-def write_manifest(tmp_path: Path, d: dict) -> Path:
-    import yaml
-
-    p = tmp_path / "job.yaml"
-    p.write_text(yaml.safe_dump(d))
-    return p
-
-
 @pytest.fixture(scope="session")
 def shared():
     if not (SHARED / "models" / "pycoder-22m").is_dir():
         pytest.skip("../shared is not beside this checkout")
     return SHARED
-
-
-__all__ = ["REPO", "TINY", "TINY_HEAD", "job_dict", "write_manifest", "shutil"]

@@ -17,7 +17,7 @@ from adaspec_worker.decode.model import load_target
 from adaspec_worker.decode.sampling import SamplingParams
 from jobs.specs import METHOD_SPECS
 from tests import tiny
-from tests.conftest import REPO, TINY, TINY_HEAD
+from tests.helpers import REPO, TINY, TINY_HEAD
 
 ADAPTIVE = [("adaeagle", {}), ("adaeagle-ddd", {}), ("adaedl", {"k_max": 4}), ("ddd", {"top_k": 3, "max_depth": 5, "total_tokens": 12}),
             ("opt-tree", {"n": 3, "max_depth": 5, "delta": 0.05}), ("ldlp-tree", {"top_k": 3, "nodes_per_level": 4, "max_depth": 4}),

@@ -5,7 +5,7 @@ import matplotlib.image as mpimg
 from click.testing import CliRunner
 
 from adarun.cli import cli
-from tests.conftest import REPO, TINY, TINY_HEAD
+from tests.helpers import REPO, TINY, TINY_HEAD
 
 
 def test_bench_writes_json_markdown_and_plots(tmp_path):

@@ -73,7 +73,7 @@ def test_pycoder_22m_matches_generate(shared):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import pyarrow.parquet as pq
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     path = shared / "models" / "pycoder-22m"
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from adarun.cli import cli
 from jobs.manifest import Manifest, load_manifest
-from tests.conftest import REPO, job_dict, write_manifest
+from tests.helpers import REPO, job_dict, write_manifest
 
 BAD = [
     ("name", "", "name"),

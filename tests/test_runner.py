@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from adarun.cli import cli
 from jobs.controller import JobFailed, run_job
 from jobs.manifest import manifest_from_dict
-from tests.conftest import REPO, job_dict, write_manifest
+from tests.helpers import REPO, job_dict, write_manifest
 
 INPUT_IDS = None
 
