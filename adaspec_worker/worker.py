@@ -59,6 +59,17 @@ class ShardWorker:
             else (platform.processor() or platform.machine())
         )
 
+    @staticmethod
+    def preflight(m) -> None:
+        """Torch-free checks of the models, run by the controller before any actor starts."""
+        from .preflight import check_models
+
+        check_models(m)
+
+    def ready(self) -> dict:
+        """Returns once the constructor has finished: the controller dispatches only to ready actors."""
+        return self.info()
+
     def info(self) -> dict:
         import ray
 
@@ -81,7 +92,10 @@ class ShardWorker:
         m, sh = self.m, Shard(**shard)
         ids, prompts = read_rows(sh, m.input, input_storage_options(sh.file, m.output.path, m.output.storage_options))
         good, errors = [], []
-        for rid, prompt in zip(ids, prompts):
+        for i, (rid, prompt) in enumerate(zip(ids, prompts)):
+            if rid is None:
+                errors.append(ErrorRow(f"{sh.file.rsplit('/', 1)[-1]}:{sh.start + i}", "null id"))
+                continue
             toks, err = self.codec.encode(prompt)
             if err:
                 errors.append(ErrorRow(rid, err))

@@ -10,23 +10,32 @@ that wires the two sides together).
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import click
 
-from .controller import JobConflict, JobFailed, plan_job, run_job
+from .controller import JobConflict, JobFailed, preflight, run_job
+from .credentials import MASK, is_secret
+from .dispatch import Unplaceable
 from .layout import ShardFiles, total
+from .lease import LeaseHeld
 from .manifest import ManifestError, load_manifest, manifest_from_dict
+from .model_commands import MODEL_COMMANDS
 from .plan import PlanError
 from .progress import Progress
 from .specs import SpecError
-from .storage import Store
+from .storage import StorageError, Store
 
 # exception type -> (exit code, prefix); first match wins. ValueError covers the model side's
 # ModelLoadError and bad option values; anything else is a bug and keeps its traceback.
 EXIT_CODES: list[tuple[tuple[type[BaseException], ...], int, str]] = [
     ((JobFailed,), 1, "job failed"),
-    ((ManifestError, PlanError, JobConflict, SpecError, FileNotFoundError, ValueError), 2, "error"),
+    (
+        (ManifestError, PlanError, JobConflict, LeaseHeld, Unplaceable, SpecError, FileNotFoundError, ValueError),
+        2,
+        "error",
+    ),
 ]
 
 
@@ -41,6 +50,11 @@ class AdarunGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except StorageError as e:  # exit 2 when the manifest is at fault (path, credentials), 1 when the store is
+            fail(e, e.code, "error" if e.code == 2 else "storage unavailable")
+        except KeyboardInterrupt:
+            _stop_local_ray()
+            fail("interrupted; committed shards are kept (rerun the same command to resume)", 130, "stopped")
         except tuple(t for types, _, _ in EXIT_CODES for t in types) as e:
             code, prefix = next((c, p) for types, c, p in EXIT_CODES if isinstance(e, types))
             fail(str(e).splitlines()[0] if str(e) else type(e).__name__, code, prefix)
@@ -48,7 +62,14 @@ class AdarunGroup(click.Group):
 
 @click.group(cls=AdarunGroup, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "ADARUN"})
 @click.version_option(package_name="adarun")
-def cli():
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    help="Log level of adarun's own messages (stderr). Env: ADARUN_LOG_LEVEL.",
+)
+def cli(log_level):
     """adarun: batch generation over Parquet prompts with adaptive speculative decoding on Ray.
 
     \b
@@ -57,19 +78,36 @@ def cli():
       adarun status out/job
     """
 
+    logging.basicConfig(
+        level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
 
 def main():
     sys.exit(cli.main(standalone_mode=True))
+
+
+def _stop_local_ray() -> None:
+    """After an interrupt: stop the Ray this process started (a cluster it merely joined keeps running)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # best effort on the way out
+        pass
 
 
 # ------------------------------------------------------------------ job commands
 
 
 def _run(m, force: bool, dry_run: bool):
+    from adaspec_worker.worker import ShardWorker  # torch-free at import: the actor imports torch when it starts
+
     if dry_run:
-        click.echo(json.dumps(plan_job(m).describe(m), indent=2))
+        _, plan = preflight(m, ShardWorker)
+        click.echo(json.dumps(plan.describe(m), indent=2))
         return
-    from adaspec_worker.worker import ShardWorker
 
     with Progress(m) as progress:
         state = run_job(m, ShardWorker, force=force, listener=progress.on_event)
@@ -95,9 +133,15 @@ def _run(m, force: bool, dry_run: bool):
     metavar="KEY=VALUE",
     help="Override a manifest field, e.g. decoding.temperature=0.7. Env: ADARUN_SET (space-separated).",
 )
-@click.option("--dry-run", is_flag=True, help="Print the shard plan and exit.")
-@click.option("--force", is_flag=True, help="Discard another job's shards found in the output.")
-def submit(manifest, output, overrides, dry_run, force):
+@click.option("--dry-run", is_flag=True, help="Check input, models and output, print the shard plan and exit.")
+@click.option("--force", is_flag=True, help="Discard another job's shards (or a changed input's) and take the lease.")
+@click.option(
+    "--max-error-fraction",
+    type=float,
+    default=None,
+    help="Exit 1 when more than this share of rows are error rows (retry.max_error_fraction, default 0.5).",
+)
+def submit(manifest, output, overrides, dry_run, force, max_error_fraction):
     """Run a job: shard the input, decode on Ray actors, commit Parquet shards.
 
     \b
@@ -106,28 +150,78 @@ def submit(manifest, output, overrides, dry_run, force):
     Rerunning the same command resumes: committed shards are skipped.
     """
     sets = list(overrides) + ([f"output.path={output}"] if output else [])
+    if max_error_fraction is not None:
+        sets.append(f"retry.max_error_fraction={max_error_fraction}")
     _run(load_manifest(manifest, sets), force, dry_run)
 
 
-def _open_job(output: str, storage_options: dict | None = None) -> tuple[ShardFiles, dict]:
-    files = ShardFiles(Store(output, storage_options or {}))
-    doc = files.job()
+storage_option = click.option(
+    "--storage-option",
+    "storage_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    envvar="ADARUN_STORAGE_OPTION",
+    help="An fsspec storage option for OUTPUT (repeatable), e.g. a credential job.json does not record. "
+    "Env: ADARUN_STORAGE_OPTION (space-separated). Non-secret options recorded in job.json are reused.",
+)
+
+
+def _parse_options(pairs) -> dict:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ManifestError(f"--storage-option {pair!r}: expected KEY=VALUE")
+        out[key] = yaml.safe_load(value) if value else ""
+    return out
+
+
+def _open_job(output: str, pairs=()) -> tuple[ShardFiles, dict, dict]:
+    """(files, job.json, storage options): the given options first, then the non-secret ones job.json recorded."""
+    given = _parse_options(pairs)
+    files = ShardFiles(Store(output, given))
+    try:
+        doc = files.job()
+    except Exception as e:
+        from .storage import describe_storage_error
+
+        raise describe_storage_error(e, output, "OUTPUT") from None
     if doc is None:
         fail(f"{output}: no job.json (not an adarun output)")
-    return files, doc
+    recorded = doc.get("manifest", {}).get("output", {}).get("storage_options", {}) or {}
+    options = {**{k: v for k, v in recorded.items() if v != MASK}, **given}
+    if options != given:
+        files = ShardFiles(Store(output, options))
+    return files, doc, options
 
 
 @cli.command()
 @click.argument("output")
-def resume(output):
+@storage_option
+def resume(output, storage_options):
     """Resume the job recorded in OUTPUT/job.json, skipping committed shards.
 
     \b
     Example:
       adarun resume out/job
+      adarun resume s3://bucket/run1 --storage-option secret=... --storage-option key=...
     """
-    _, doc = _open_job(output)
-    _run(manifest_from_dict(doc["manifest"]), force=False, dry_run=False)
+    _, doc, options = _open_job(output, storage_options)
+    data = json.loads(json.dumps(doc["manifest"]))
+    data["output"]["storage_options"] = options
+    masked = [
+        k
+        for k, v in (doc["manifest"]["output"].get("storage_options") or {}).items()
+        if v == MASK and k not in options and is_secret(k)
+    ]
+    if masked:
+        raise ManifestError(
+            f"output.storage_options.{masked[0]}: a credential job.json does not record; pass "
+            f"--storage-option {masked[0]}=... (or ADARUN_STORAGE_OPTION)"
+        )
+    _run(manifest_from_dict(data), force=False, dry_run=False)
 
 
 def job_status(files: ShardFiles, doc: dict) -> dict:
@@ -167,15 +261,16 @@ def job_status(files: ShardFiles, doc: dict) -> dict:
 
 @cli.command()
 @click.argument("output")
+@storage_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(output, as_json):
+def status(output, storage_options, as_json):
     """Show a job's progress: shards done/total, rows, tokens, errors, ETA.
 
     \b
     Example:
       adarun status out/job --json
     """
-    files, doc = _open_job(output)
+    files, doc, _ = _open_job(output, storage_options)
     s = job_status(files, doc)
     if as_json:
         click.echo(json.dumps(s, indent=2))
@@ -203,7 +298,8 @@ def status(output, as_json):
     show_default=True,
     help="What to print; all three files are written under OUTPUT/report/ either way.",
 )
-def report(outputs, fmt):
+@storage_option
+def report(outputs, fmt, storage_options):
     """Cost and speedup report of a run (OUTPUT), or two runs side by side (A B).
 
     \b
@@ -217,7 +313,7 @@ def report(outputs, fmt):
         fail("report takes one output, or two to compare")
     reps, opened = [], []
     for out in outputs:
-        files, _ = _open_job(out)
+        files, _, _ = _open_job(out, storage_options)
         if not files.committed():
             fail(f"{out}: no committed shards yet")
         reps.append(write_report(files))
@@ -233,156 +329,5 @@ def report(outputs, fmt):
         click.echo(opened[0].report_path("report.html"))
 
 
-# ------------------------------------------------------------------ model commands
-
-
-@cli.command("train-draft")
-@click.option(
-    "--target", required=True, type=click.Path(exists=True, file_okay=False), help="Target model directory (HF format)."
-)
-@click.option("--corpus", required=True, help="Glob of text files or Parquet files (use ** for recursion).")
-@click.option(
-    "--out", required=True, type=click.Path(file_okay=False), help="Output directory for the head (EAGLE format)."
-)
-@click.option("--text-column", default="text", show_default=True, help="Text column of Parquet corpora.")
-@click.option("--steps", type=int, default=None, help="Optimizer steps (default 2000).")
-@click.option("--batch-size", type=int, default=None, help="Blocks per step (default 32).")
-@click.option("--seq-len", type=int, default=None, help="Tokens per block (default 512).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate (default 1e-3).")
-@click.option("--noise", type=float, default=None, help="Width of uniform noise on input features (default 0.2).")
-@click.option("--max-files", type=int, default=None, help="Use at most this many corpus texts.")
-@click.option("--max-tokens", type=int, default=None, help="Use at most this many corpus tokens.")
-@click.option(
-    "--max-seconds", type=float, default=None, help="Stop training after this long (the head is still saved)."
-)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="auto", show_default=True)
-@click.option("--quiet", is_flag=True)
-def train_draft(target, corpus, out, text_column, quiet, **opts):
-    """Train an EAGLE-1/2 draft head for TARGET on a corpus; rerun to resume from its checkpoint.
-
-    Held-out files (shared README's sha1 rule) are always left out.
-
-    \b
-    Example:
-      adarun train-draft --target ../shared/models/pycoder-22m \\
-          --corpus '/usr/lib/python3*/**/*.py' --out heads/pycoder-22m --steps 3000
-    """
-    from adaspec_worker.train.draft_head import DraftTrainConfig
-    from adaspec_worker.train.draft_head import train_draft as run
-
-    cfg = DraftTrainConfig(**{k: v for k, v in opts.items() if v is not None})
-    report = run(target, corpus, out, cfg, text_column=text_column, progress=not quiet)
-    click.echo(json.dumps({k: report[k] for k in ("steps_run", "train_seconds", "val_before", "val_after")}))
-
-
-@cli.command("fit-ldlp")
-@click.option("--target", required=True, type=click.Path(exists=True, file_okay=False), help="Target model directory.")
-@click.option("--draft", required=True, type=click.Path(exists=True, file_okay=False), help="Its EAGLE head.")
-@click.option("--corpus", required=True, help="Glob of text or Parquet files; random prefixes become prompts.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory for the LDLP.")
-@click.option("--text-column", default="text", show_default=True)
-@click.option("--prompts", type=int, default=None, help="Prefixes to decode for labels (default 400).")
-@click.option("--new-tokens", type=int, default=None, help="Tokens decoded per prefix (default 96).")
-@click.option("--batch-size", type=int, default=None, help="Prefixes decoded together (default 16).")
-@click.option(
-    "--draft-cost",
-    type=float,
-    default=None,
-    help="Draft step cost relative to a verification pass, for selection (default 0.15).",
-)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="auto", show_default=True)
-def fit_ldlp(target, draft, corpus, out, text_column, **opts):
-    """Fit AdaEAGLE's draft-length predictor (LDLP) for TARGET and its head.
-
-    Labels: the accepted length of a greedy EAGLE chain of 10 on corpus prefixes. Width, lambda and
-    k_max are chosen on held-out rounds; the choice and its validation scores go in config.json.
-
-    \b
-    Example:
-      adarun fit-ldlp --target models/pycoder-tiny --draft models/pycoder-tiny-eagle \\
-          --corpus '/usr/lib/python3*/*.py' --out models/pycoder-tiny-ldlp
-    """
-    from adaspec_worker.train.fit_ldlp import LDLPFitConfig
-    from adaspec_worker.train.fit_ldlp import fit_ldlp as run
-
-    cfg = LDLPFitConfig(**{k: v for k, v in opts.items() if v is not None})
-    meta = run(target, draft, corpus, out, cfg, text_column=text_column, log=lambda m: click.echo(m, err=True))
-    click.echo(
-        json.dumps(
-            {
-                k: meta[k]
-                for k in (
-                    "k_max",
-                    "width",
-                    "lambda",
-                    "val_mae",
-                    "val_exact_share",
-                    "constant_mae",
-                    "val_simulated_speed",
-                    "best_fixed_k_speed",
-                    "oracle_speed",
-                )
-            }
-        )
-    )
-
-
-def _csv(kind):
-    return lambda ctx, param, v: tuple(kind(x) for x in v.split(",") if x.strip()) if isinstance(v, str) else v
-
-
-@cli.command("bench")
-@click.option("--target", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--draft", type=click.Path(exists=True, file_okay=False), help="EAGLE head for the EAGLE-based methods.")
-@click.option(
-    "--draft-model",
-    type=click.Path(exists=True, file_okay=False),
-    help="Small LM: transformers' assistant and the draft-model method.",
-)
-@click.option(
-    "--ldlp", type=click.Path(exists=True, file_okay=False), help="LDLP for adaeagle, adaeagle-ddd, ldlp-tree."
-)
-@click.option("--prompts", required=True, type=click.Path(exists=True, dir_okay=False), help="Parquet file of prompts.")
-@click.option("--prompt-column", default="prompt", show_default=True)
-@click.option(
-    "--methods",
-    default="eagle2",
-    show_default=True,
-    callback=_csv(str),
-    help="Comma-separated adarun methods, parameters after colons: eagle2:depth=8:total_tokens=80 "
-    "(none is always run).",
-)
-@click.option("--batch-sizes", default="1,4,16,64", show_default=True, callback=_csv(int))
-@click.option("--temperatures", default="0,0.7", show_default=True, callback=_csv(float))
-@click.option("--new-tokens", default=128, show_default=True)
-@click.option("--n-prompts", default=8, show_default=True, help="Prompts per cell (at least the batch size).")
-@click.option(
-    "--repeats", default=3, show_default=True, help="Timed runs per cell (median reported) after one warm-up."
-)
-@click.option(
-    "--baselines",
-    default="hf,hf-lookup,hf-assist",
-    show_default=True,
-    callback=_csv(str),
-    help="transformers baselines to run (empty string: none).",
-)
-@click.option("--hf-prompts", default=2, show_default=True, help="Prompts per transformers cell at batch 1.")
-@click.option("--dtype", default="auto", show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--out", default="bench/results/run", show_default=True, type=click.Path(file_okay=False))
-def bench(**opts):
-    """Benchmark methods side by side: JSON, Markdown table and PNG plots in --out.
-
-    \b
-    Example:
-      adarun bench --target ../shared/models/pycoder-22m --draft heads/pycoder-22m-eagle \\
-          --prompts ../shared/data/code-prompts.parquet --methods eagle2,adaeagle --ldlp heads/pycoder-22m-ldlp
-    """
-    from adaspec_worker.bench import BenchConfig, run_bench
-
-    result = run_bench(
-        BenchConfig(**opts), sys.argv[2:] if len(sys.argv) > 2 else [], log=lambda m: click.echo(m, err=True)
-    )
-    click.echo(f"{len(result['cells'])} cells -> {opts['out']}/bench.json, bench.md, speedup.png, tau.png")
+for _command in MODEL_COMMANDS:
+    cli.add_command(_command)

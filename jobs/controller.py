@@ -1,34 +1,40 @@
-"""The controller: plan a job, record it, and drive Ray actors through the shards that are not committed.
+"""The controller: preflight, plan, record and lease an output, then drive Ray actors through the shards
+that are not committed (`jobs.dispatch`), and check the output before calling the job done.
 
 Exactly once: a shard exists only when its commit marker does (`jobs.layout`), so a rerun (or
 `adarun resume`) plans the same shards, skips the committed ones and decodes the rest; a shard that
 was in flight when a controller or actor died is simply decoded again (per-row seeds make it reproduce).
-
-Dispatch is dynamic: each actor holds one shard at a time and gets the next as soon as it is done,
-so a slow shard never idles the others. A failed shard goes back on the queue (up to
-`retry.max_attempts` attempts, after `retry.backoff_s`-based exponential backoff); a dead actor is
-replaced. When a shard exhausts its attempts the other shards still finish, then the job fails.
+A rerun is the same job only when the config (the fields that decide rows), the plan and the
+fingerprints of the input files and model directories (`jobs.fingerprint`) all match; otherwise it
+exits 2 naming what differs, unless `--force` starts over. One controller writes an output at a time
+(`jobs.lease`).
 
 The controller never imports torch or the decoder: the caller hands it the worker class (the CLI
-passes `adaspec_worker.worker.ShardWorker`, whose module imports torch only inside the actor).
+passes `adaspec_worker.worker.ShardWorker`, whose module imports torch only inside the actor), and
+the class's `preflight(manifest)` checks the models before any actor starts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from . import __version__
+from .dispatch import Dispatcher, FailFast
+from .fingerprint import diff as fingerprint_diff
+from .fingerprint import job_fingerprint
 from .layout import ShardFiles, shard_name
-from .manifest import Manifest
-from .plan import Shard, input_storage_options, make_plan
-from .storage import Store
+from .lease import Lease
+from .manifest import Manifest, manifest_from_dict
+from .plan import Shard, check_ids, input_storage_options, make_plan
+from .storage import StorageError, Store, describe_storage_error
+
+log = logging.getLogger("adarun.controller")
 
 
 class JobConflict(ValueError):
@@ -49,6 +55,7 @@ class JobState:
     completion_tokens: int = 0
     retries: list[dict] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
+    fatal: str | None = None  # a failure that stopped the job early (every further attempt would repeat it)
     started: float = field(default_factory=time.time)
     first_commit_s: float | None = None
 
@@ -82,32 +89,109 @@ def open_output(m: Manifest) -> ShardFiles:
     return ShardFiles(Store(m.output.path, m.output.storage_options, m.retry.backoff_s))
 
 
-def prepare(m: Manifest, force: bool = False) -> tuple[ShardFiles, Plan]:
-    """Plan the job and write job.json; refuse an output that holds a different job's shards."""
-    files = open_output(m)
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(old: Manifest, new: Manifest) -> list[str]:
+    """The dotted fields that decide rows and differ between two manifests, as 'field (old -> new)'."""
+    sections = ("input", "model", "decoding", "speculative", "sharding")
+    a = _flat({k: old.to_dict()[k] for k in sections})
+    b = _flat({k: new.to_dict()[k] for k in sections})
+    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def preflight(m: Manifest, worker_cls: type | None = None) -> tuple[ShardFiles, Plan]:
+    """Everything checked before any actor starts (and by --dry-run): input, ids, models, output store."""
     plan = plan_job(m)
-    doc = {
-        "adarun_version": __version__,
-        "name": m.name,
-        "job_hash": plan.job_hash,
-        "config_hash": m.config_hash(),
-        "manifest": m.to_dict(),
-        "plan": [s.to_dict() for s in plan.shards],
-        "created_at": time.time(),
-    }
-    old = files.job()
-    if (old is None or old.get("job_hash") != plan.job_hash) and files.has_any():
-        if not force:
-            what = f"job {old.get('name')!r} ({old.get('job_hash')})" if old else "shards of an unknown job"
-            raise JobConflict(
-                f"output.path: {m.output.path} holds {what} with a different config or input; "
-                "use another output, `adarun resume`, or --force to discard it"
-            )
-        files.clear()
-    if old and old.get("job_hash") == plan.job_hash:
-        doc["created_at"] = old.get("created_at", doc["created_at"])
-    files.write_job(doc)
+    check_ids(plan.shards, m.input, input_storage_options(m.input.path, m.output.path, m.output.storage_options))
+    if worker_cls is not None and hasattr(worker_cls, "preflight"):
+        worker_cls.preflight(m)
+    files = open_output(m)
+    probe = Store(m.output.path, m.output.storage_options, backoff_s=0.2, attempts=2)
+    try:
+        probe.write_bytes("_adarun_probe", b"ok")
+        probe.remove("_adarun_probe")
+    except Exception as e:
+        raise describe_storage_error(e, m.output.path) from None
     return files, plan
+
+
+def _same_job(old: dict, m: Manifest, plan: Plan) -> tuple[bool, str]:
+    """Whether job.json describes this job; else the one-line reason. Local paths recorded relative
+    (before they were made absolute) compare by their absolute form."""
+    if old.get("job_hash") == plan.job_hash:
+        return True, ""
+    try:
+        was = manifest_from_dict(old["manifest"])
+    except Exception as e:  # an unreadable record: say so rather than guess
+        return False, f"its job.json cannot be read ({e})"
+    changed = config_diff(was, m)
+    if changed:
+        return False, "a different config: " + "; ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
+    was_plan = [
+        (os.path.abspath(s["file"]) if "://" not in s["file"] else s["file"], s["start"], s["rows"])
+        for s in old.get("plan", [])
+    ]
+    now_plan = [(s.file, s.start, s.rows) for s in plan.shards]
+    if was_plan != now_plan:
+        return False, "a different input (the shard plan differs: files or row counts changed)"
+    return True, ""
+
+
+def prepare(m: Manifest, force: bool = False, worker_cls: type | None = None) -> tuple[ShardFiles, Plan, Lease]:
+    """Preflight, take the output's lease, refuse another job's output, write job.json."""
+    files, plan = preflight(m, worker_cls)
+    lease = Lease(files.store).acquire(force=force)
+    try:
+        opts = input_storage_options(m.input.path, m.output.path, m.output.storage_options)
+        fingerprint = job_fingerprint(
+            [s.file for s in plan.shards],
+            opts,
+            {"model.target": m.model.target, "model.draft": m.model.draft, "model.ldlp": m.model.ldlp},
+        )
+        old = files.job()
+        if old is not None and files.has_any():
+            same, why = _same_job(old, m, plan)
+            why = why or (fingerprint_diff(old.get("fingerprint", {}), fingerprint) or "")
+            if why:
+                if not force:
+                    raise JobConflict(
+                        f"output.path: {m.output.path} holds job {old.get('name')!r} "
+                        f"({old.get('job_hash')}) with {why}; use another output, or --force to discard it"
+                        if same is False
+                        else f"{why}; rerun with --force to start over"
+                    )
+                files.clear()
+                old = None
+        elif files.has_any() and not force:
+            raise JobConflict(
+                f"output.path: {m.output.path} holds shards of an unknown job; use another output, "
+                "or --force to discard them"
+            )
+        elif files.has_any():
+            files.clear()
+        doc = {
+            "adarun_version": __version__,
+            "name": m.name,
+            "job_hash": plan.job_hash,
+            "config_hash": m.config_hash(),
+            "manifest": m.to_record(),
+            "fingerprint": fingerprint,
+            "plan": [s.to_dict() for s in plan.shards],
+            "created_at": (old or {}).get("created_at", time.time()),
+        }
+        files.write_job(doc)
+    except BaseException:
+        lease.release()
+        raise
+    return files, plan, lease
 
 
 def connect_ray(address: str | None) -> None:
@@ -125,136 +209,59 @@ def connect_ray(address: str | None) -> None:
     )
 
 
-def worker_env() -> dict:
-    """ADARUN_* variables travel to the actors (e.g. the storage fault drill)."""
-    return {k: v for k, v in os.environ.items() if k.startswith("ADARUN_")}
-
-
 Listener = Callable[[str, dict], None]
-
-
-class Dispatcher:
-    """A pool of actors pulling shards from a queue; failed shards are retried with backoff."""
-
-    def __init__(self, m: Manifest, worker_cls: type, state: JobState, emit: Listener):
-        import ray
-
-        res = m.resources
-        env = worker_env()
-        self.actor_cls = ray.remote(worker_cls).options(
-            num_cpus=res.cpus_per_worker,
-            num_gpus=res.gpus_per_worker,
-            max_restarts=0,
-            max_concurrency=1,
-            scheduling_strategy="SPREAD",
-            runtime_env={"env_vars": env} if env else None,
-        )
-        self.m, self.state, self.emit = m, state, emit
-        self.manifest = m.to_dict()
-        self.idle: deque = deque()
-        self.queue: deque[tuple[float, Shard, int]] = deque()  # (not before, shard, attempt)
-        self.inflight: dict[Any, tuple[Any, Shard, int, float]] = {}  # ref -> (actor, shard, attempt, dispatched at)
-
-    def new_actor(self):
-        return self.actor_cls.remote(self.manifest, self.m.output.path)
-
-    def run(self, pending: list[Shard]) -> None:
-        import ray
-
-        self.idle.extend(self.new_actor() for _ in range(min(self.m.resources.workers, len(pending))))
-        self.queue.extend((0.0, s, 1) for s in pending)
-        while self.queue or self.inflight:
-            self._dispatch()
-            if not self.inflight:  # everything queued is backing off
-                time.sleep(max(0.0, min(q[0] for q in self.queue) - time.time()))
-                continue
-            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=0.5)
-            for ref in ready:
-                self._collect(ref)
-        for a in self.idle:
-            ray.kill(a, no_restart=True)
-
-    def _dispatch(self) -> None:
-        now = time.time()
-        while self.idle and self.queue and self.queue[0][0] <= now:
-            _, shard, attempt = self.queue.popleft()
-            actor = self.idle.popleft()
-            self.inflight[actor.run_shard.remote(shard.to_dict(), attempt)] = (actor, shard, attempt, time.time())
-            self.emit("dispatch", {"shard": shard.index, "attempt": attempt, "actor": actor})
-
-    def _collect(self, ref) -> None:
-        import ray
-        from ray.exceptions import RayActorError, RayTaskError
-
-        actor, shard, attempt, t_dispatch = self.inflight.pop(ref)
-        try:
-            out = ray.get(ref)
-        except (RayActorError, RayTaskError) as e:
-            self._failed(actor, shard, attempt, t_dispatch, e, dead=isinstance(e, RayActorError))
-            return
-        self.idle.append(actor)
-        st = self.state
-        st.committed += 1
-        st.rows += out["rows"]
-        st.error_rows += out["error_rows"]
-        st.completion_tokens += out["completion_tokens"]
-        if st.first_commit_s is None:
-            st.first_commit_s = time.time() - st.started
-        self.emit("commit", out)
-
-    def _failed(self, actor, shard: Shard, attempt: int, t_dispatch: float, e: BaseException, dead: bool) -> None:
-        import ray
-
-        cause = _one_line(e)
-        if dead:
-            ray.kill(actor, no_restart=True)
-            self.idle.append(self.new_actor())
-        else:
-            self.idle.append(actor)
-        record = {
-            "shard": shard.index,
-            "attempt": attempt,
-            "actor_died": dead,
-            "cause": cause,
-            "seconds": time.time() - t_dispatch,
-        }
-        if attempt < self.m.retry.max_attempts:
-            self.queue.append((time.time() + self.m.retry.backoff_s * 2 ** (attempt - 1), shard, attempt + 1))
-            self.state.retries.append(record)
-            self.emit("retry", {"shard": shard.index, "attempt": attempt, "cause": cause, "actor_died": dead})
-        else:
-            self.state.retries.append({**record, "final": True})
-            self.state.failed[shard.index] = cause
-            self.emit("fail", {"shard": shard.index, "cause": cause})
 
 
 def run_job(m: Manifest, worker_cls: type, force: bool = False, listener: Listener | None = None) -> JobState:
     """Run (or resume) a job to the end with actors of `worker_cls`.
-    `listener(event, data)` sees 'start', 'dispatch', 'commit', 'retry', 'fail'."""
+    `listener(event, data)` sees 'start', 'worker', 'dispatch', 'commit', 'retry', 'fail'."""
     emit = listener or (lambda e, d: None)
-    files, plan = prepare(m, force)
-    done = files.committed()
-    state = JobState(plan=plan.shards, skipped=sum(1 for s in plan.shards if s.index in done))
-    pending = [s for s in plan.shards if s.index not in done]
-    emit("start", {"plan": len(plan.shards), "pending": len(pending), "skipped": state.skipped})
-    if not pending:
-        return state
-    connect_ray(m.cluster.address)
-    Dispatcher(m, worker_cls, state, emit).run(pending)
-    files.write_run(
-        files.run().add_run(
-            state.started, state.committed, state.skipped, state.retries, state.failed, state.first_commit_s
-        )
-    )
-    if state.failed:
-        names = ", ".join(f"{shard_name(k)} ({v})" for k, v in sorted(state.failed.items()))
-        raise JobFailed(f"{len(state.failed)} shard(s) failed after {m.retry.max_attempts} attempts: {names}")
+    files, plan, lease = prepare(m, force, worker_cls)
+    with lease:
+        done = files.committed()
+        state = JobState(plan=plan.shards, skipped=sum(1 for s in plan.shards if s.index in done))
+        pending = [s for s in plan.shards if s.index not in done]
+        emit("start", {"plan": len(plan.shards), "pending": len(pending), "skipped": state.skipped})
+        if pending:
+            connect_ray(m.cluster.address)
+            lost = lambda: "output.path: another adarun took over this output's lease" if lease.lost else None
+            try:
+                Dispatcher(m, worker_cls, state, emit, lost).run(pending)
+            except FailFast as e:
+                state.fatal = str(e)
+            files.write_run(
+                files.run().add_run(
+                    state.started, state.committed, state.skipped, state.retries, state.failed, state.first_commit_s
+                )
+            )
+        finish(m, files, plan, state)
     return state
 
 
-def _one_line(e: BaseException) -> str:
-    """The root cause of a Ray error in one line."""
-    cause = getattr(e, "cause", None) or e
-    text = str(cause).strip().splitlines()
-    last = [ln for ln in text if ln.strip()][-1:] or [type(cause).__name__]
-    return f"{type(cause).__name__}: {last[0].strip()}"[:300]
+def finish(m: Manifest, files: ShardFiles, plan: Plan, state: JobState) -> None:
+    """Call the job done only when the store holds every shard's files and marker and rows mostly decoded."""
+    if state.fatal:
+        raise JobFailed(state.fatal)
+    if state.failed:
+        names = ", ".join(f"{shard_name(k)} ({v})" for k, v in sorted(state.failed.items()))
+        raise JobFailed(f"{len(state.failed)} shard(s) failed after their attempts: {names}")
+    try:
+        commits = files.committed()
+        missing = files.missing([s.index for s in plan.shards], commits)
+    except Exception as e:
+        raise describe_storage_error(e, m.output.path) from None
+    if missing:
+        raise JobFailed(
+            f"the store lacks files of {len(missing)} committed shard(s) after the run "
+            f"({', '.join(missing[:5])}); rerun to decode them again"
+        )
+    rows = sum(c.rows for c in commits.values())
+    errors = sum(c.error_rows for c in commits.values())
+    if rows + errors and errors / (rows + errors) > m.retry.max_error_fraction:
+        raise JobFailed(
+            f"{errors} of {rows + errors} rows are error rows (more than retry.max_error_fraction "
+            f"{m.retry.max_error_fraction:g}); first causes in {m.output.path}/errors/"
+        )
+
+
+__all__ = ["JobConflict", "JobFailed", "JobState", "Plan", "StorageError", "plan_job", "prepare", "run_job"]

@@ -6,6 +6,7 @@
     OUT/stats/shard-NNNNN.json      ShardStats
     OUT/_commits/shard-NNNNN.json   Commit: written LAST; a shard without it does not exist
     OUT/_job_run.json               JobRun: one entry per controller run, retries, failed shards
+    OUT/_lease.json                 the running controller's lease (jobs.lease): one writer at a time
     OUT/report/                     what `adarun report` writes
 
 Exactly once rests on one rule: `ShardFiles.commit` writes a shard's files in the order above and the
@@ -32,6 +33,7 @@ from .storage import Store
 
 JOB_FILE = "job.json"
 RUN_FILE = "_job_run.json"
+LEASE_FILE = "_lease.json"
 REPORT_DIR = "report"
 _SHARD_DIRS = ("_commits", "shards", "stats", "errors")
 
@@ -276,6 +278,17 @@ class ShardFiles:
             i = shard_index(name)
             if i is not None and name.endswith(".json"):
                 out[i] = Commit.from_json(self.store.read_json(f"_commits/{name}"))
+        return out
+
+    def missing(self, planned: list[int], commits: dict[int, Commit] | None = None) -> list[str]:
+        """Planned shards the store does not fully hold: no marker, or a marker without its shard or stats file."""
+        commits = self.committed() if commits is None else commits
+        shards, stats = set(self.store.list("shards")), set(self.store.list("stats"))
+        out = []
+        for i in planned:
+            name = shard_name(i)
+            if i not in commits or f"{name}.parquet" not in shards or f"{name}.json" not in stats:
+                out.append(name)
         return out
 
     def stats(self, index: int) -> ShardStats | None:

@@ -14,12 +14,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields
 
 import yaml
 
+from .credentials import mask_secrets
 from .specs import MethodSpec, SpecError, parse_spec
 
 
@@ -33,6 +36,7 @@ class InputCfg:
     prompt_column: str = "prompt"
     id_column: str = "id"
     limit: int | None = None
+    allow_duplicate_ids: bool = False  # by default a repeated id is refused at planning (exit 2)
 
 
 @dataclass
@@ -97,8 +101,9 @@ class ShardingCfg:
 
 @dataclass
 class RetryCfg:
-    max_attempts: int = 3
+    max_attempts: int = 3  # per shard, for crashes (actor death, node loss, storage faults)
     backoff_s: float = 0.5
+    max_error_fraction: float = 0.5  # the job exits 1 when more than this share of its rows are error rows
 
 
 @dataclass
@@ -136,6 +141,9 @@ class Manifest:
         keep = {k: d[k] for k in ("input", "model", "decoding", "speculative", "sharding")}
         # the hash predates `speculative.autotune`: autotune keys hash as they did inside params, so
         # outputs written before the field existed still resume
+        for (section, name), default in _ADDED_SINCE_HASH.items():
+            if keep[section].get(name) == default:
+                keep[section].pop(name, None)
         tune = keep["speculative"].pop("autotune")
         if tune["enabled"]:
             keep["speculative"]["params"] = {
@@ -145,6 +153,13 @@ class Manifest:
             }
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
+    def to_record(self) -> dict:
+        """What job.json records: the resolved manifest with credentials masked."""
+        return mask_secrets(self.to_dict())
+
+
+# fields added after outputs were first written: they enter the config hash only when not at their default
+_ADDED_SINCE_HASH = {("input", "allow_duplicate_ids"): False}
 
 # -------------------------------------------------------------- building from plain data
 
@@ -172,8 +187,8 @@ def _coerce(value, t, where: str):
             raise ManifestError(f"{where}: must be a mapping, got {value!r}")
         return _build(t, value, where + ".")
     if t is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ManifestError(f"{where}: must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ManifestError(f"{where}: must be a finite number, got {value!r}")
         return float(value)
     if t is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -219,10 +234,11 @@ def _check(m: Manifest) -> None:
     )
     need(m.model.device in ("auto", "cpu", "cuda"), "model.device", f"must be auto|cpu|cuda, got {m.model.device!r}")
     d = m.decoding
-    need(d.max_new_tokens >= 1, "decoding.max_new_tokens", f"must be >= 1, got {d.max_new_tokens}")
-    need(d.temperature >= 0, "decoding.temperature", f"must be >= 0, got {d.temperature}")
+    need(1 <= d.max_new_tokens <= 1_000_000, "decoding.max_new_tokens", f"must be in [1, 1e6], got {d.max_new_tokens}")
+    need(0 <= d.temperature <= 100, "decoding.temperature", f"must be in [0, 100], got {d.temperature}")
     need(0 < d.top_p <= 1, "decoding.top_p", f"must be in (0, 1], got {d.top_p}")
-    need(d.top_k >= 0, "decoding.top_k", f"must be >= 0, got {d.top_k}")
+    need(0 <= d.top_k <= 1_000_000, "decoding.top_k", f"must be in [0, 1e6], got {d.top_k}")
+    need(0 <= d.seed < 2**63, "decoding.seed", f"must be in [0, 2^63), got {d.seed}")
     need(all(isinstance(s, str) and s for s in d.stop), "decoding.stop", "must be a list of non-empty strings")
     try:
         spec = m.speculative.spec()
@@ -236,16 +252,30 @@ def _check(m: Manifest) -> None:
         "speculative.autotune.fraction",
         f"must be in (0, 0.5], got {m.speculative.autotune.fraction}",
     )
-    r = m.resources
-    need(r.workers >= 1, "resources.workers", f"must be >= 1, got {r.workers}")
-    need(r.gpus_per_worker >= 0, "resources.gpus_per_worker", f"must be >= 0, got {r.gpus_per_worker}")
-    need(r.cpus_per_worker > 0, "resources.cpus_per_worker", f"must be > 0, got {r.cpus_per_worker}")
-    need(r.batch_size >= 1, "resources.batch_size", f"must be >= 1, got {r.batch_size}")
-    need(m.sharding.rows_per_shard >= 1, "sharding.rows_per_shard", f"must be >= 1, got {m.sharding.rows_per_shard}")
-    need(m.retry.max_attempts >= 1, "retry.max_attempts", f"must be >= 1, got {m.retry.max_attempts}")
-    need(m.retry.backoff_s >= 0, "retry.backoff_s", f"must be >= 0, got {m.retry.backoff_s}")
-    need(m.cost.gpu_hour_usd >= 0, "cost.gpu_hour_usd", f"must be >= 0, got {m.cost.gpu_hour_usd}")
-    need(m.cost.cpu_hour_usd >= 0, "cost.cpu_hour_usd", f"must be >= 0, got {m.cost.cpu_hour_usd}")
+    _check_limits(m, need)
+
+
+def _check_limits(m: Manifest, need) -> None:
+    """Resources, sharding, retry and cost: non-negative and within sane bounds."""
+    r, rt = m.resources, m.retry
+    need(1 <= r.workers <= 100_000, "resources.workers", f"must be in [1, 100000], got {r.workers}")
+    need(0 <= r.gpus_per_worker <= 64, "resources.gpus_per_worker", f"must be in [0, 64], got {r.gpus_per_worker}")
+    need(0 < r.cpus_per_worker <= 1024, "resources.cpus_per_worker", f"must be in (0, 1024], got {r.cpus_per_worker}")
+    need(1 <= r.batch_size <= 65_536, "resources.batch_size", f"must be in [1, 65536], got {r.batch_size}")
+    need(
+        1 <= m.sharding.rows_per_shard <= 10_000_000,
+        "sharding.rows_per_shard",
+        f"must be in [1, 1e7], got {m.sharding.rows_per_shard}",
+    )
+    need(1 <= rt.max_attempts <= 100, "retry.max_attempts", f"must be in [1, 100], got {rt.max_attempts}")
+    need(0 <= rt.backoff_s <= 3600, "retry.backoff_s", f"must be in [0, 3600], got {rt.backoff_s}")
+    need(
+        0 <= rt.max_error_fraction <= 1,
+        "retry.max_error_fraction",
+        f"must be in [0, 1], got {rt.max_error_fraction}",
+    )
+    need(0 <= m.cost.gpu_hour_usd <= 10_000, "cost.gpu_hour_usd", f"must be in [0, 10000], got {m.cost.gpu_hour_usd}")
+    need(0 <= m.cost.cpu_hour_usd <= 10_000, "cost.cpu_hour_usd", f"must be in [0, 10000], got {m.cost.cpu_hour_usd}")
     need(
         0 <= m.baseline.sample_fraction <= 1,
         "baseline.sample_fraction",
@@ -260,10 +290,24 @@ _NEEDS = {
 }
 
 
+def _absolute(path: str | None) -> str | None:
+    """Local paths made absolute (so `adarun resume OUT` works from any directory); URLs unchanged."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def resolve(m: Manifest) -> Manifest:
-    """A copy of a validated manifest with every method parameter explicit (what job.json records)."""
+    """A copy of a validated manifest with every method parameter explicit and local paths absolute."""
     spec = m.speculative.spec()
-    return dataclasses.replace(m, speculative=dataclasses.replace(m.speculative, params=spec.params()))
+    md = m.model
+    return dataclasses.replace(
+        m,
+        input=dataclasses.replace(m.input, path=_absolute(m.input.path)),
+        output=dataclasses.replace(m.output, path=_absolute(m.output.path)),
+        model=dataclasses.replace(md, target=_absolute(md.target), draft=_absolute(md.draft), ldlp=_absolute(md.ldlp)),
+        speculative=dataclasses.replace(m.speculative, params=spec.params()),
+    )
 
 
 def _migrate(data: dict) -> None:
@@ -301,9 +345,20 @@ def apply_override(data: dict, assignment: str) -> None:
 
 
 def manifest_from_dict(data: dict, overrides: typing.Sequence[str] = ()) -> Manifest:
-    data = json.loads(json.dumps(data or {}))  # deep copy of plain data
+    try:
+        data = json.loads(json.dumps(data or {}))  # deep copy of plain data
+    except (ValueError, RecursionError):
+        raise ManifestError("manifest: recursive YAML anchors (an alias inside itself) are not supported") from None
+    method_before = (data.get("speculative") or {}).get("method") if isinstance(data, dict) else None
     for o in overrides:
         apply_override(data, o)
+    spec = data.get("speculative") if isinstance(data, dict) else None
+    if (
+        isinstance(spec, dict)
+        and spec.get("method") != method_before
+        and not any(o.startswith("speculative.params") for o in overrides)
+    ):
+        spec.pop("params", None)  # --set speculative.method=X: the file's params belong to another method
     if not isinstance(data, dict):
         raise ManifestError("manifest: top level must be a mapping")
     _migrate(data)
@@ -314,10 +369,20 @@ def manifest_from_dict(data: dict, overrides: typing.Sequence[str] = ()) -> Mani
 
 def load_manifest(path: str, overrides: typing.Sequence[str] = ()) -> Manifest:
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such manifest file") from None
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ManifestError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise ManifestError(f"{path}: recursive YAML anchors are not supported") from None
     return manifest_from_dict(data or {}, overrides)

@@ -73,14 +73,42 @@ def make_plan(inp: InputCfg, rows_per_shard: int, storage_options: dict | None =
     return shards
 
 
+def check_ids(plan: list[Shard], inp: InputCfg, storage_options: dict | None = None) -> None:
+    """Refuse repeated ids (each would be written twice) unless `input.allow_duplicate_ids`; reads the id
+    column of every planned file. Null ids are not refused here: they become error rows."""
+    if inp.allow_duplicate_ids:
+        return
+    seen: dict[str, str] = {}
+    for f in sorted({s.file for s in plan}):
+        rows = [s for s in plan if s.file == f]
+        n = max(s.start + s.rows for s in rows)
+        fs, p = url_to_fs(f, **(storage_options or {}))
+        with fs.open(p, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            if inp.id_column not in pf.schema_arrow.names:
+                continue  # ids derived from file and row: unique by construction
+            ids = pf.read(columns=[inp.id_column]).column(inp.id_column).slice(0, n).to_pylist()
+        for i, rid in enumerate(ids):
+            if rid is None:
+                continue
+            key = str(rid)
+            if key in seen:
+                raise PlanError(
+                    f"input.id_column: id {key!r} appears twice ({seen[key]} and {f} row {i}); "
+                    "make ids unique or set input.allow_duplicate_ids: true"
+                )
+            seen[key] = f"{f} row {i}"
+
+
 def input_storage_options(input_path: str, output_path: str, output_options: dict) -> dict:
     """The manifest has one set of storage options: the input uses them when it lives on the output's store."""
     proto = lambda u: u.split("://", 1)[0] if "://" in u else "file"  # noqa: E731
     return dict(output_options) if proto(input_path) == proto(output_path) else {}
 
 
-def read_rows(shard: Shard, inp: InputCfg, storage_options: dict | None = None) -> tuple[list[str], list]:
-    """(ids, prompts) for the shard's row range, reading only the row groups that overlap it."""
+def read_rows(shard: Shard, inp: InputCfg, storage_options: dict | None = None) -> tuple[list[str | None], list]:
+    """(ids, prompts) for the shard's row range, reading only the row groups that overlap it.
+    A null id stays None (the worker turns that row into an error row)."""
     fs, p = url_to_fs(shard.file, **(storage_options or {}))
     start, n = shard.start, shard.rows
     with fs.open(p, "rb") as fh:
@@ -97,7 +125,7 @@ def read_rows(shard: Shard, inp: InputCfg, storage_options: dict | None = None) 
         table = pf.read_row_groups(groups, columns=cols).slice(start - first, n)
     prompts = table.column(inp.prompt_column).to_pylist()
     if inp.id_column in names:
-        ids = [str(x) for x in table.column(inp.id_column).to_pylist()]
+        ids = [None if x is None else str(x) for x in table.column(inp.id_column).to_pylist()]  # null: an error row
     else:
         base = shard.file.rsplit("/", 1)[-1]
         ids = [f"{base}:{start + i}" for i in range(n)]

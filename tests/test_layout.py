@@ -262,9 +262,9 @@ def test_old_outputs_still_resume():
     (values from commit d2751c0), and a job.json that kept autotune inside params still loads."""
     base = {
         "name": "a",
-        "input": {"path": "x.parquet"},
-        "output": {"path": "o"},
-        "model": {"target": "t", "draft": "d"},
+        "input": {"path": "/data/x.parquet"},
+        "output": {"path": "/out/o"},
+        "model": {"target": "/m/t", "draft": "/m/d"},
     }
     legacy = {
         **base,
@@ -275,8 +275,8 @@ def test_old_outputs_still_resume():
         "speculative": {"method": "eagle2", "params": {"top_k": 4}, "autotune": {"enabled": True, "fraction": 0.1}},
     }
     ddd = {**base, "speculative": {"method": "ddd", "params": {"check_depths": [2, 4]}}}
-    assert manifest_from_dict(legacy).config_hash() == manifest_from_dict(new).config_hash() == "6ea6eb7eae004d0c"
-    assert manifest_from_dict(ddd).config_hash() == "b77a5f95d1f8b82c"
+    assert manifest_from_dict(legacy).config_hash() == manifest_from_dict(new).config_hash() == "38bde3b3aef846f1"
+    assert manifest_from_dict(ddd).config_hash() == "28a7afc117f96a45"
     m = manifest_from_dict(legacy)
     assert m.speculative.autotune.enabled and m.speculative.params == {"top_k": 4, "depth": 6, "total_tokens": 60}
     assert manifest_from_dict(m.to_dict()).config_hash() == m.config_hash()

@@ -1,0 +1,93 @@
+"""Preflight of a job's models, before any actor starts (and in `--dry-run`): torch-free checks that the
+target, draft and LDLP directories exist, hold what the method needs, and fit together.
+
+Checked: a local directory with config.json, weights and (for the target) a tokenizer; an architecture
+and RoPE our model implements (`decode.config.ModelConfig`, the same parser the loader uses); the
+draft's hidden size (EAGLE head) or vocabulary (draft model) against the target's; the LDLP's input
+size; `decoding.max_new_tokens` within the target's context. Each failure is a `ModelLoadError` whose
+message starts with the manifest field at fault (exit 2).
+
+Reads only JSON files and directory listings: no torch, no weights loaded.
+"""
+
+from __future__ import annotations
+
+import os
+
+from jobs.manifest import Manifest
+
+from .decode.config import ModelConfig, ModelLoadError, read_json
+
+_WEIGHTS = (".safetensors", ".bin")
+_TOKENIZER = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def _directory(field: str, path: str) -> str:
+    if "://" in path:
+        raise ModelLoadError(f"{field}: {path}: models must be local directories (on every node)")
+    if not os.path.isdir(path):
+        raise ModelLoadError(f"{field}: {path} does not exist or is not a directory")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelLoadError(f"{field}: {path} has no config.json")
+    return path
+
+
+def _json(field: str, path: str) -> dict:
+    try:
+        return read_json(os.path.join(_directory(field, path), "config.json"))
+    except ValueError as e:
+        raise ModelLoadError(f"{field}: {path}/config.json is not valid JSON ({e})") from None
+
+
+def _config(field: str, path: str, default_arch: str | None = None) -> tuple[dict, ModelConfig]:
+    raw = _json(field, path)
+    if default_arch:
+        raw.setdefault("architectures", [default_arch])
+    try:
+        return raw, ModelConfig.from_hf(raw, where=os.path.join(path, "config.json"))
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{field}: {e}") from None
+    except (KeyError, TypeError) as e:
+        raise ModelLoadError(f"{field}: {path}/config.json lacks or mistypes {e}") from None
+
+
+def _weights(field: str, path: str) -> None:
+    if not any(f.endswith(_WEIGHTS) for f in os.listdir(path)):
+        raise ModelLoadError(f"{field}: {path} has no *.safetensors or *.bin weights")
+
+
+def check_models(m: Manifest) -> ModelConfig:
+    """Raise ModelLoadError naming the field at fault; return the target's config."""
+    _, target = _config("model.target", m.model.target)
+    _weights("model.target", m.model.target)
+    if not any(os.path.isfile(os.path.join(m.model.target, f)) for f in _TOKENIZER):
+        raise ModelLoadError(f"model.target: {m.model.target} has no tokenizer ({' / '.join(_TOKENIZER)})")
+    if m.decoding.max_new_tokens + 1 > target.max_position_embeddings:
+        raise ModelLoadError(
+            f"decoding.max_new_tokens: {m.decoding.max_new_tokens} plus a prompt exceeds the "
+            f"target's context of {target.max_position_embeddings} tokens"
+        )
+    needs = m.speculative.spec().needs
+    if "draft" in needs:
+        kind = needs["draft"]
+        raw, draft = _config("model.draft", m.model.draft, "LlamaForCausalLM" if kind == "eagle" else None)
+        _weights("model.draft", m.model.draft)
+        if kind == "eagle" and draft.hidden_size != target.hidden_size:
+            raise ModelLoadError(
+                f"model.draft: hidden_size {draft.hidden_size} does not match the target's "
+                f"{target.hidden_size} (a head trained for another target?)"
+            )
+        if kind == "draft-model" and draft.vocab_size != target.vocab_size:
+            raise ModelLoadError(
+                f"model.draft: vocab_size {draft.vocab_size} differs from the target's "
+                f"{target.vocab_size} (draft models must share the target's tokenizer)"
+            )
+    if "ldlp" in needs:
+        cfg = _json("model.ldlp", m.model.ldlp)
+        if cfg.get("in_dim") != 2 * target.hidden_size:
+            raise ModelLoadError(
+                f"model.ldlp: in_dim {cfg.get('in_dim')} does not match 2 x the target's hidden "
+                f"size {target.hidden_size} (an LDLP fitted for another target?)"
+            )
+        _weights("model.ldlp", m.model.ldlp)
+    return target
