@@ -3,19 +3,20 @@ training commands (train-draft, fit-ldlp) doing what they claim on tiny setups."
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 from adarun.cli import cli
-from adaspec_worker.decode.proposers.adaptive import adaedl_update
-from adaspec_worker.decode.engine import Engine
+from adaspec_worker.decode.build import build_engine
 from adaspec_worker.decode.ldlp import LDLP, save_ldlp
-from adaspec_worker.decode.proposers.fixed import PROPOSERS
 from adaspec_worker.decode.model import load_target
+from adaspec_worker.decode.proposers.adaptive import adaedl_update
+from adaspec_worker.decode.proposers.base import PROPOSERS, Proposer
 from adaspec_worker.decode.sampling import SamplingParams
-from jobs.specs import METHOD_SPECS
+from jobs.specs import METHOD_SPECS, parse_spec
 from tests import tiny
 from tests.helpers import REPO, TINY, TINY_HEAD
 
@@ -25,7 +26,17 @@ ADAPTIVE = [("adaeagle", {}), ("adaeagle-ddd", {}), ("adaedl", {"k_max": 4}), ("
 
 
 def test_every_method_has_a_proposer_and_a_spec():
-    assert set(PROPOSERS) == set(METHOD_SPECS)
+    assert set(PROPOSERS) == set(METHOD_SPECS.values())
+
+
+def test_every_spec_class_has_exactly_one_proposer():
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    implementing = Counter(sub.__dict__["spec_class"] for sub in subclasses(Proposer) if "spec_class" in sub.__dict__)
+    assert implementing == Counter(METHOD_SPECS.values())
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +60,11 @@ def test_adaptive_greedy_equals_plain(setup, method, params, batch):
     g = torch.Generator().manual_seed(batch + 10)
     prompts = [torch.randint(0, 24, (int(n),), generator=g).tolist() for n in torch.randint(1, 12, (batch,), generator=g)]
     sp = SamplingParams(max_new_tokens=16)
-    plain, _ = Engine(tgt, "none").generate(prompts, sp)
-    eng = Engine.load(tgt, method, params, str(d / "head"), str(d / "ldlp"))
+    plain, _ = build_engine(tgt, parse_spec("none", {})).generate(prompts, sp)
+    eng = build_engine(tgt, parse_spec(method, params), draft=str(d / "head"), ldlp=str(d / "ldlp"))
     outs, st = eng.generate(prompts, sp)
     assert [o.tokens for o in outs] == [p.tokens for p in plain]
-    assert st.seq.tau >= 1.0
+    assert st.rows.tau >= 1.0
 
 
 def test_adaptive_on_the_shipped_model_beats_a_random_guess():
@@ -65,13 +76,13 @@ def test_adaptive_on_the_shipped_model_beats_a_random_guess():
     rows = pq.read_table(REPO / "manifests" / "prompts.parquet").column("prompt").to_pylist()[:4]
     prompts = [tok(r, add_special_tokens=False)["input_ids"][-200:] for r in rows]
     sp = SamplingParams(max_new_tokens=24)
-    plain, _ = Engine(tgt, "none").generate(prompts, sp)
+    plain, _ = build_engine(tgt, parse_spec("none", {})).generate(prompts, sp)
     taus = {}
     for method in ("adaeagle", "oracle", "ldlp-tree"):
-        eng = Engine.load(tgt, method, {}, str(TINY_HEAD), str(REPO / "models" / "pycoder-tiny-ldlp"))
+        eng = build_engine(tgt, parse_spec(method, {}), draft=str(TINY_HEAD), ldlp=str(REPO / "models" / "pycoder-tiny-ldlp"))
         outs, st = eng.generate(prompts, sp)
         assert [o.tokens for o in outs] == [p.tokens for p in plain]
-        taus[method] = st.seq.tau
+        taus[method] = st.rows.tau
     assert taus["oracle"] >= taus["adaeagle"] > 1.3
 
 
@@ -115,8 +126,9 @@ def test_train_draft_lowers_loss_raises_tau_and_writes_eagle_format(tmp_path):
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("import os\nimport sys\n\n\ndef main(", "class Foo:\n    def __init__(self")]
     taus = {}
     for name in ("random", "head"):
-        _, st = Engine.load(tgt, "eagle", {"k": 4}, str(d / name)).generate(prompts, SamplingParams(max_new_tokens=32))
-        taus[name] = st.seq.tau
+        _, st = build_engine(tgt, parse_spec("eagle", {"k": 4}), draft=str(d / name)).generate(prompts,
+                                                                                    SamplingParams(max_new_tokens=32))
+        taus[name] = st.rows.tau
     assert taus["head"] > taus["random"]
     # resume: rerunning continues from the checkpoint rather than starting over
     r = CliRunner().invoke(cli, ["train-draft", "--target", str(d / "target"), "--corpus", str(corpus / "*.py"), "--out", str(d / "head"),
@@ -125,7 +137,7 @@ def test_train_draft_lowers_loss_raises_tau_and_writes_eagle_format(tmp_path):
 
 
 def test_fit_ldlp_beats_a_constant_predictor(tmp_path):
-    from adaspec_worker.decode.ldlp import LDLPFitConfig, fit_ldlp
+    from adaspec_worker.train.fit_ldlp import LDLPFitConfig, fit_ldlp
 
     import sysconfig
     cfg = LDLPFitConfig(prompts=80, new_tokens=40, widths=(64,), lambdas=(2.0,), k_maxes=(6,), steps=300, device="cpu", dtype="float32")

@@ -41,10 +41,14 @@ def register_drafter(name: str):
 
 
 class Drafter:
-    """Interface shared by all drafters. `feature` says what the target must hand over per entry."""
+    """Interface shared by all drafters. `pick_features` says what of the target's pass it reads per entry."""
 
-    feature = "none"  # "none" | "final" (final-norm hidden) | "eagle3" (three layers, concatenated)
     entry_shift = 0  # EAGLE: entry i carries token x[i+1] (shift 1); draft model: x[i] (shift 0)
+
+    def pick_features(self, hidden: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor | None:
+        """The target feature this drafter reads per entry, from the target pass's final-norm hidden
+        states [B, T, H] and its auxiliary layers' inputs [B, T, 3H] (EAGLE-3 only)."""
+        return hidden
 
     def begin(self, B: int, S: int) -> bool:
         """A cache for B rows of S slots; reuses the last one when it fits. True when newly allocated."""
@@ -89,7 +93,6 @@ class Drafter:
 
 
 class DraftModel(Drafter):
-    feature = "none"
     entry_shift = 0
 
     def __init__(self, model: CausalLM):
@@ -102,7 +105,6 @@ class DraftModel(Drafter):
 
 
 class EagleHead(nn.Module, Drafter):
-    feature = "final"
     entry_shift = 1
 
     def __init__(self, cfg: ModelConfig, fc_bias: bool):
@@ -155,8 +157,11 @@ class Eagle3Layer(nn.Module):
 
 
 class Eagle3Head(nn.Module, Drafter):
-    feature = "eagle3"
     entry_shift = 1
+
+    def pick_features(self, hidden, aux):
+        """Three target layers' inputs, concatenated: the feature EAGLE-3 reads."""
+        return aux
 
     def __init__(self, cfg: ModelConfig, draft_vocab: int, target_vocab: int):
         super().__init__()
