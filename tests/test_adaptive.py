@@ -137,9 +137,9 @@ def test_train_draft_lowers_loss_raises_tau_and_writes_eagle_format(tmp_path):
 
 
 def test_fit_ldlp_beats_a_constant_predictor(tmp_path):
-    from adaspec_worker.train.fit_ldlp import LDLPFitConfig, fit_ldlp
-
     import sysconfig
+
+    from adaspec_worker.train.fit_ldlp import LDLPFitConfig, fit_ldlp
     cfg = LDLPFitConfig(prompts=80, new_tokens=40, widths=(64,), lambdas=(2.0,), k_maxes=(6,), steps=300, device="cpu", dtype="float32")
     meta = fit_ldlp(str(TINY), str(TINY_HEAD), sysconfig.get_paths()["stdlib"] + "/*.py", str(tmp_path / "ldlp"), cfg, log=lambda m: None)
     assert meta["val_mae"] < meta["constant_mae"]

@@ -13,7 +13,8 @@ def test_bench_writes_json_markdown_and_plots(tmp_path):
     r = CliRunner().invoke(cli, ["bench", "--target", str(TINY), "--draft", str(TINY_HEAD), "--draft-model", str(TINY),
                                  "--ldlp", str(REPO / "models" / "pycoder-tiny-ldlp"),
                                  "--prompts", str(REPO / "manifests" / "prompts.parquet"),
-                                 "--methods", "eagle2:depth=3:total_tokens=10,adaeagle", "--batch-sizes", "1,2", "--temperatures", "0,0.7",
+                                 "--methods", "eagle2:depth=3:total_tokens=10,adaeagle", "--batch-sizes", "1,2",
+                                 "--temperatures", "0,0.7",
                                  "--new-tokens", "6", "--n-prompts", "2", "--repeats", "3", "--hf-prompts", "1",
                                  "--dtype", "float32", "--device", "cpu", "--out", str(out)])
     assert r.exit_code == 0, r.output

@@ -71,8 +71,8 @@ def test_perfect_drafter_accepts_everything(setup):
 
 
 def test_pycoder_22m_matches_generate(shared):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tests.helpers import REPO
 

@@ -12,8 +12,8 @@ formats, tokenization (stop strings arrive as a callback), Ray or Parquet.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -21,8 +21,16 @@ from .drafters import Drafter
 from .model import CausalLM
 from .proposers.base import BatchInfo, Proposer, RoundInput
 from .sampling import SamplingParams, target_probs
-from .stats import (OUTCOME_COLUMNS, EngineStats, PhaseClock, RoundOutcome, RowOutcome, SeqStats, pack_outcome,
-                    unpack_outcomes)
+from .stats import (
+    OUTCOME_COLUMNS,
+    EngineStats,
+    PhaseClock,
+    RoundOutcome,
+    RowOutcome,
+    SeqStats,
+    pack_outcome,
+    unpack_outcomes,
+)
 from .trees import DraftTree
 from .verify import Verdict, verify_chain_sampling, verify_greedy, verify_tree_sampling
 
@@ -309,7 +317,8 @@ class Engine:
                           sampling=sampling, seeds=work.seed, counter=work.counter, ldlp_feat=work.ldlp_feat)
 
     def _run(self, key, fn):
-        """fn() reads and writes workspace buffers only. On CUDA its second use captures a graph, later uses replay it."""
+        """fn() reads and writes workspace buffers only. On CUDA its second use captures a graph, later uses
+        replay it."""
         work = self.workspace
         if not self.graphs_on:
             return fn()

@@ -23,7 +23,8 @@ class LDLP(nn.Module):
         super().__init__()
         self.k_max = k_max
         self.inp = nn.Linear(in_dim, width)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, width)) for _ in range(3))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, width))
+                                    for _ in range(3))
         self.out = nn.Linear(width, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +59,8 @@ def load_ldlp(path: str, target) -> LDLP:
         raise ModelLoadError(f"{path}: no config.json (expected an LDLP saved by `adarun fit-ldlp`)")
     cfg = json.load(open(cfg_path))
     if cfg["in_dim"] != 2 * target.cfg.hidden_size:
-        raise ModelLoadError(f"{cfg_path}: in_dim {cfg['in_dim']} does not match 2 x the target's hidden size {target.cfg.hidden_size}")
+        raise ModelLoadError(f"{cfg_path}: in_dim {cfg['in_dim']} does not match 2 x the target's hidden size "
+                             f"{target.cfg.hidden_size}")
     m = LDLP(cfg["in_dim"], cfg["width"], cfg["k_max"])
     load_strict(m, load_file(os.path.join(path, "model.safetensors")), path)
     m.meta = cfg

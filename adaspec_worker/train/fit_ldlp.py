@@ -156,7 +156,8 @@ def fit_ldlp(target_dir: str, draft_dir: str, corpus: str, out: str, cfg: LDLPFi
     prompts = _prefixes(tok, texts, cfg)
     x, y = collect_labels(target, draft_dir, prompts, cfg.new_tokens, cfg.batch_size, cfg.k_max_collect)
     t_collect = time.time() - t0
-    log(f"collected {len(y)} rounds from {len(prompts)} prefixes in {t_collect:.0f}s; mean accepted {float(y.mean()):.2f}")
+    log(f"collected {len(y)} rounds from {len(prompts)} prefixes in {t_collect:.0f}s; "
+        f"mean accepted {float(y.mean()):.2f}")
     model, meta = fit(x, y, cfg, log)
     meta.update(target=os.path.abspath(target_dir), draft=os.path.abspath(draft_dir), corpus=corpus, corpus_info=info,
                 prompts=len(prompts), collect_seconds=round(t_collect, 1),

@@ -12,12 +12,20 @@ Knows nothing of the engine: the LDLP and the oracle's reference decode are hand
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from jobs.specs import (AdaEagleDDDSpec, AdaEagleSpec, AdaEDLSpec, DDDSpec, LDLPTreeSpec, OptTreeSpec, OracleSpec,
-                        MethodSpec)
+from jobs.specs import (
+    AdaEagleDDDSpec,
+    AdaEagleSpec,
+    AdaEDLSpec,
+    DDDSpec,
+    LDLPTreeSpec,
+    MethodSpec,
+    OptTreeSpec,
+    OracleSpec,
+)
 
 from ..sampling import SamplingParams
 from ..trees import chain_tree, grow_dynamic
@@ -196,7 +204,8 @@ class Oracle(Proposer):
     def begin(self, batch):
         assert batch.sampling.greedy, "the oracle is defined for greedy decoding only"
         width = batch.sampling.max_new_tokens + self.spec.k_max + 1
-        self.ref = torch.full((batch.B, width), -1, dtype=torch.long, device=batch.device)  # [B, width], -1 past the end
+        # [B, width] the reference tokens, -1 past the end
+        self.ref = torch.full((batch.B, width), -1, dtype=torch.long, device=batch.device)
         for i, tokens in enumerate(self.reference(batch.prompts, batch.sampling)):
             self.ref[i, : len(tokens)] = torch.tensor(tokens, device=batch.device)
         self._full = {"ref": self.ref}
