@@ -20,8 +20,10 @@ from jobs.specs import METHOD_SPECS, parse_spec
 from tests import tiny
 from tests.helpers import REPO, TINY, TINY_HEAD
 
-ADAPTIVE = [("adaeagle", {}), ("adaeagle-ddd", {}), ("adaedl", {"k_max": 4}), ("ddd", {"top_k": 3, "max_depth": 5, "total_tokens": 12}),
-            ("opt-tree", {"n": 3, "max_depth": 5, "delta": 0.05}), ("ldlp-tree", {"top_k": 3, "nodes_per_level": 4, "max_depth": 4}),
+ADAPTIVE = [("adaeagle", {}), ("adaeagle-ddd", {}), ("adaedl", {"k_max": 4}),
+            ("ddd", {"top_k": 3, "max_depth": 5, "total_tokens": 12}),
+            ("opt-tree", {"n": 3, "max_depth": 5, "delta": 0.05}),
+            ("ldlp-tree", {"top_k": 3, "nodes_per_level": 4, "max_depth": 4}),
             ("oracle", {"k_max": 5})]
 
 
@@ -58,7 +60,8 @@ def setup(tmp_path_factory):
 def test_adaptive_greedy_equals_plain(setup, method, params, batch):
     hf, d, tgt = setup
     g = torch.Generator().manual_seed(batch + 10)
-    prompts = [torch.randint(0, 24, (int(n),), generator=g).tolist() for n in torch.randint(1, 12, (batch,), generator=g)]
+    lengths = torch.randint(1, 12, (batch,), generator=g)
+    prompts = [torch.randint(0, 24, (int(n),), generator=g).tolist() for n in lengths]
     sp = SamplingParams(max_new_tokens=16)
     plain, _ = build_engine(tgt, parse_spec("none", {})).generate(prompts, sp)
     eng = build_engine(tgt, parse_spec(method, params), draft=str(d / "head"), ldlp=str(d / "ldlp"))
@@ -79,7 +82,8 @@ def test_adaptive_on_the_shipped_model_beats_a_random_guess():
     plain, _ = build_engine(tgt, parse_spec("none", {})).generate(prompts, sp)
     taus = {}
     for method in ("adaeagle", "oracle", "ldlp-tree"):
-        eng = build_engine(tgt, parse_spec(method, {}), draft=str(TINY_HEAD), ldlp=str(REPO / "models" / "pycoder-tiny-ldlp"))
+        eng = build_engine(tgt, parse_spec(method, {}), draft=str(TINY_HEAD),
+                           ldlp=str(REPO / "models" / "pycoder-tiny-ldlp"))
         outs, st = eng.generate(prompts, sp)
         assert [o.tokens for o in outs] == [p.tokens for p in plain]
         taus[method] = st.rows.tau
@@ -108,13 +112,15 @@ def test_train_draft_lowers_loss_raises_tau_and_writes_eagle_format(tmp_path):
     corpus.mkdir()
     for i, p in enumerate(sorted((REPO / "adaspec_worker").rglob("*.py"))):
         (corpus / f"{i}.py").write_text(p.read_text())
-    r = CliRunner().invoke(cli, ["train-draft", "--target", str(d / "target"), "--corpus", str(corpus / "*.py"), "--out", str(d / "head"),
-                                 "--steps", "150", "--batch-size", "8", "--seq-len", "64", "--lr", "3e-3", "--quiet", "--device", "cpu"])
+    r = CliRunner().invoke(cli, ["train-draft", "--target", str(d / "target"), "--corpus", str(corpus / "*.py"),
+                                 "--out", str(d / "head"), "--steps", "150", "--batch-size", "8", "--seq-len", "64",
+                                 "--lr", "3e-3", "--quiet", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output.strip().splitlines()[-1])
     assert rep["val_after"]["loss"] < rep["val_before"]["loss"]
     keys = set(load_file(str(d / "head" / "model.safetensors")))
-    assert "fc.weight" in keys and "fc.bias" in keys and not any(k.startswith(("lm_head", "layers.0.input_layernorm")) for k in keys)
+    assert "fc.weight" in keys and "fc.bias" in keys
+    assert not any(k.startswith(("lm_head", "layers.0.input_layernorm")) for k in keys)
     assert all(k.startswith(("fc.", "layers.0.")) for k in keys)
     cfg = json.loads((d / "head" / "config.json").read_text())
     assert cfg["bias"] is True and cfg["num_hidden_layers"] == 1
@@ -123,7 +129,8 @@ def test_train_draft_lowers_loss_raises_tau_and_writes_eagle_format(tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(TINY)
-    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("import os\nimport sys\n\n\ndef main(", "class Foo:\n    def __init__(self")]
+    texts = ("import os\nimport sys\n\n\ndef main(", "class Foo:\n    def __init__(self")
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     taus = {}
     for name in ("random", "head"):
         _, st = build_engine(tgt, parse_spec("eagle", {"k": 4}), draft=str(d / name)).generate(prompts,
@@ -131,8 +138,9 @@ def test_train_draft_lowers_loss_raises_tau_and_writes_eagle_format(tmp_path):
         taus[name] = st.rows.tau
     assert taus["head"] > taus["random"]
     # resume: rerunning continues from the checkpoint rather than starting over
-    r = CliRunner().invoke(cli, ["train-draft", "--target", str(d / "target"), "--corpus", str(corpus / "*.py"), "--out", str(d / "head"),
-                                 "--steps", "160", "--batch-size", "8", "--seq-len", "64", "--quiet", "--device", "cpu"])
+    r = CliRunner().invoke(cli, ["train-draft", "--target", str(d / "target"), "--corpus", str(corpus / "*.py"),
+                                 "--out", str(d / "head"), "--steps", "160", "--batch-size", "8", "--seq-len", "64",
+                                 "--quiet", "--device", "cpu"])
     assert json.loads(r.output.strip().splitlines()[-1])["steps_run"] == 10
 
 
@@ -140,8 +148,10 @@ def test_fit_ldlp_beats_a_constant_predictor(tmp_path):
     import sysconfig
 
     from adaspec_worker.train.fit_ldlp import LDLPFitConfig, fit_ldlp
-    cfg = LDLPFitConfig(prompts=80, new_tokens=40, widths=(64,), lambdas=(2.0,), k_maxes=(6,), steps=300, device="cpu", dtype="float32")
-    meta = fit_ldlp(str(TINY), str(TINY_HEAD), sysconfig.get_paths()["stdlib"] + "/*.py", str(tmp_path / "ldlp"), cfg, log=lambda m: None)
+    cfg = LDLPFitConfig(prompts=80, new_tokens=40, widths=(64,), lambdas=(2.0,), k_maxes=(6,), steps=300, device="cpu",
+                        dtype="float32")
+    corpus = sysconfig.get_paths()["stdlib"] + "/*.py"
+    meta = fit_ldlp(str(TINY), str(TINY_HEAD), corpus, str(tmp_path / "ldlp"), cfg, log=lambda m: None)
     assert meta["val_mae"] < meta["constant_mae"]
     saved = json.loads((tmp_path / "ldlp" / "config.json").read_text())
     for k in ("width", "lambda", "k_max", "val_mae", "val_exact_share"):
