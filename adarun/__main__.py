@@ -1,3 +1,5 @@
-from .cli import main
+"""`python -m adarun`: the same command as `adarun`."""
+
+from jobs.cli import main
 
 main()

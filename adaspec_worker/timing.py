@@ -7,13 +7,15 @@ allocator, so it is run once untimed. `measure(fn, device)` does both and return
 
 Knows nothing of engines, methods or Ray: it times callables.
 """
+
 from __future__ import annotations
 
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

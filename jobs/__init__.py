@@ -2,4 +2,5 @@
 
 Torch-free: nothing in this package imports torch or the decoder (tests/test_layout.py checks it).
 """
+
 __version__ = "0.1.0"

@@ -4,9 +4,11 @@
 validated `Manifest` or raises `ManifestError` whose message names the offending field
 (e.g. `decoding.temperature: must be >= 0, got -1`). The CLI turns that into exit code 2.
 
-The controller imports this without torch; method names and parameters are checked against
-`adaspec_worker.specs`, which is torch-free too.
+Validation has no side effects; `resolve` then returns a copy whose `speculative.params` lists every
+parameter explicitly (what job.json records). Method names and parameters are checked against
+`jobs.specs`. Torch-free.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field, fields
 
 import yaml
 
-from .specs import SpecError, parse_spec, spec_params, split_autotune
+from .specs import MethodSpec, SpecError, parse_spec
 
 
 class ManifestError(ValueError):
@@ -30,7 +32,7 @@ class InputCfg:
     path: str = ""
     prompt_column: str = "prompt"
     id_column: str = "id"
-    limit: typing.Optional[int] = None
+    limit: int | None = None
 
 
 @dataclass
@@ -42,8 +44,8 @@ class OutputCfg:
 @dataclass
 class ModelCfg:
     target: str = ""
-    draft: typing.Optional[str] = None
-    ldlp: typing.Optional[str] = None
+    draft: str | None = None
+    ldlp: str | None = None
     dtype: str = "auto"
     device: str = "auto"
 
@@ -59,9 +61,20 @@ class DecodingCfg:
 
 
 @dataclass
+class AutotuneCfg:
+    enabled: bool = False  # each actor measures the spec's autotune grid on a slice of its first shard
+    fraction: float = 0.02  # share of that shard's rows used (at least one batch)
+
+
+@dataclass
 class SpeculativeCfg:
     method: str = "none"
     params: dict = field(default_factory=dict)
+    autotune: AutotuneCfg = field(default_factory=AutotuneCfg)
+
+    def spec(self) -> MethodSpec:
+        """The parsed method spec (validated manifests only)."""
+        return parse_spec(self.method, self.params)
 
 
 @dataclass
@@ -74,7 +87,7 @@ class ResourcesCfg:
 
 @dataclass
 class ClusterCfg:
-    address: typing.Optional[str] = None
+    address: str | None = None
 
 
 @dataclass
@@ -121,14 +134,30 @@ class Manifest:
         """Hash of what decides the output rows; resources, retry, cost and names may change on resume."""
         d = self.to_dict()
         keep = {k: d[k] for k in ("input", "model", "decoding", "speculative", "sharding")}
-        keep["input"] = {k: v for k, v in keep["input"].items()}
+        # the hash predates `speculative.autotune`: autotune keys hash as they did inside params, so
+        # outputs written before the field existed still resume
+        tune = keep["speculative"].pop("autotune")
+        if tune["enabled"]:
+            keep["speculative"]["params"] = {
+                **keep["speculative"]["params"],
+                "autotune": True,
+                "autotune_fraction": tune["fraction"],
+            }
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # -------------------------------------------------------------- building from plain data
 
+
 def _type_name(t) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping", list: "a list"}.get(t, str(t))
+    return {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true/false",
+        dict: "a mapping",
+        list: "a list",
+    }.get(t, str(t))
 
 
 def _coerce(value, t, where: str):
@@ -153,6 +182,10 @@ def _coerce(value, t, where: str):
     if t is str:
         if not isinstance(value, str):
             raise ManifestError(f"{where}: must be a string, got {value!r}")
+        return value
+    if t is bool:
+        if not isinstance(value, bool):
+            raise ManifestError(f"{where}: must be true or false, got {value!r}")
         return value
     if t in (dict, list) and not isinstance(value, t):
         raise ManifestError(f"{where}: must be {_type_name(t)}, got {value!r}")
@@ -179,7 +212,11 @@ def _check(m: Manifest) -> None:
     need(m.input.limit is None or m.input.limit >= 1, "input.limit", f"must be >= 1, got {m.input.limit}")
     need(m.output.path != "", "output.path", "is required (or pass --output)")
     need(m.model.target != "", "model.target", "is required")
-    need(m.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype", f"must be auto|float32|bfloat16|float16, got {m.model.dtype!r}")
+    need(
+        m.model.dtype in ("auto", "float32", "bfloat16", "float16"),
+        "model.dtype",
+        f"must be auto|float32|bfloat16|float16, got {m.model.dtype!r}",
+    )
     need(m.model.device in ("auto", "cpu", "cuda"), "model.device", f"must be auto|cpu|cuda, got {m.model.device!r}")
     d = m.decoding
     need(d.max_new_tokens >= 1, "decoding.max_new_tokens", f"must be >= 1, got {d.max_new_tokens}")
@@ -188,13 +225,17 @@ def _check(m: Manifest) -> None:
     need(d.top_k >= 0, "decoding.top_k", f"must be >= 0, got {d.top_k}")
     need(all(isinstance(s, str) and s for s in d.stop), "decoding.stop", "must be a list of non-empty strings")
     try:
-        spec = parse_spec(m.speculative.method, m.speculative.params)
-        split_autotune(m.speculative.params)
+        spec = m.speculative.spec()
     except SpecError as e:
         where = "speculative.method" if "unknown method" in str(e) else "speculative.params"
         raise ManifestError(f"{where}: {e}") from None
-    need(spec.drafter is None or m.model.draft, "model.draft", f"method {m.speculative.method!r} needs a draft ({spec.drafter})")
-    need(not getattr(spec, "uses_ldlp", False) or m.model.ldlp, "model.ldlp", f"method {m.speculative.method!r} needs an LDLP (adarun fit-ldlp)")
+    for path, kind in spec.needs.items():
+        need(getattr(m.model, path), f"model.{path}", f"method {spec.name!r} needs {_NEEDS[kind]}")
+    need(
+        0 < m.speculative.autotune.fraction <= 0.5,
+        "speculative.autotune.fraction",
+        f"must be in (0, 0.5], got {m.speculative.autotune.fraction}",
+    )
     r = m.resources
     need(r.workers >= 1, "resources.workers", f"must be >= 1, got {r.workers}")
     need(r.gpus_per_worker >= 0, "resources.gpus_per_worker", f"must be >= 0, got {r.gpus_per_worker}")
@@ -205,11 +246,38 @@ def _check(m: Manifest) -> None:
     need(m.retry.backoff_s >= 0, "retry.backoff_s", f"must be >= 0, got {m.retry.backoff_s}")
     need(m.cost.gpu_hour_usd >= 0, "cost.gpu_hour_usd", f"must be >= 0, got {m.cost.gpu_hour_usd}")
     need(m.cost.cpu_hour_usd >= 0, "cost.cpu_hour_usd", f"must be >= 0, got {m.cost.cpu_hour_usd}")
-    need(0 <= m.baseline.sample_fraction <= 1, "baseline.sample_fraction", f"must be in [0, 1], got {m.baseline.sample_fraction}")
-    _, tune = split_autotune(m.speculative.params)
-    m.speculative.params = spec_params(spec)  # resolved: every default explicit in job.json
-    if tune["autotune"]:
-        m.speculative.params.update(tune)
+    need(
+        0 <= m.baseline.sample_fraction <= 1,
+        "baseline.sample_fraction",
+        f"must be in [0, 1], got {m.baseline.sample_fraction}",
+    )
+
+
+_NEEDS = {
+    "eagle": "a draft head (an EAGLE head: adarun train-draft)",
+    "draft-model": "a draft model (a small LM)",
+    "ldlp": "an LDLP (adarun fit-ldlp)",
+}
+
+
+def resolve(m: Manifest) -> Manifest:
+    """A copy of a validated manifest with every method parameter explicit (what job.json records)."""
+    spec = m.speculative.spec()
+    return dataclasses.replace(m, speculative=dataclasses.replace(m.speculative, params=spec.params()))
+
+
+def _migrate(data: dict) -> None:
+    """Manifests (and job.json files) written before `speculative.autotune` kept its keys inside params."""
+    spec = data.get("speculative")
+    params = spec.get("params") if isinstance(spec, dict) else None
+    if not isinstance(params, dict) or not ({"autotune", "autotune_fraction"} & set(params)):
+        return
+    tune = spec.setdefault("autotune", {})
+    if isinstance(tune, dict):
+        if "autotune" in params:
+            tune.setdefault("enabled", params.pop("autotune"))
+        if "autotune_fraction" in params:
+            tune.setdefault("fraction", params.pop("autotune_fraction"))
 
 
 def apply_override(data: dict, assignment: str) -> None:
@@ -238,9 +306,10 @@ def manifest_from_dict(data: dict, overrides: typing.Sequence[str] = ()) -> Mani
         apply_override(data, o)
     if not isinstance(data, dict):
         raise ManifestError("manifest: top level must be a mapping")
+    _migrate(data)
     m = _build(Manifest, data)
     _check(m)
-    return m
+    return resolve(m)
 
 
 def load_manifest(path: str, overrides: typing.Sequence[str] = ()) -> Manifest:

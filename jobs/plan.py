@@ -1,9 +1,10 @@
 """The shard plan: a pure function of the input (sorted files, row ranges), never of the worker count.
 
 A shard is (index, file, first row, row count). Shards never span files, so a worker reads one
-row range of one Parquet file. `input.limit` truncates the plan after that many rows in file order.
+row range of one Parquet file (`read_rows`). `input.limit` truncates the plan after that many rows in file order.
 Row ids come from `input.id_column`, or, when a file lacks it, from "<file name>:<row>".
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -59,7 +60,9 @@ def make_plan(inp: InputCfg, rows_per_shard: int, storage_options: dict | None =
         except Exception as e:  # a non-Parquet or corrupt file
             raise PlanError(f"input.path: cannot read {f} as Parquet ({type(e).__name__}: {e})") from None
         if inp.prompt_column not in names:
-            raise PlanError(f"input.prompt_column: {f} has no column {inp.prompt_column!r} (columns: {', '.join(names)})")
+            raise PlanError(
+                f"input.prompt_column: {f} has no column {inp.prompt_column!r} (columns: {', '.join(names)})"
+            )
         if remaining is not None:
             n = min(n, remaining)
             remaining -= n
@@ -74,3 +77,28 @@ def input_storage_options(input_path: str, output_path: str, output_options: dic
     """The manifest has one set of storage options: the input uses them when it lives on the output's store."""
     proto = lambda u: u.split("://", 1)[0] if "://" in u else "file"  # noqa: E731
     return dict(output_options) if proto(input_path) == proto(output_path) else {}
+
+
+def read_rows(shard: Shard, inp: InputCfg, storage_options: dict | None = None) -> tuple[list[str], list]:
+    """(ids, prompts) for the shard's row range, reading only the row groups that overlap it."""
+    fs, p = url_to_fs(shard.file, **(storage_options or {}))
+    start, n = shard.start, shard.rows
+    with fs.open(p, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        names = pf.schema_arrow.names
+        cols = [inp.prompt_column] + ([inp.id_column] if inp.id_column in names else [])
+        groups, first, acc = [], None, 0
+        for g in range(pf.metadata.num_row_groups):
+            gn = pf.metadata.row_group(g).num_rows
+            if acc + gn > start and acc < start + n:
+                groups.append(g)
+                first = acc if first is None else first
+            acc += gn
+        table = pf.read_row_groups(groups, columns=cols).slice(start - first, n)
+    prompts = table.column(inp.prompt_column).to_pylist()
+    if inp.id_column in names:
+        ids = [str(x) for x in table.column(inp.id_column).to_pylist()]
+    else:
+        base = shard.file.rsplit("/", 1)[-1]
+        ids = [f"{base}:{start + i}" for i in range(n)]
+    return ids, prompts

@@ -8,6 +8,7 @@ per-row time-per-token ratios with a 95% t-interval on their logs. Writes OUTPUT
 report.md and a self-contained report.html (charts inlined), plus the PNG charts.
 No torch here; matplotlib draws with the Agg backend.
 """
+
 from __future__ import annotations
 
 import base64
@@ -15,21 +16,26 @@ import html
 import io
 import json
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
+from dataclasses import dataclass
 
-from .storage import Store
+from .layout import Commit, JobRun, ShardFiles, ShardStats, total
 
 
-def load_run(store: Store) -> dict:
-    doc = store.read_json("job.json")
-    commits = store.committed()
-    stats = []
-    for i in sorted(commits):
-        name = f"stats/shard-{i:05d}.json"
-        if store.exists(name):
-            stats.append(store.read_json(name))
-    run = store.read_json("_job_run.json") if store.exists("_job_run.json") else {}
-    return {"job": doc, "commits": commits, "stats": stats, "run": run}
+@dataclass
+class Run:
+    """What a report reads: the job record, the committed shards' markers and stats, the run record."""
+
+    job: dict
+    commits: dict[int, Commit]
+    stats: list[ShardStats]  # committed shards only, in shard order
+    run: JobRun
+
+
+def load_run(files: ShardFiles) -> Run:
+    commits = files.committed()
+    stats = [s for s in (files.stats(i) for i in sorted(commits)) if s is not None]
+    return Run(job=files.job(), commits=commits, stats=stats, run=files.run())
 
 
 def speedup_ci(samples: list[dict]) -> tuple[float | None, list[float] | None, int]:
@@ -51,60 +57,71 @@ def speedup_ci(samples: list[dict]) -> tuple[float | None, list[float] | None, i
     return math.exp(mean), [math.exp(mean - half), math.exp(mean + half)], n
 
 
-def summarize(run: dict) -> dict:
-    job, stats = run["job"], run["stats"]
-    m = job["manifest"]
-    plan = job["plan"]
+def summarize(run: Run) -> dict:
+    """The report's numbers: totals over the committed shards, cost, measured speedup, waste."""
+    job, stats = run.job, run.stats
+    m, plan = job["manifest"], job["plan"]
     res, cost = m["resources"], m["cost"]
-    tok = sum(s["completion_tokens"] for s in stats)
-    start = min((s["started_at"] for s in stats), default=0.0)
-    end = max((s["finished_at"] for s in stats), default=0.0)
-    wall = max(end - start, 0.0)
-    gpu_h = sum(s["gpu_seconds"] for s in stats) / 3600
-    cpu_h = sum(s["cpu_seconds"] for s in stats) / 3600
+    t = total(stats)
+    tok = t.completion_tokens
+    wall = max((t.finished_at or 0.0) - (t.started_at or 0.0), 0.0)
+    gpu_h, cpu_h = t.gpu_seconds / 3600, t.cpu_seconds / 3600
     usd = gpu_h * cost["gpu_hour_usd"] + cpu_h * cost["cpu_hour_usd"]
-    rounds = sum(s["rounds"] for s in stats)
-    emitted = sum(s["accepted_tokens"] + s["rounds"] for s in stats)
-    samples = [b for s in stats for b in s.get("baseline", [])]
-    sp, ci, n_samples = speedup_ci(samples)
+    sp, ci, n_samples = speedup_ci(t.baseline)
     last_by_actor: dict[str, float] = {}
     for s in stats:
-        last_by_actor[s["actor_id"]] = max(last_by_actor.get(s["actor_id"], 0.0), s["finished_at"])
-    energy = [s.get("energy_kwh") for s in stats]
+        last_by_actor[s.actor_id] = max(last_by_actor.get(s.actor_id, 0.0), s.finished_at)
     gpus = res["workers"] * res["gpus_per_worker"]
     ar_usd = usd * sp if sp else None
     return {
-        "name": job["name"], "job_hash": job["job_hash"], "method": m["speculative"]["method"], "params": m["speculative"]["params"],
-        "shards_committed": len(stats), "shards_total": len(plan), "shards_missing": len(plan) - len(stats),
-        "total_rows": sum(s["rows"] for s in stats), "error_rows": sum(s["error_rows"] for s in stats),
-        "prompt_tokens": sum(s["prompt_tokens"] for s in stats), "completion_tokens": tok,
-        "wall_seconds": wall, "gpu_hours": gpu_h, "cpu_hours": cpu_h, "cost_usd": usd,
-        "gpu_hour_usd": cost["gpu_hour_usd"], "cpu_hour_usd": cost["cpu_hour_usd"],
+        "name": job["name"],
+        "job_hash": job["job_hash"],
+        "method": m["speculative"]["method"],
+        "params": m["speculative"]["params"],
+        "shards_committed": len(stats),
+        "shards_total": len(plan),
+        "shards_missing": len(plan) - len(stats),
+        "total_rows": t.rows,
+        "error_rows": t.error_rows,
+        "prompt_tokens": t.prompt_tokens,
+        "completion_tokens": tok,
+        "wall_seconds": wall,
+        "gpu_hours": gpu_h,
+        "cpu_hours": cpu_h,
+        "cost_usd": usd,
+        "gpu_hour_usd": cost["gpu_hour_usd"],
+        "cpu_hour_usd": cost["cpu_hour_usd"],
         "usd_per_million_completion_tokens": usd / tok * 1e6 if tok else None,
         "completion_tokens_per_second": tok / wall if wall else None,
         "completion_tokens_per_second_per_gpu": (tok / wall / gpus) if wall and gpus else None,
-        "mean_accepted_length": emitted / rounds if rounds else None,
-        "measured_speedup": sp, "measured_speedup_ci95": ci, "baseline_samples": n_samples,
-        "autoregressive_cost_usd_estimate": ar_usd, "saved_usd_estimate": (ar_usd - usd) if ar_usd is not None else None,
-        "retry_waste_seconds": sum(r.get("seconds", 0.0) for r in run["run"].get("retries", [])),
-        "retries": len(run["run"].get("retries", [])),
-        "idle_tail_seconds": sum(end - t for t in last_by_actor.values()),
-        "energy_kwh": sum(energy) if energy and all(e is not None for e in energy) else None,
-        "time_split_seconds": {k: sum(s[f"{k}_seconds"] for s in stats) for k in ("draft", "verify", "other")},
-        "accelerators": sorted({s["accelerator"] for s in stats}),
+        "tau": t.tau if t.rounds else None,
+        "measured_speedup": sp,
+        "measured_speedup_ci95": ci,
+        "baseline_samples": n_samples,
+        "autoregressive_cost_usd_estimate": ar_usd,
+        "saved_usd_estimate": (ar_usd - usd) if ar_usd is not None else None,
+        "retry_waste_seconds": sum(r.get("seconds", 0.0) for r in run.run.retries),
+        "retries": len(run.run.retries),
+        "idle_tail_seconds": sum((t.finished_at or 0.0) - x for x in last_by_actor.values()),
+        "energy_kwh": t.energy_kwh if stats else None,
+        "draft_seconds": t.draft_seconds,
+        "verify_seconds": t.verify_seconds,
+        "other_seconds": t.other_seconds,
+        "accelerators": sorted({s.accelerator for s in stats if s.accelerator}),
         "workers": len(last_by_actor),
     }
 
 
 # ------------------------------------------------------------------ charts
 
-def charts(run: dict) -> dict[str, bytes]:
+
+def charts(run: Run) -> dict[str, bytes]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stats = run["stats"]
+    stats = run.stats
     out = {}
 
     def save(fig, name):
@@ -114,35 +131,35 @@ def charts(run: dict) -> dict[str, bytes]:
         plt.close(fig)
         out[name] = buf.getvalue()
 
-    t0 = min((s["started_at"] for s in stats), default=0.0)
+    t0 = min((s.started_at for s in stats), default=0.0)
     fig, ax = plt.subplots(figsize=(6, 3.2))
     by_actor = defaultdict(list)
     for s in stats:
-        by_actor[s["actor_id"]].append(s)
-    for i, (actor, ss) in enumerate(sorted(by_actor.items())):
-        ss.sort(key=lambda s: s["finished_at"])
-        ax.plot([s["finished_at"] - t0 for s in ss], [s["completion_tokens"] / max(s["wall_seconds"], 1e-9) for s in ss],
-                marker="o", label=f"worker {i}")
+        by_actor[s.actor_id].append(s)
+    for i, (_actor, ss) in enumerate(sorted(by_actor.items())):
+        ss.sort(key=lambda s: s.finished_at)
+        ax.plot(
+            [s.finished_at - t0 for s in ss],
+            [s.completion_tokens / max(s.wall_seconds, 1e-9) for s in ss],
+            marker="o",
+            label=f"worker {i}",
+        )
     ax.set(xlabel="seconds since first shard started", ylabel="completion tokens/s", title="Throughput per worker")
     ax.legend(fontsize=7)
     save(fig, "throughput.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.bar([s["shard"] for s in stats], [s["wall_seconds"] for s in stats], color="tab:blue")
+    ax.bar([s.shard for s in stats], [s.wall_seconds for s in stats], color="tab:blue")
     ax.set(xlabel="shard", ylabel="seconds", title="Shard durations (stragglers stand out)")
     save(fig, "shard_durations.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.hist([s["tau"] for s in stats if s["rounds"]], bins=20, color="tab:green")
-    ax.set(xlabel="tau (tokens per target forward)", ylabel="shards", title="Mean accepted length per shard")
+    ax.hist([s.tau for s in stats if s.rounds], bins=20, color="tab:green")
+    ax.set(xlabel="tau (tokens per target forward)", ylabel="shards", title="tau (tokens per target pass) per shard")
     save(fig, "tau_hist.png")
 
-    rounds = sum(s["rounds"] for s in stats) or 1
-    depth = Counter()
-    lengths = Counter()
-    for s in stats:
-        depth.update({int(k): v for k, v in s["accepted_by_depth"].items()})
-        lengths.update({int(k): v for k, v in s["draft_lengths"].items()})
+    t = total(stats)
+    rounds, depth, lengths = t.rounds or 1, t.accepted_by_depth, t.draft_lengths
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ks = sorted(depth)
     ax.bar(ks, [depth[k] / rounds for k in ks], color="tab:orange")
@@ -159,6 +176,7 @@ def charts(run: dict) -> dict[str, bytes]:
 
 # ------------------------------------------------------------------ rendering
 
+
 def _fmt(v) -> str:
     if v is None:
         return "n/a"
@@ -169,47 +187,87 @@ def _fmt(v) -> str:
     return str(v)
 
 
-HEADLINE = ["total_rows", "error_rows", "completion_tokens", "wall_seconds", "completion_tokens_per_second",
-            "completion_tokens_per_second_per_gpu", "gpu_hours", "cpu_hours", "cost_usd", "usd_per_million_completion_tokens",
-            "mean_accepted_length", "measured_speedup", "measured_speedup_ci95", "autoregressive_cost_usd_estimate",
-            "saved_usd_estimate", "retry_waste_seconds", "idle_tail_seconds", "energy_kwh"]
+HEADLINE = [
+    "total_rows",
+    "error_rows",
+    "completion_tokens",
+    "wall_seconds",
+    "completion_tokens_per_second",
+    "completion_tokens_per_second_per_gpu",
+    "gpu_hours",
+    "cpu_hours",
+    "cost_usd",
+    "usd_per_million_completion_tokens",
+    "tau",
+    "measured_speedup",
+    "measured_speedup_ci95",
+    "autoregressive_cost_usd_estimate",
+    "saved_usd_estimate",
+    "retry_waste_seconds",
+    "idle_tail_seconds",
+    "energy_kwh",
+]
 
 
 def render_md(rep: dict, images: list[str]) -> str:
-    lines = [f"# adarun report: {rep['name']}", "",
-             f"Method `{rep['method']}` {json.dumps(rep['params'])}; shards committed {rep['shards_committed']}/{rep['shards_total']}"
-             + (f" (**{rep['shards_missing']} missing**: the report covers committed shards only)" if rep["shards_missing"] else "")
-             + f"; accelerators: {', '.join(rep['accelerators'])}.", "", "| metric | value |", "|---|---|"]
+    lines = [
+        f"# adarun report: {rep['name']}",
+        "",
+        f"Method `{rep['method']}` {json.dumps(rep['params'])}; "
+        f"shards committed {rep['shards_committed']}/{rep['shards_total']}"
+        + (
+            f" (**{rep['shards_missing']} missing**: the report covers committed shards only)"
+            if rep["shards_missing"]
+            else ""
+        )
+        + f"; accelerators: {', '.join(rep['accelerators'])}.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {_fmt(rep[k])} |" for k in HEADLINE]
-    ts = rep["time_split_seconds"]
-    lines += ["", f"Time split (summed over shards): draft {ts['draft']:.1f}s, verify {ts['verify']:.1f}s, other {ts['other']:.1f}s. "
-              f"Speedup from {rep['baseline_samples']} rows decoded both ways on the same actors.", ""]
+    lines += [
+        "",
+        f"Time split (summed over shards): draft {rep['draft_seconds']:.1f}s, verify {rep['verify_seconds']:.1f}s, "
+        f"other {rep['other_seconds']:.1f}s. "
+        f"Speedup from {rep['baseline_samples']} rows decoded both ways on the same actors.",
+        "",
+    ]
     lines += [f"![{n}]({n})" for n in images]
     return "\n".join(lines) + "\n"
 
 
 def render_html(rep: dict, pngs: dict[str, bytes]) -> str:
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(_fmt(rep[k]))}</td></tr>" for k in HEADLINE)
-    imgs = "".join(f'<figure><img alt="{n}" src="data:image/png;base64,{base64.b64encode(b).decode()}"></figure>' for n, b in pngs.items())
-    missing = (f"<p class=warn>{rep['shards_missing']} shard(s) not committed: this report covers committed shards only.</p>"
-               if rep["shards_missing"] else "")
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>adarun report: {html.escape(rep['name'])}</title>
-<style>body{{font-family:sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse}}td{{border:1px solid #ccc;padding:4px 10px}}
-figure{{display:inline-block;margin:8px}}.warn{{color:#b00;font-weight:bold}}</style></head><body>
-<h1>adarun report: {html.escape(rep['name'])}</h1>
-<p>Method <code>{html.escape(rep['method'])}</code>; shards committed {rep['shards_committed']}/{rep['shards_total']}.</p>{missing}
+    imgs = "".join(
+        f'<figure><img alt="{n}" src="data:image/png;base64,{base64.b64encode(b).decode()}"></figure>'
+        for n, b in pngs.items()
+    )
+    missing = (
+        f"<p class=warn>{rep['shards_missing']} shard(s) not committed: this report covers committed shards only.</p>"
+        if rep["shards_missing"]
+        else ""
+    )
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>adarun report: {html.escape(rep["name"])}</title>
+<style>body{{font-family:sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse}}
+td{{border:1px solid #ccc;padding:4px 10px}} figure{{display:inline-block;margin:8px}}
+.warn{{color:#b00;font-weight:bold}}</style></head><body>
+<h1>adarun report: {html.escape(rep["name"])}</h1>
+<p>Method <code>{html.escape(rep["method"])}</code>;
+shards committed {rep["shards_committed"]}/{rep["shards_total"]}.</p>{missing}
 <table>{rows}</table>{imgs}</body></html>"""
 
 
-def write_report(store: Store) -> dict:
-    run = load_run(store)
+def write_report(files: ShardFiles) -> dict:
+    """Summarise the committed shards and write report.json/.md/.html and the charts under OUT/report/."""
+    run = load_run(files)
     rep = summarize(run)
     pngs = charts(run)
     for name, data in pngs.items():
-        store.write_bytes(f"report/{name}", data)
-    store.write_json("report/report.json", rep)
-    store.write_bytes("report/report.md", render_md(rep, list(pngs)).encode())
-    store.write_bytes("report/report.html", render_html(rep, pngs).encode())
+        files.write_report_file(name, data)
+    files.write_report_file("report.json", json.dumps(rep, indent=2, sort_keys=True, default=str).encode())
+    files.write_report_file("report.md", render_md(rep, list(pngs)).encode())
+    files.write_report_file("report.html", render_html(rep, pngs).encode())
     return rep
 
 

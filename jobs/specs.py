@@ -11,14 +11,14 @@ Each spec class declares, as class attributes (not parameters):
     `{"draft": "eagle", "ldlp": "ldlp"}` (`draft` kinds: "eagle" head or independent "draft-model");
   - `autotune_grid`: the settings per-job autotune measures, each merged over the given parameters.
 """
+
 from __future__ import annotations
 
-import dataclasses
 import typing
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-METHOD_SPECS: dict[str, type["MethodSpec"]] = {}
+METHOD_SPECS: dict[str, type[MethodSpec]] = {}
 
 
 class SpecError(ValueError):
@@ -43,18 +43,20 @@ class MethodSpec:
         """Every parameter with its resolved value: what job.json records."""
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
-    def with_params(self, **changes) -> "MethodSpec":
+    def with_params(self, **changes) -> MethodSpec:
         return parse_spec(self.name, {**self.params(), **changes})
 
 
 def method(name: str):
     """Register a spec class under its manifest name (and make it a frozen dataclass)."""
+
     def deco(cls):
         assert issubclass(cls, MethodSpec), f"{cls.__name__} must derive from MethodSpec"
         assert name not in METHOD_SPECS, f"method {name!r} registered twice"
         cls.name = name
         METHOD_SPECS[name] = cls
         return dataclass(frozen=True)(cls)
+
     return deco
 
 
@@ -66,6 +68,7 @@ class NoneSpec(MethodSpec):
 @method("eagle")
 class EagleSpec(MethodSpec):
     """EAGLE-1 chain (Li et al., 2024): the head drafts k tokens greedily; verified as a chain."""
+
     k: int = 5
     needs = {"draft": "eagle"}
     autotune_grid = ({"k": 2}, {"k": 3}, {"k": 4}, {"k": 6})
@@ -77,6 +80,7 @@ class EagleSpec(MethodSpec):
 @method("eagle-tree")
 class EagleTreeSpec(MethodSpec):
     """EAGLE-1 static tree: fixed paths of child ranks (default: an 18-node tree of depth 5)."""
+
     tree: tuple[tuple[int, ...], ...] = ()  # paths such as [[0], [1], [0, 0]]; empty = the default tree
     needs = {"draft": "eagle"}
 
@@ -89,12 +93,17 @@ class EagleTreeSpec(MethodSpec):
 @method("eagle2")
 class Eagle2Spec(MethodSpec):
     """EAGLE-2 dynamic tree (Li et al., 2024): top_k expansion per level, global rerank to total_tokens."""
+
     top_k: int = 10
     depth: int = 6
     total_tokens: int = 60
     needs = {"draft": "eagle"}
-    autotune_grid = ({"depth": 4, "total_tokens": 30}, {"depth": 6, "total_tokens": 60}, {"depth": 8, "total_tokens": 80},
-                     {"depth": 5, "total_tokens": 40})
+    autotune_grid = (
+        {"depth": 4, "total_tokens": 30},
+        {"depth": 6, "total_tokens": 60},
+        {"depth": 8, "total_tokens": 80},
+        {"depth": 5, "total_tokens": 40},
+    )
 
     def check(self):
         for n in ("top_k", "depth", "total_tokens"):
@@ -104,6 +113,7 @@ class Eagle2Spec(MethodSpec):
 @method("draft-model")
 class DraftModelSpec(MethodSpec):
     """Classic speculative decoding with an independent draft model (Leviathan et al., 2023): a chain of k."""
+
     k: int = 4
     needs = {"draft": "draft-model"}
     autotune_grid = ({"k": 2}, {"k": 4}, {"k": 6})
@@ -114,10 +124,12 @@ class DraftModelSpec(MethodSpec):
 
 # ---------------------------------------------------------------- adaptive methods
 
+
 @method("adaeagle")
 class AdaEagleSpec(MethodSpec):
     """AdaEAGLE (Zhang et al., 2024): a chain whose length is LDLP's prediction each round (may be 0).
     k_max 0 = the LDLP artifact's own k_max."""
+
     k_max: int = 0
     needs = {"draft": "eagle", "ldlp": "ldlp"}
     autotune_grid = ({"k_max": 4}, {"k_max": 6}, {"k_max": 10})
@@ -130,6 +142,7 @@ class AdaEagleSpec(MethodSpec):
 class AdaEagleDDDSpec(MethodSpec):
     """AdaEAGLE-DDD (Zhang et al., 2024): LDLP's length plus the cumulative draft log-probability
     threshold; drafting stops only when both say stop (bounded by k_max)."""
+
     threshold: float = -0.6
     k_max: int = 0
     needs = {"draft": "eagle", "ldlp": "ldlp"}
@@ -145,6 +158,7 @@ class AdaEDLSpec(MethodSpec):
     (untempered) entropy in nats. The bound and gamma = 0.2 are the paper's; adapting lambda each round
     (EMA of the acceptance rate with beta1, lambda +/- eps against the target rate alpha, then
     lambda <- 0.9 lambda + 0.1 lambda') follows later re-implementations; lam0 and k_max are ours."""
+
     gamma: float = 0.2
     lam0: float = 0.7
     beta1: float = 0.5
@@ -164,6 +178,7 @@ class AdaEDLSpec(MethodSpec):
 class DDDSpec(MethodSpec):
     """Dynamic Depth Decoding (Brown et al., 2024): EAGLE-2 beams, continue while log(sum of the beams'
     probabilities) stays above `threshold`, checked only at `check_depths` (one host sync each)."""
+
     top_k: int = 8
     max_depth: int = 10
     total_tokens: int = 60
@@ -184,6 +199,7 @@ class OptTreeSpec(MethodSpec):
     """OPT-Tree (Wang et al., 2024), level-wise: keep the globally best n nodes per level by path
     probability; stop when the expected acceptance length E = sum of path probabilities grows by
     less than delta (checked per level)."""
+
     n: int = 8
     max_depth: int = 10
     delta: float = 0.2
@@ -201,13 +217,17 @@ class OptTreeSpec(MethodSpec):
 class LDLPTreeSpec(MethodSpec):
     """Ours: LDLP's predicted length sets the EAGLE-2 tree depth each round (depth = prediction + 1,
     within [min_depth, max_depth]) and the node budget scales with it (nodes_per_level x depth)."""
+
     top_k: int = 8
     nodes_per_level: int = 10
     min_depth: int = 1
     max_depth: int = 8
     needs = {"draft": "eagle", "ldlp": "ldlp"}
-    autotune_grid = ({"nodes_per_level": 6, "max_depth": 6}, {"nodes_per_level": 10, "max_depth": 8},
-                     {"nodes_per_level": 4, "max_depth": 6})
+    autotune_grid = (
+        {"nodes_per_level": 6, "max_depth": 6},
+        {"nodes_per_level": 10, "max_depth": 8},
+        {"nodes_per_level": 4, "max_depth": 6},
+    )
 
     def check(self):
         for n in ("top_k", "nodes_per_level", "min_depth", "max_depth"):
@@ -220,6 +240,7 @@ class LDLPTreeSpec(MethodSpec):
 class OracleSpec(MethodSpec):
     """Benchmark-only ceiling: each round drafts the ideal chain length, read off the target's own
     greedy continuation computed ahead (greedy decoding only)."""
+
     k_max: int = 10
     needs = {"draft": "eagle"}
 

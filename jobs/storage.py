@@ -1,17 +1,12 @@
-"""Object storage for a job: fsspec for any backend, tenacity for bounded retries, and the output layout.
+"""Object storage: one root on any fsspec backend, with tenacity for bounded retries.
 
-Layout under the output root (datatrove style: outputs named by shard, the commit marker last):
-    job.json                        resolved manifest, plan, config hash, adarun version
-    shards/shard-NNNNN.parquet      results
-    errors/shard-NNNNN.parquet      rows that could not be processed (id, error)
-    stats/shard-NNNNN.json          per-shard statistics
-    _commits/shard-NNNNN.json       written last: a shard without it does not exist
-
-Local writes go through a temporary file and a rename, so a reader never sees half a file; object
-stores give that per object already. `ADARUN_CHAOS_WRITE_FAILURE_RATE` (0..1) makes that share of
+Generic on purpose: it knows no job file names (those belong to `jobs.layout`). Local writes go
+through a temporary file and a rename, so a reader never sees half a file; object stores give that
+per object already. `ADARUN_CHAOS_WRITE_FAILURE_RATE` (0..1) makes that share of
 writes fail before they reach the store: a fault drill for the retry path, used by the tests.
 This module imports neither torch nor Ray.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,10 +19,6 @@ from fsspec.core import url_to_fs
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 STORAGE_ATTEMPTS = 6
-
-
-def shard_name(i: int) -> str:
-    return f"shard-{i:05d}"
 
 
 class ChaosError(OSError):
@@ -78,11 +69,13 @@ class Store:
 
     def list(self, rel: str) -> list[str]:
         """Names (not paths) under a folder; [] when it does not exist."""
+
         def ls():
             p = self.path(rel)
             if not self.fs.exists(p):
                 return []
             return sorted(x.rsplit("/", 1)[-1] for x in self.fs.ls(p, detail=False))
+
         self.fs.invalidate_cache()
         return self.retry(ls)()
 
@@ -97,19 +90,3 @@ class Store:
 
     def read_json(self, rel: str):
         return json.loads(self.read_bytes(rel))
-
-    # ---- the job layout
-    def committed(self) -> dict[int, dict]:
-        """Shard index -> commit marker, for every committed shard."""
-        out = {}
-        for name in self.list("_commits"):
-            if name.startswith("shard-") and name.endswith(".json"):
-                out[int(name[6:11])] = self.read_json(f"_commits/{name}")
-        return out
-
-    def has_shard_files(self) -> bool:
-        return any(self.list(d) for d in ("_commits", "shards", "stats", "errors"))
-
-    def clear_job(self) -> None:
-        for d in ("_commits", "shards", "stats", "errors", "report"):
-            self.remove(d)

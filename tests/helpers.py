@@ -1,7 +1,11 @@
 """Test helpers shared by the test modules: repository paths and job manifests (fixtures live in conftest.py)."""
+
 from __future__ import annotations
 
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -38,3 +42,25 @@ def write_manifest(tmp_path: Path, d: dict) -> Path:
     p = tmp_path / "job.yaml"
     p.write_text(yaml.safe_dump(d))
     return p
+
+
+def write_prompts(path: Path) -> Path:
+    """40 prompts with ids, three of them bad (empty, null, far too long), in row groups of 7."""
+    src = pq.read_table(REPO / "manifests" / "prompts.parquet").to_pylist()
+    rows = [{"id": r["id"], "prompt": r["prompt"][-300:]} for r in src[:37]]
+    rows += [
+        {"id": "bad-empty", "prompt": "   "},
+        {"id": "bad-null", "prompt": None},
+        {"id": "bad-long", "prompt": "x = 1\n" * 2000},
+    ]
+    schema = pa.schema([("id", pa.string()), ("prompt", pa.string())])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path, row_group_size=7)
+    return path
+
+
+def run_job(m, **kw):
+    """The controller with the real worker class, as `adarun submit` runs it."""
+    from adaspec_worker.worker import ShardWorker
+    from jobs.controller import run_job as controller_run_job
+
+    return controller_run_job(m, ShardWorker, **kw)

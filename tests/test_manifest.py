@@ -1,11 +1,12 @@
 """Manifest validation: every bad field exits 2 with a one-line message naming it; --set, --dry-run, env vars."""
+
 import json
 
 import pytest
 import yaml
 from click.testing import CliRunner
 
-from adarun.cli import cli
+from jobs.cli import cli
 from jobs.manifest import Manifest, load_manifest
 from tests.helpers import REPO, job_dict, write_manifest
 
@@ -30,6 +31,9 @@ BAD = [
     ("speculative__method", "magic", "speculative.method"),
     ("speculative__params", {"depth": -1}, "speculative.params"),
     ("speculative__params", {"nope": 1}, "speculative.params"),
+    ("speculative__autotune", {"fraction": 0.9}, "speculative.autotune.fraction"),
+    ("speculative__autotune", {"enabled": "yes"}, "speculative.autotune.enabled"),
+    ("speculative__autotune", {"nope": 1}, "speculative.autotune.nope"),
     ("resources__workers", 0, "resources.workers"),
     ("resources__gpus_per_worker", -1, "resources.gpus_per_worker"),
     ("resources__cpus_per_worker", 0, "resources.cpus_per_worker"),

@@ -1,6 +1,7 @@
 """The job runner against the contract: files on disk, exactly-once rows, resume and every failure path.
 
 All tests share the session's two-node loopback Ray cluster (see conftest)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,12 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from adarun.cli import cli
-from jobs.controller import JobFailed, run_job
+from jobs.cli import cli
+from jobs.controller import JobFailed
 from jobs.manifest import manifest_from_dict
-from tests.helpers import REPO, job_dict, write_manifest
-
-INPUT_IDS = None
+from tests.helpers import REPO, job_dict, run_job, write_manifest, write_prompts
 
 
 def input_ids(prompts: Path) -> list[str]:
@@ -48,14 +47,8 @@ def digest(p: Path) -> str:
 @pytest.fixture(scope="module")
 def finished_job(ray_cluster, tmp_path_factory):
     """One local job run to completion; several tests read what it left on disk."""
-    import pyarrow as pa
-
     tmp = tmp_path_factory.mktemp("job")
-    src = pq.read_table(REPO / "manifests" / "prompts.parquet").to_pylist()[:37]
-    rows = [{"id": r["id"], "prompt": r["prompt"][-300:]} for r in src]
-    rows += [{"id": "bad-empty", "prompt": "   "}, {"id": "bad-null", "prompt": None}, {"id": "bad-long", "prompt": "x = 1\n" * 2000}]
-    prompts = tmp / "prompts.parquet"
-    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([("id", pa.string()), ("prompt", pa.string())])), prompts, row_group_size=7)
+    prompts = write_prompts(tmp / "prompts.parquet")
     out = tmp / "out"
     m = manifest_from_dict(job_dict(prompts, str(out)))
     state = run_job(m)
@@ -120,18 +113,27 @@ def test_different_config_is_refused_unless_forced(finished_job, tmp_path):
 
 
 def test_same_job_against_s3_api_on_loopback(ray_cluster, prompts, tmp_path):
-    from moto.server import ThreadedMotoServer
     import s3fs
+    from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     try:
         host, port = server.get_host_and_port()
-        opts = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": f"http://{host}:{port}", "region_name": "us-east-1"}}
+        opts = {
+            "key": "test",
+            "secret": "test",
+            "client_kwargs": {"endpoint_url": f"http://{host}:{port}", "region_name": "us-east-1"},
+        }
         import boto3
 
-        boto3.client("s3", endpoint_url=f"http://{host}:{port}", aws_access_key_id="test", aws_secret_access_key="test",
-                     region_name="us-east-1").create_bucket(Bucket="adarun-test")
+        boto3.client(
+            "s3",
+            endpoint_url=f"http://{host}:{port}",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            region_name="us-east-1",
+        ).create_bucket(Bucket="adarun-test")
         fs = s3fs.S3FileSystem(**opts)
         fs.put(str(prompts), "adarun-test/in/prompts.parquet")
         d = job_dict("s3://adarun-test/in/prompts.parquet", "s3://adarun-test/out", sharding={"rows_per_shard": 20})
@@ -139,7 +141,9 @@ def test_same_job_against_s3_api_on_loopback(ray_cluster, prompts, tmp_path):
         state = run_job(manifest_from_dict(d))
         assert state.committed == 2
         fs.invalidate_cache()
-        assert sorted(fs.ls("adarun-test/out/_commits")) == [f"adarun-test/out/_commits/shard-0000{i}.json" for i in range(2)]
+        assert sorted(fs.ls("adarun-test/out/_commits")) == [
+            f"adarun-test/out/_commits/shard-0000{i}.json" for i in range(2)
+        ]
         local = tmp_path / "copy"
         fs.get("adarun-test/out/", str(local), recursive=True)
         assert_exactly_once(prompts, local)
@@ -152,8 +156,14 @@ def test_controller_sigkill_then_rerun(ray_cluster, prompts, tmp_path):
     d = job_dict(prompts, str(out), sharding={"rows_per_shard": 4}, decoding={"max_new_tokens": 24, "seed": 1})
     path = write_manifest(tmp_path, d)
     env = dict(os.environ, RAY_ADDRESS=ray_cluster)
-    proc = subprocess.Popen([sys.executable, "-m", "adarun", "submit", str(path)], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adarun", "submit", str(path)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     commits = out / "_commits"
     deadline = time.time() + 120
     while not (commits.exists() and any(commits.iterdir())):
@@ -162,7 +172,11 @@ def test_controller_sigkill_then_rerun(ray_cluster, prompts, tmp_path):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    first = {p.name: digest(p) for p in (out / "shards").iterdir() if (commits / p.name.replace(".parquet", ".json")).exists()}
+    first = {
+        p.name: digest(p)
+        for p in (out / "shards").iterdir()
+        if (commits / p.name.replace(".parquet", ".json")).exists()
+    }
     n_before = len(list(commits.iterdir()))
     assert n_before < 10, "the kill must land mid-job for this test to mean anything"
     r = CliRunner().invoke(cli, ["resume", str(out)])
@@ -222,9 +236,11 @@ def test_chaos_store_really_fails_writes(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ the report
 
+
 def _png_ok(data: bytes) -> bool:
-    import matplotlib.image as mpimg
     import io
+
+    import matplotlib.image as mpimg
 
     img = mpimg.imread(io.BytesIO(data), format="png")
     return data[:8] == b"\x89PNG\r\n\x1a\n" and img.shape[0] > 50 and float(img.std()) > 0.01
@@ -240,17 +256,35 @@ def test_report_of_a_finished_job(finished_job, tmp_path):
     stats = [json.loads(p.read_text()) for p in sorted((out / "stats").iterdir())]
     assert rep["total_rows"] == sum(s["rows"] for s in stats) == 37
     assert rep["error_rows"] == 3
-    assert rep["completion_tokens"] == sum(s["completion_tokens"] for s in stats) == pq.read_table(out / "shards").column("num_completion_tokens").to_numpy().sum()
+    assert (
+        rep["completion_tokens"]
+        == sum(s["completion_tokens"] for s in stats)
+        == pq.read_table(out / "shards").column("num_completion_tokens").to_numpy().sum()
+    )
     assert rep["prompt_tokens"] == sum(s["prompt_tokens"] for s in stats)
     hours = sum(s["cpu_seconds"] for s in stats) / 3600
     assert rep["cpu_hours"] == pytest.approx(hours)
     assert rep["cost_usd"] == pytest.approx(hours * m.cost.cpu_hour_usd + rep["gpu_hours"] * m.cost.gpu_hour_usd)
     assert rep["measured_speedup"] > 0 and rep["baseline_samples"] >= 5 and rep["shards_missing"] == 0
-    for k in ("usd_per_million_completion_tokens", "completion_tokens_per_second", "mean_accepted_length", "measured_speedup_ci95",
-              "autoregressive_cost_usd_estimate", "saved_usd_estimate", "retry_waste_seconds", "idle_tail_seconds"):
+    for k in (
+        "usd_per_million_completion_tokens",
+        "completion_tokens_per_second",
+        "tau",
+        "measured_speedup_ci95",
+        "autoregressive_cost_usd_estimate",
+        "saved_usd_estimate",
+        "retry_waste_seconds",
+        "idle_tail_seconds",
+    ):
         assert rep[k] is not None, k
     rdir = out / "report"
-    for name in ("throughput.png", "shard_durations.png", "tau_hist.png", "acceptance_by_depth.png", "draft_lengths.png"):
+    for name in (
+        "throughput.png",
+        "shard_durations.png",
+        "tau_hist.png",
+        "acceptance_by_depth.png",
+        "draft_lengths.png",
+    ):
         assert _png_ok((rdir / name).read_bytes()), name
     assert "measured_speedup" in (rdir / "report.md").read_text()
     html_path = rdir / "report.html"
@@ -258,10 +292,26 @@ def test_report_of_a_finished_job(finished_job, tmp_path):
     chromium = sh.which("chromium") or sh.which("chromium-browser")
     assert chromium, "headless Chromium is needed (.ci/run installs Debian's chromium)"
     shot = tmp_path / "shot.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,1400",
-                    html_path.as_uri()], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,1400",
+            html_path.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     assert _png_ok(shot.read_bytes()), "the rendered page is blank"
 
 
@@ -285,8 +335,12 @@ def test_report_of_a_partly_finished_job(finished_job, tmp_path):
 
 def test_autotune_picks_a_measured_setting_and_records_it(ray_cluster, prompts, tmp_path):
     out = tmp_path / "out"
-    d = job_dict(prompts, str(out), speculative={"method": "eagle2", "params": {"top_k": 4, "autotune": True, "autotune_fraction": 0.1}},
-                 resources={"workers": 1, "batch_size": 4, "cpus_per_worker": 1})
+    d = job_dict(
+        prompts,
+        str(out),
+        speculative={"method": "eagle2", "params": {"top_k": 4}, "autotune": {"enabled": True, "fraction": 0.1}},
+        resources={"workers": 1, "batch_size": 4, "cpus_per_worker": 1},
+    )
     state = run_job(manifest_from_dict(d))
     assert state.committed == 5
     stats = [json.loads(p.read_text()) for p in sorted((out / "stats").iterdir())]

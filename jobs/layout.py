@@ -1,0 +1,318 @@
+"""The on-disk contract of a job's output: every name, every record, and the order files are written in.
+
+    OUT/job.json                    JobRecord: resolved manifest, shard plan, config and job hashes, version
+    OUT/shards/shard-NNNNN.parquet  OutputRow per decoded row
+    OUT/errors/shard-NNNNN.parquet  ErrorRow per row that could not be decoded (only when there is one)
+    OUT/stats/shard-NNNNN.json      ShardStats
+    OUT/_commits/shard-NNNNN.json   Commit: written LAST; a shard without it does not exist
+    OUT/_job_run.json               JobRun: one entry per controller run, retries, failed shards
+    OUT/report/                     what `adarun report` writes
+
+Exactly once rests on one rule: `ShardFiles.commit` writes a shard's files in the order above and the
+commit marker last, and every reader (`committed`, status, report, resume) trusts only shards with a
+marker. A shard interrupted before its marker is decoded again on the next run and its files are
+overwritten whole (each write replaces an object, or renames a temporary file on local disks).
+
+This module is the only one that spells these names. Torch-free; storage is a `jobs.storage.Store`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+import typing
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .storage import Store
+
+JOB_FILE = "job.json"
+RUN_FILE = "_job_run.json"
+REPORT_DIR = "report"
+_SHARD_DIRS = ("_commits", "shards", "stats", "errors")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def shard_index(name: str) -> int | None:
+    """'shard-00012.json' -> 12; None for anything else."""
+    stem = name.split(".", 1)[0]
+    if not stem.startswith("shard-") or not stem[6:].isdigit():
+        return None
+    return int(stem[6:])
+
+
+# ------------------------------------------------------------------ rows
+
+
+def _arrow_schema(cls) -> pa.Schema:
+    types = {str: pa.string(), int: pa.int32()}
+    hints = typing.get_type_hints(cls)
+    return pa.schema([(f.name, types[hints[f.name]]) for f in fields(cls)])
+
+
+@dataclass
+class OutputRow:
+    """One decoded row of shards/*.parquet; the field order is the Arrow schema's column order."""
+
+    id: str
+    prompt: str
+    completion: str
+    num_prompt_tokens: int
+    num_completion_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) | "length"
+
+
+@dataclass
+class ErrorRow:
+    """One row of errors/*.parquet: a row that could not be decoded, and why (one line)."""
+
+    id: str
+    error: str
+
+
+OUTPUT_SCHEMA = _arrow_schema(OutputRow)
+ERROR_SCHEMA = _arrow_schema(ErrorRow)
+
+
+def _parquet_bytes(rows: list, schema: pa.Schema) -> bytes:
+    table = pa.Table.from_pylist([asdict(r) for r in rows], schema=schema)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------ per-shard statistics
+
+_IDENTITY = (
+    "shard",
+    "attempt",
+    "method",
+    "params",
+    "autotune",
+    "actor_id",
+    "node_id",
+    "host",
+    "pid",
+    "accelerator",
+    "device",
+)
+
+
+@dataclass
+class ShardStats:
+    """What one shard's decoding measured: stats/shard-NNNNN.json. `a + b` adds two shards' stats
+    (counts and seconds summed, histograms merged, time span widened; identity fields kept when equal)."""
+
+    shard: int | None = None
+    attempt: int | None = None
+    rows: int = 0  # rows decoded (in shards/)
+    error_rows: int = 0  # rows rejected (in errors/)
+    errors: list = field(default_factory=list)  # the first error messages (at most 20)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    wall_seconds: float = 0.0
+    started_at: float | None = None  # unix time
+    finished_at: float | None = None
+    gpu_seconds: float = 0.0  # wall x GPUs held
+    cpu_seconds: float = 0.0  # wall x CPUs held
+    method: str | None = None
+    params: dict | None = None
+    rounds: int = 0  # per-row rounds summed over rows (a row's round = one target pass it took part in)
+    drafted_tokens: int = 0  # draft tokens put before the target (tree nodes, root excluded)
+    accepted_tokens: int = 0  # draft tokens the target kept (bonus tokens excluded)
+    accepted_by_depth: dict = field(default_factory=dict)  # depth -> rounds that accepted >= depth tokens
+    draft_lengths: dict = field(default_factory=dict)  # deepest draft level offered -> rounds
+    draft_seconds: float = 0.0  # the time split: proposing,
+    verify_seconds: float = 0.0  # the target pass and verification,
+    other_seconds: float = 0.0  # and everything else (prefill, host work)
+    baseline: list = field(default_factory=list)  # rows decoded both ways: {id, spec_seconds, spec_tokens, plain_...}
+    energy_kwh: float | None = None
+    autotune: dict | None = None  # this actor's autotune measurement and choice, when enabled
+    actor_id: str | None = None
+    node_id: str | None = None
+    host: str | None = None
+    pid: int | None = None
+    accelerator: str | None = None
+    device: str | None = None
+
+    @property
+    def tau(self) -> float:
+        """Tokens emitted per target pass, bonus included (plain decoding = 1.0); 0 with no rounds."""
+        return (self.accepted_tokens + self.rounds) / self.rounds if self.rounds else 0.0
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["tau"] = self.tau
+        d["accepted_by_depth"] = dict(sorted(self.accepted_by_depth.items()))
+        d["draft_lengths"] = dict(sorted(self.draft_lengths.items()))
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> ShardStats:
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        for k in ("accepted_by_depth", "draft_lengths"):
+            kw[k] = {int(x): int(n) for x, n in (d.get(k) or {}).items()}
+        return cls(**kw)
+
+    def __add__(self, o: ShardStats) -> ShardStats:
+        out = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(o, f.name)
+            if f.name in _IDENTITY:
+                out[f.name] = a if a == b else None
+            elif f.name in ("accepted_by_depth", "draft_lengths"):
+                out[f.name] = dict(Counter(a) + Counter(b))
+            elif f.name in ("errors", "baseline"):
+                out[f.name] = a + b
+            elif f.name == "started_at":
+                out[f.name] = min((x for x in (a, b) if x is not None), default=None)
+            elif f.name == "finished_at":
+                out[f.name] = max((x for x in (a, b) if x is not None), default=None)
+            elif f.name == "energy_kwh":
+                out[f.name] = a + b if a is not None and b is not None else None
+            else:
+                out[f.name] = a + b
+        return ShardStats(**out)
+
+
+def total(stats: typing.Iterable[ShardStats]) -> ShardStats:
+    """The sum of many shards' stats (the empty sum is ShardStats())."""
+    items = list(stats)
+    if not items:
+        return ShardStats()
+    acc = items[0]
+    for s in items[1:]:
+        acc = acc + s
+    return acc
+
+
+# ------------------------------------------------------------------ markers and run records
+
+
+@dataclass
+class Commit:
+    """_commits/shard-NNNNN.json: the shard's files are complete."""
+
+    shard: int
+    rows: int
+    error_rows: int
+    attempt: int
+    config_hash: str
+    committed_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def from_json(cls, d: dict) -> Commit:
+        return cls(**{k: d[k] for k in (f.name for f in fields(cls)) if k in d})
+
+
+@dataclass
+class JobRun:
+    """_job_run.json: what each controller run did (a resume appends a run)."""
+
+    runs: list = field(default_factory=list)  # {started_at, finished_at, committed, skipped}
+    retries: list = field(default_factory=list)  # {shard, attempt, actor_died, cause, seconds[, final]}
+    failed: dict = field(default_factory=dict)  # shard name -> cause, for the last run
+    started_at: float | None = None  # of the last run
+    finished_at: float | None = None
+    first_commit_seconds: float | None = None  # of the last run, from its start
+
+    @classmethod
+    def from_json(cls, d: dict) -> JobRun:
+        return cls(**{k: d[k] for k in (f.name for f in fields(cls)) if k in d})
+
+    def add_run(
+        self,
+        started_at: float,
+        committed: int,
+        skipped: int,
+        retries: list,
+        failed: dict[int, str],
+        first_commit_seconds: float | None,
+    ) -> JobRun:
+        now = time.time()
+        return dataclasses.replace(
+            self,
+            runs=self.runs
+            + [{"started_at": started_at, "finished_at": now, "committed": committed, "skipped": skipped}],
+            retries=self.retries + retries,
+            failed={shard_name(k): v for k, v in failed.items()},
+            started_at=started_at,
+            finished_at=now,
+            first_commit_seconds=first_commit_seconds,
+        )
+
+
+# ------------------------------------------------------------------ the files of one output
+
+
+class ShardFiles:
+    """Reads and writes one output's files by name, through a Store (which knows none of these names)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def commit(self, rows: list[OutputRow], errors: list[ErrorRow], stats: ShardStats, commit: Commit) -> None:
+        """Write shards/ -> errors/ (when any) -> stats/ -> _commits/: the marker last, so a reader that
+        sees it sees complete files, and a shard cut short is simply decoded again."""
+        name = shard_name(commit.shard)
+        self.store.write_bytes(f"shards/{name}.parquet", _parquet_bytes(rows, OUTPUT_SCHEMA))
+        if errors:
+            self.store.write_bytes(f"errors/{name}.parquet", _parquet_bytes(errors, ERROR_SCHEMA))
+        self.store.write_json(f"stats/{name}.json", stats.to_json())
+        self.store.write_json(f"_commits/{name}.json", asdict(commit))
+
+    def committed(self) -> dict[int, Commit]:
+        """Shard index -> commit marker, for every committed shard."""
+        out = {}
+        for name in self.store.list("_commits"):
+            i = shard_index(name)
+            if i is not None and name.endswith(".json"):
+                out[i] = Commit.from_json(self.store.read_json(f"_commits/{name}"))
+        return out
+
+    def stats(self, index: int) -> ShardStats | None:
+        rel = f"stats/{shard_name(index)}.json"
+        return ShardStats.from_json(self.store.read_json(rel)) if self.store.exists(rel) else None
+
+    def committed_stats(self) -> list[ShardStats]:
+        """Stats of committed shards, in shard order."""
+        return [s for s in (self.stats(i) for i in sorted(self.committed())) if s is not None]
+
+    def has_any(self) -> bool:
+        return any(self.store.list(d) for d in _SHARD_DIRS)
+
+    def clear(self) -> None:
+        """Remove every shard file, the run record and the report (for --force)."""
+        for d in (*_SHARD_DIRS, REPORT_DIR):
+            self.store.remove(d)
+        self.store.remove(RUN_FILE)
+
+    # ---- job-level records
+    def job(self) -> dict | None:
+        return self.store.read_json(JOB_FILE) if self.store.exists(JOB_FILE) else None
+
+    def write_job(self, doc: dict) -> None:
+        self.store.write_json(JOB_FILE, doc)
+
+    def run(self) -> JobRun:
+        return JobRun.from_json(self.store.read_json(RUN_FILE)) if self.store.exists(RUN_FILE) else JobRun()
+
+    def write_run(self, run: JobRun) -> None:
+        self.store.write_json(RUN_FILE, asdict(run))
+
+    def write_report_file(self, name: str, data: bytes) -> None:
+        self.store.write_bytes(f"{REPORT_DIR}/{name}", data)
+
+    def read_report_file(self, name: str) -> bytes:
+        return self.store.read_bytes(f"{REPORT_DIR}/{name}")
+
+    def report_path(self, name: str) -> str:
+        return self.store.path(f"{REPORT_DIR}/{name}")
