@@ -9,14 +9,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from adarun.cli import cli
 from adaspec_worker.decode.build import build_engine
 from adaspec_worker.decode.ldlp import LDLP, save_ldlp
 from adaspec_worker.decode.model import load_target
-from adaspec_worker.decode.proposers.adaptive import adaedl_update
-from adaspec_worker.decode.proposers.base import PROPOSERS, Proposer
+from adaspec_worker.decode.proposers.adaptive import AdaEDL, adaedl_update
+from adaspec_worker.decode.proposers.base import PROPOSERS, BatchInfo, Proposer, RoundInput
+from adaspec_worker.decode.proposers.fixed import EagleChain
 from adaspec_worker.decode.sampling import SamplingParams
-from jobs.specs import METHOD_SPECS, parse_spec
+from jobs.cli import cli
+from jobs.specs import METHOD_SPECS, AdaEDLSpec, EagleSpec, parse_spec
 from tests import tiny
 from tests.helpers import REPO, TINY, TINY_HEAD
 
@@ -39,6 +40,37 @@ def test_every_spec_class_has_exactly_one_proposer():
 
     implementing = Counter(sub.__dict__["spec_class"] for sub in subclasses(Proposer) if "spec_class" in sub.__dict__)
     assert implementing == Counter(METHOD_SPECS.values())
+
+
+class CountingDrafter:
+    """A fake drafter for proposers tested alone: after token t it is sure the next one is (t + 1) mod V."""
+
+    V = 10
+
+    def logits(self, toks):
+        return 50.0 * torch.nn.functional.one_hot((toks + 1) % self.V, self.V).double()
+
+    def step(self, toks, hidden, level, offset, mask):
+        return self.logits(toks), hidden
+
+
+def round_input(drafter, root):
+    B = root.shape[0]
+    zeros = torch.zeros(B, dtype=torch.long)
+    return RoundInput(root=root, root_logits=drafter.logits(root), root_hidden=torch.zeros(B, 4), drafter=drafter,
+                      sampling=SamplingParams(), seeds=zeros, counter=zeros)
+
+
+def test_proposers_alone_with_a_fake_drafter():
+    drafter = CountingDrafter()
+    r = round_input(drafter, torch.tensor([4, 8]))
+    tree = EagleChain(EagleSpec(k=3)).propose(r, None)
+    assert tree.tokens.tolist() == [[4, 5, 6, 7], [8, 9, 0, 1]] and tree.valid.all()
+    # AdaEDL: a sure drafter has zero entropy, so 1 - sqrt(gamma * H) = 1 >= lambda and the whole chain is kept
+    adaedl = AdaEDL(AdaEDLSpec(k_max=4))
+    adaedl.begin(BatchInfo(B=2, device=torch.device("cpu"), sampling=SamplingParams(), prompts=[[1], [2]]))
+    tree = adaedl.propose(r, None)
+    assert tree.tokens[:, 1:].tolist() == [[5, 6, 7, 8], [9, 0, 1, 2]] and tree.valid.all()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import json
 import matplotlib.image as mpimg
 from click.testing import CliRunner
 
-from adarun.cli import cli
+from jobs.cli import cli
 from tests.helpers import REPO, TINY, TINY_HEAD
 
 
