@@ -3,8 +3,9 @@
 Rows: transformers `generate` (plain), transformers assisted generation (prompt lookup; an assistant
 model with the `heuristic` schedule; batch 1 only, as transformers allows), adarun `none`, and each
 adarun method given. Columns: batch sizes x temperatures. Per cell: output tokens/s, ms per output
-token, speedup over adarun `none` and over transformers `generate`, tau, the draft/verify/other time
-split, peak GPU memory; one warm-up run excluded, then the median of `repeats` runs. Every row
+token, speedup over adarun `none` and over transformers `generate`, tau, the time split
+(`draft_seconds`, `verify_seconds`, `other_seconds`, as `EngineStats` names them), peak GPU memory;
+one warm-up run excluded, then the median of `repeats` runs (`timing.measure`). Every row
 decodes exactly `new_tokens` tokens (EOS ignored) so cells compare equal work.
 
 Writes bench.json (cells + provenance: command line, git commit, device, driver, library versions),
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -23,9 +23,16 @@ from dataclasses import dataclass
 
 import torch
 
+from jobs.specs import parse_spec
+
+from .decode.build import build_engine
 from .decode.engine import Engine
 from .decode.model import load_target
 from .decode.sampling import SamplingParams
+from .decode.stats import EngineStats
+from .timing import measure
+
+SPLIT = ("draft_seconds", "verify_seconds", "other_seconds")  # the time split a cell records
 
 
 @dataclass
@@ -62,11 +69,6 @@ def parse_method(text: str) -> tuple[str, dict, str]:
     return name, params, text
 
 
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def provenance(argv: list[str], dev) -> dict:
     def cmd(*a):
         try:
@@ -98,40 +100,22 @@ def load_prompts(cfg: BenchConfig, tok) -> list[list[int]]:
     return ids[:need]
 
 
-class Timer:
-    """Median of repeated timed runs after one warm-up; also the engine's phase split and peak memory."""
-
-    def __init__(self, dev, repeats):
-        self.dev, self.repeats = dev, repeats
-
-    def run(self, fn) -> dict:
-        fn()  # warm-up (graph capture, allocator, kernels)
-        times, extra = [], []
-        if self.dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        for _ in range(self.repeats):
-            _sync(self.dev)
-            t = time.perf_counter()
-            info = fn()
-            _sync(self.dev)
-            times.append(time.perf_counter() - t)
-            extra.append(info)
-        i = times.index(statistics.median(times))
-        peak = torch.cuda.max_memory_allocated() / 2**20 if self.dev.type == "cuda" else None
-        return {"seconds": times[i], "all_seconds": times, "peak_mem_mib": peak, **extra[i]}
+def timed(fn, dev, repeats: int) -> dict:
+    """One warm-up, then the median of `repeats` synchronised runs; fn() returns the cell's counts."""
+    m = measure(fn, dev, warmup=1, repeats=repeats)
+    return {"seconds": m.seconds, "all_seconds": m.all_seconds, "peak_mem_mib": m.peak_mem_mib, **m.result}
 
 
-def bench_adarun(eng: Engine, prompts, B: int, n: int, sp: SamplingParams) -> dict:
+def bench_adarun(engine: Engine, prompts, B: int, n: int, sampling: SamplingParams) -> dict:
     todo = prompts[: max(B, n)]
-    emitted, rounds, acc, split = 0, 0, 0, {"draft": 0.0, "verify": 0.0, "other": 0.0}
+    emitted, total = 0, EngineStats()
     for i in range(0, len(todo), B):
-        outs, st = eng.generate(todo[i: i + B], sp, seeds=list(range(i, i + B)))
+        outs, stats = engine.generate(todo[i: i + B], sampling, seeds=list(range(i, i + B)))
         emitted += sum(len(o.tokens) for o in outs)
-        rounds += st.seq.rounds
-        acc += st.seq.accepted
-        for k in split:
-            split[k] += getattr(st, f"{k}_s")
-    return {"tokens": emitted, "tau": (acc + rounds) / rounds if rounds else None, "split_seconds": split}
+        total = total + stats
+    return {"tokens": emitted, "tau": total.rows.tau if total.rows.rounds else None,
+            "draft_seconds": total.draft_seconds, "verify_seconds": total.verify_seconds,
+            "other_seconds": total.other_seconds}
 
 
 def bench_hf(model, prompts, B, n, temperature, new_tokens, dev, **kw) -> dict:
@@ -150,21 +134,19 @@ def bench_hf(model, prompts, B, n, temperature, new_tokens, dev, **kw) -> dict:
             gen.update(temperature=temperature, top_k=0, top_p=1.0)
         out = model.generate(input_ids=ids, attention_mask=att, **gen, **kw)
         emitted += (out.shape[1] - L) * len(batch)
-    return {"tokens": emitted, "tau": None, "split_seconds": None}
+    return {"tokens": emitted, "tau": None, **dict.fromkeys(SPLIT)}
 
 
 def run_bench(cfg: BenchConfig, argv: list[str], log=print) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from .decode.model import resolve_device, resolve_dtype
+    from .decode.model import resolve_device
 
     dev = torch.device(resolve_device(cfg.device))
     torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(cfg.target)
-    prompts = load_prompts(cfg, tok)
+    prompts = load_prompts(cfg, AutoTokenizer.from_pretrained(cfg.target))
     target = load_target(cfg.target, cfg.dtype, str(dev))
-    timer = Timer(dev, cfg.repeats)
-    cells = []
+    cells: list[dict] = []
     meta = provenance(argv, dev)
     log(json.dumps(meta))
 
@@ -172,58 +154,75 @@ def run_bench(cfg: BenchConfig, argv: list[str], log=print) -> dict:
         res.update(method=method, label=label, batch=B, temperature=T, kind=kind,
                    tokens_per_s=res["tokens"] / res["seconds"], ms_per_token=1e3 * res["seconds"] / res["tokens"])
         cells.append(res)
+        tau = res["tau"] if res["tau"] is None else round(res["tau"], 2)
         log(f"{label:32s} B={B:<3d} T={T:<4} {res['tokens_per_s']:10.1f} tok/s  {res['ms_per_token']:8.3f} ms/tok  "
-            f"tau={res['tau'] if res['tau'] is None else round(res['tau'], 2)}")
+            f"tau={tau}")
 
-    # transformers baselines
     if cfg.baselines:
-        hf = AutoModelForCausalLM.from_pretrained(cfg.target, dtype=resolve_dtype(cfg.dtype, str(dev))).to(dev).eval()
-        assistant = None
-        if "hf-assist" in cfg.baselines and cfg.draft_model:
-            assistant = AutoModelForCausalLM.from_pretrained(cfg.draft_model, dtype=hf.dtype).to(dev).eval()
-            assistant.generation_config.num_assistant_tokens_schedule = "heuristic"
-        for T in cfg.temperatures:
-            for B in cfg.batch_sizes:
-                kinds = [("hf-generate", {})]
-                if B == 1 and "hf-lookup" in cfg.baselines:
-                    kinds.append(("hf-prompt-lookup", {"prompt_lookup_num_tokens": 10}))
-                if B == 1 and assistant is not None:
-                    kinds.append(("hf-assisted", {"assistant_model": assistant}))
-                for name, kw in kinds:
-                    with torch.inference_mode():
-                        res = timer.run(lambda: bench_hf(hf, prompts, B, cfg.hf_prompts if B == 1 else B,
-                                                         T, cfg.new_tokens, dev, **kw))
-                    record(name, name, B, T, res, "transformers")
-        del hf, assistant
+        bench_transformers(cfg, prompts, dev, record)
         if dev.type == "cuda":
-            torch.cuda.empty_cache()
-
-    labels = ["none"] + [m for m in cfg.methods if m != "none"]
-    for label in labels:
-        name, params, _ = parse_method(label)
-        eng = Engine.load(target, name, params, cfg.draft_model if name == "draft-model" else cfg.draft, cfg.ldlp)
-        for T in cfg.temperatures:
-            if name == "oracle" and T > 0:
-                continue
-            sp = SamplingParams(max_new_tokens=cfg.new_tokens, temperature=T)
-            for B in cfg.batch_sizes:
-                res = timer.run(lambda: bench_adarun(eng, prompts, B, cfg.n_prompts, sp))
-                record(name, label, B, T, res, "adarun")
-        del eng
+            torch.cuda.empty_cache()  # the transformers models are gone with bench_transformers' frame
+    for label in ["none"] + [m for m in cfg.methods if m != "none"]:
+        bench_method(cfg, target, label, prompts, dev, record)
         write_outputs({"meta": meta, "config": {}, "cells": cells, "partial": True}, cfg.out)  # keep what is measured
-    result = {"meta": meta, "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}, "cells": cells}
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}
+    result = {"meta": meta, "config": config, "cells": cells}
     write_outputs(result, cfg.out)
     return result
+
+
+def bench_transformers(cfg: BenchConfig, prompts, dev, record) -> None:
+    """transformers `generate`, prompt lookup and assisted generation (the last two at batch 1 only)."""
+    from transformers import AutoModelForCausalLM
+
+    from .decode.model import resolve_dtype
+
+    hf = AutoModelForCausalLM.from_pretrained(cfg.target, dtype=resolve_dtype(cfg.dtype, str(dev))).to(dev).eval()
+    assistant = None
+    if "hf-assist" in cfg.baselines and cfg.draft_model:
+        assistant = AutoModelForCausalLM.from_pretrained(cfg.draft_model, dtype=hf.dtype).to(dev).eval()
+        assistant.generation_config.num_assistant_tokens_schedule = "heuristic"
+    for T in cfg.temperatures:
+        for B in cfg.batch_sizes:
+            kinds = [("hf-generate", {})]
+            if B == 1 and "hf-lookup" in cfg.baselines:
+                kinds.append(("hf-prompt-lookup", {"prompt_lookup_num_tokens": 10}))
+            if B == 1 and assistant is not None:
+                kinds.append(("hf-assisted", {"assistant_model": assistant}))
+            n = cfg.hf_prompts if B == 1 else B
+            for name, kw in kinds:
+                run = lambda B=B, T=T, n=n, kw=kw: bench_hf(hf, prompts, B, n, T, cfg.new_tokens, dev, **kw)
+                with torch.inference_mode():
+                    res = timed(run, dev, cfg.repeats)
+                record(name, name, B, T, res, "transformers")
+
+
+def bench_method(cfg: BenchConfig, target, label: str, prompts, dev, record) -> None:
+    """One adarun method (a `parse_method` label) over every batch size and temperature."""
+    name, params, _ = parse_method(label)
+    spec = parse_spec(name, params)
+    draft = cfg.draft_model if spec.drafter_kind == "draft-model" else cfg.draft
+    engine = build_engine(target, spec, draft=draft, ldlp=cfg.ldlp)
+    for T in cfg.temperatures:
+        if name == "oracle" and T > 0:
+            continue
+        sampling = SamplingParams(max_new_tokens=cfg.new_tokens, temperature=T)
+        for B in cfg.batch_sizes:
+            run = lambda B=B, sampling=sampling: bench_adarun(engine, prompts, B, cfg.n_prompts, sampling)
+            record(name, label, B, T, timed(run, dev, cfg.repeats), "adarun")
 
 
 def add_ratios(cells: list[dict]) -> None:
     """Speedups and memory as ratios within this run (same batch size and temperature)."""
     for c in cells:
-        same = lambda lab: next((x for x in cells if x["label"] == lab and x["batch"] == c["batch"] and x["temperature"] == c["temperature"]), None)  # noqa: E731
+        def same(label, c=c):
+            return next((x for x in cells if x["label"] == label and x["batch"] == c["batch"]
+                         and x["temperature"] == c["temperature"]), None)
         base, hfg = same("none"), same("hf-generate")
         c["speedup_vs_none"] = c["tokens_per_s"] / base["tokens_per_s"] if base else None
         c["speedup_vs_hf_generate"] = c["tokens_per_s"] / hfg["tokens_per_s"] if hfg else None
-        c["mem_vs_none"] = c["peak_mem_mib"] / base["peak_mem_mib"] if base and c["peak_mem_mib"] and base["peak_mem_mib"] else None
+        has_mem = base and c["peak_mem_mib"] and base["peak_mem_mib"]
+        c["mem_vs_none"] = c["peak_mem_mib"] / base["peak_mem_mib"] if has_mem else None
 
 
 def write_outputs(result: dict, out: str) -> None:
@@ -242,17 +241,20 @@ def _f(v, fmt="{:.2f}"):
 
 def markdown(result: dict) -> str:
     m = result["meta"]
-    lines = [f"# adarun bench: {m['gpu'] or m['cpu']}", "",
-             f"`{m['command']}`  ", f"commit `{m['git_commit']}`, device {m['device']} ({m['gpu'] or m['cpu']}, driver {m['driver']}), "
+    where = m["gpu"] or m["cpu"]
+    lines = [f"# adarun bench: {where}", "",
+             f"`{m['command']}`  ",
+             f"commit `{m['git_commit']}`, device {m['device']} ({where}, driver {m['driver']}), "
              f"torch {m['torch']}, transformers {m['transformers']}, python {m['python']}, {m['date']}", "",
-             "| method | batch | temp | tok/s | ms/tok | vs none | vs HF generate | tau | draft/verify/other s | peak MiB | mem vs none |",
+             "| method | batch | temp | tok/s | ms/tok | vs none | vs HF generate | tau | draft/verify/other s "
+             "| peak MiB | mem vs none |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in sorted(result["cells"], key=lambda c: (c["temperature"], c["batch"], c["kind"] != "transformers", c["label"])):
-        sp = c["split_seconds"]
-        split = "" if not sp else "/".join(f"{sp[k]:.2f}" for k in ("draft", "verify", "other"))
-        lines.append(f"| {c['label']} | {c['batch']} | {c['temperature']} | {c['tokens_per_s']:.1f} | {c['ms_per_token']:.3f} | "
-                     f"{_f(c['speedup_vs_none'])} | {_f(c['speedup_vs_hf_generate'])} | {_f(c['tau'])} | {split} | "
-                     f"{_f(c['peak_mem_mib'], '{:.0f}')} | {_f(c['mem_vs_none'])} |")
+    order = lambda c: (c["temperature"], c["batch"], c["kind"] != "transformers", c["label"])
+    for c in sorted(result["cells"], key=order):
+        split = "" if c.get("draft_seconds") is None else "/".join(f"{c[k]:.2f}" for k in SPLIT)
+        lines.append(f"| {c['label']} | {c['batch']} | {c['temperature']} | {c['tokens_per_s']:.1f} | "
+                     f"{c['ms_per_token']:.3f} | {_f(c['speedup_vs_none'])} | {_f(c['speedup_vs_hf_generate'])} | "
+                     f"{_f(c['tau'])} | {split} | {_f(c['peak_mem_mib'], '{:.0f}')} | {_f(c['mem_vs_none'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -264,31 +266,48 @@ def plots(result: dict, out: str) -> None:
 
     cells = [c for c in result["cells"] if c["kind"] == "adarun"]
     temps = sorted({c["temperature"] for c in cells})
+    _speedup_plot(plt, cells, temps, os.path.join(out, "speedup.png"))
+    _tau_plot(plt, cells, temps, os.path.join(out, "tau.png"))
+
+
+def _speedup_plot(plt, cells: list[dict], temps: list[float], path: str) -> None:
+    """Speedup over adarun none against batch size, one panel per temperature."""
     fig, axes = plt.subplots(1, len(temps), figsize=(6 * len(temps), 4), squeeze=False)
     names = list(dict.fromkeys(c["label"] for c in cells))
-    colors = plt.cm.tab20(range(len(names))) if len(names) <= 20 else plt.cm.viridis([i / len(names) for i in range(len(names))])
+    if len(names) <= 20:
+        colors = plt.cm.tab20(range(len(names)))
+    else:
+        colors = plt.cm.viridis([i / len(names) for i in range(len(names))])
     markers = "os^Dvx*P<>hX"
     for ax, T in zip(axes[0], temps):
         for i, label in enumerate(names):  # a distinct colour and marker per method
-            pts = sorted((c["batch"], c["speedup_vs_none"]) for c in cells if c["label"] == label and c["temperature"] == T)
+            pts = sorted((c["batch"], c["speedup_vs_none"]) for c in cells
+                         if c["label"] == label and c["temperature"] == T)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], color=colors[i], label=label)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], color=colors[i],
+                        label=label)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set(xscale="log", xlabel="batch size", ylabel="speedup over adarun none", title=f"temperature {T}")
-    handles = max((ax.get_legend_handles_labels() for ax in axes[0]), key=lambda hl: len(hl[1]))  # the panel with every method
+    # the legend of the panel with every method
+    handles = max((ax.get_legend_handles_labels() for ax in axes[0]), key=lambda hl: len(hl[1]))
     axes[0][-1].legend(*handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "speedup.png"), dpi=90)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _tau_plot(plt, cells: list[dict], temps: list[float], path: str) -> None:
+    """tau per method at the smallest batch size, one bar per temperature."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    spec = [c for c in cells if c["tau"] is not None and c["batch"] == min(c2["batch"] for c2 in cells)]
+    smallest = min(c["batch"] for c in cells)
+    spec = [c for c in cells if c["tau"] is not None and c["batch"] == smallest]
     labels = list(dict.fromkeys(c["label"] for c in spec))
     for j, T in enumerate(temps):
         vals = [next((c["tau"] for c in spec if c["label"] == lab and c["temperature"] == T), 0) for lab in labels]
         ax.bar([i + 0.4 * j for i in range(len(labels))], vals, width=0.4, label=f"T={T}")
     ax.set_xticks([i + 0.2 for i in range(len(labels))], labels, rotation=30, ha="right", fontsize=8)
-    ax.set(ylabel="tau (tokens per target forward)", title="Mean accepted length per method (smallest batch)")
+    ax.set(ylabel="tau (tokens per target pass)", title="tau per method (smallest batch)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "tau.png"), dpi=90)
+    fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -74,7 +74,8 @@ def main():
     model.to(torch.bfloat16).save_pretrained(args.out)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(args.tokenizer, f), args.out)
-    report = {"params": sum(p.numel() for p in model.parameters()), "steps": step, "train_seconds": round(time.time() - t_train, 1),
+    report = {"params": sum(p.numel() for p in model.parameters()), "steps": step,
+              "train_seconds": round(time.time() - t_train, 1),
               "tokens_seen": step * args.batch_size * args.seq_len, "loss_curve": losses, "holdout_loss": round(vl, 4),
               "corpus": info, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "args": vars(args)}
     with open(os.path.join(args.out, "train_report.json"), "w") as f:

@@ -3,29 +3,74 @@ training commands (train-draft, fit-ldlp) doing what they claim on tiny setups."
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from adarun.cli import cli
-from adaspec_worker.decode.proposers.adaptive import adaedl_update
-from adaspec_worker.decode.engine import Engine
+from adaspec_worker.decode.build import build_engine
 from adaspec_worker.decode.ldlp import LDLP, save_ldlp
-from adaspec_worker.decode.proposers.fixed import PROPOSERS
 from adaspec_worker.decode.model import load_target
+from adaspec_worker.decode.proposers.adaptive import AdaEDL, adaedl_update
+from adaspec_worker.decode.proposers.base import PROPOSERS, BatchInfo, Proposer, RoundInput
+from adaspec_worker.decode.proposers.fixed import EagleChain
 from adaspec_worker.decode.sampling import SamplingParams
-from jobs.specs import METHOD_SPECS
+from jobs.cli import cli
+from jobs.specs import METHOD_SPECS, AdaEDLSpec, EagleSpec, parse_spec
 from tests import tiny
 from tests.helpers import REPO, TINY, TINY_HEAD
 
-ADAPTIVE = [("adaeagle", {}), ("adaeagle-ddd", {}), ("adaedl", {"k_max": 4}), ("ddd", {"top_k": 3, "max_depth": 5, "total_tokens": 12}),
-            ("opt-tree", {"n": 3, "max_depth": 5, "delta": 0.05}), ("ldlp-tree", {"top_k": 3, "nodes_per_level": 4, "max_depth": 4}),
+ADAPTIVE = [("adaeagle", {}), ("adaeagle-ddd", {}), ("adaedl", {"k_max": 4}),
+            ("ddd", {"top_k": 3, "max_depth": 5, "total_tokens": 12}),
+            ("opt-tree", {"n": 3, "max_depth": 5, "delta": 0.05}),
+            ("ldlp-tree", {"top_k": 3, "nodes_per_level": 4, "max_depth": 4}),
             ("oracle", {"k_max": 5})]
 
 
 def test_every_method_has_a_proposer_and_a_spec():
-    assert set(PROPOSERS) == set(METHOD_SPECS)
+    assert set(PROPOSERS) == set(METHOD_SPECS.values())
+
+
+def test_every_spec_class_has_exactly_one_proposer():
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    implementing = Counter(sub.__dict__["spec_class"] for sub in subclasses(Proposer) if "spec_class" in sub.__dict__)
+    assert implementing == Counter(METHOD_SPECS.values())
+
+
+class CountingDrafter:
+    """A fake drafter for proposers tested alone: after token t it is sure the next one is (t + 1) mod V."""
+
+    V = 10
+
+    def logits(self, toks):
+        return 50.0 * torch.nn.functional.one_hot((toks + 1) % self.V, self.V).double()
+
+    def step(self, toks, hidden, level, offset, mask):
+        return self.logits(toks), hidden
+
+
+def round_input(drafter, root):
+    B = root.shape[0]
+    zeros = torch.zeros(B, dtype=torch.long)
+    return RoundInput(root=root, root_logits=drafter.logits(root), root_hidden=torch.zeros(B, 4), drafter=drafter,
+                      sampling=SamplingParams(), seeds=zeros, counter=zeros)
+
+
+def test_proposers_alone_with_a_fake_drafter():
+    drafter = CountingDrafter()
+    r = round_input(drafter, torch.tensor([4, 8]))
+    tree = EagleChain(EagleSpec(k=3)).propose(r, None)
+    assert tree.tokens.tolist() == [[4, 5, 6, 7], [8, 9, 0, 1]] and tree.valid.all()
+    # AdaEDL: a sure drafter has zero entropy, so 1 - sqrt(gamma * H) = 1 >= lambda and the whole chain is kept
+    adaedl = AdaEDL(AdaEDLSpec(k_max=4))
+    adaedl.begin(BatchInfo(B=2, device=torch.device("cpu"), sampling=SamplingParams(), prompts=[[1], [2]]))
+    tree = adaedl.propose(r, None)
+    assert tree.tokens[:, 1:].tolist() == [[5, 6, 7, 8], [9, 0, 1, 2]] and tree.valid.all()
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +92,14 @@ def setup(tmp_path_factory):
 def test_adaptive_greedy_equals_plain(setup, method, params, batch):
     hf, d, tgt = setup
     g = torch.Generator().manual_seed(batch + 10)
-    prompts = [torch.randint(0, 24, (int(n),), generator=g).tolist() for n in torch.randint(1, 12, (batch,), generator=g)]
+    lengths = torch.randint(1, 12, (batch,), generator=g)
+    prompts = [torch.randint(0, 24, (int(n),), generator=g).tolist() for n in lengths]
     sp = SamplingParams(max_new_tokens=16)
-    plain, _ = Engine(tgt, "none").generate(prompts, sp)
-    eng = Engine.load(tgt, method, params, str(d / "head"), str(d / "ldlp"))
+    plain, _ = build_engine(tgt, parse_spec("none", {})).generate(prompts, sp)
+    eng = build_engine(tgt, parse_spec(method, params), draft=str(d / "head"), ldlp=str(d / "ldlp"))
     outs, st = eng.generate(prompts, sp)
     assert [o.tokens for o in outs] == [p.tokens for p in plain]
-    assert st.seq.tau >= 1.0
+    assert st.rows.tau >= 1.0
 
 
 def test_adaptive_on_the_shipped_model_beats_a_random_guess():
@@ -65,13 +111,14 @@ def test_adaptive_on_the_shipped_model_beats_a_random_guess():
     rows = pq.read_table(REPO / "manifests" / "prompts.parquet").column("prompt").to_pylist()[:4]
     prompts = [tok(r, add_special_tokens=False)["input_ids"][-200:] for r in rows]
     sp = SamplingParams(max_new_tokens=24)
-    plain, _ = Engine(tgt, "none").generate(prompts, sp)
+    plain, _ = build_engine(tgt, parse_spec("none", {})).generate(prompts, sp)
     taus = {}
     for method in ("adaeagle", "oracle", "ldlp-tree"):
-        eng = Engine.load(tgt, method, {}, str(TINY_HEAD), str(REPO / "models" / "pycoder-tiny-ldlp"))
+        eng = build_engine(tgt, parse_spec(method, {}), draft=str(TINY_HEAD),
+                           ldlp=str(REPO / "models" / "pycoder-tiny-ldlp"))
         outs, st = eng.generate(prompts, sp)
         assert [o.tokens for o in outs] == [p.tokens for p in plain]
-        taus[method] = st.seq.tau
+        taus[method] = st.rows.tau
     assert taus["oracle"] >= taus["adaeagle"] > 1.3
 
 
@@ -97,13 +144,15 @@ def test_train_draft_lowers_loss_raises_tau_and_writes_eagle_format(tmp_path):
     corpus.mkdir()
     for i, p in enumerate(sorted((REPO / "adaspec_worker").rglob("*.py"))):
         (corpus / f"{i}.py").write_text(p.read_text())
-    r = CliRunner().invoke(cli, ["train-draft", "--target", str(d / "target"), "--corpus", str(corpus / "*.py"), "--out", str(d / "head"),
-                                 "--steps", "150", "--batch-size", "8", "--seq-len", "64", "--lr", "3e-3", "--quiet", "--device", "cpu"])
+    r = CliRunner().invoke(cli, ["train-draft", "--target", str(d / "target"), "--corpus", str(corpus / "*.py"),
+                                 "--out", str(d / "head"), "--steps", "150", "--batch-size", "8", "--seq-len", "64",
+                                 "--lr", "3e-3", "--quiet", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output.strip().splitlines()[-1])
     assert rep["val_after"]["loss"] < rep["val_before"]["loss"]
     keys = set(load_file(str(d / "head" / "model.safetensors")))
-    assert "fc.weight" in keys and "fc.bias" in keys and not any(k.startswith(("lm_head", "layers.0.input_layernorm")) for k in keys)
+    assert "fc.weight" in keys and "fc.bias" in keys
+    assert not any(k.startswith(("lm_head", "layers.0.input_layernorm")) for k in keys)
     assert all(k.startswith(("fc.", "layers.0.")) for k in keys)
     cfg = json.loads((d / "head" / "config.json").read_text())
     assert cfg["bias"] is True and cfg["num_hidden_layers"] == 1
@@ -112,24 +161,29 @@ def test_train_draft_lowers_loss_raises_tau_and_writes_eagle_format(tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(TINY)
-    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("import os\nimport sys\n\n\ndef main(", "class Foo:\n    def __init__(self")]
+    texts = ("import os\nimport sys\n\n\ndef main(", "class Foo:\n    def __init__(self")
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     taus = {}
     for name in ("random", "head"):
-        _, st = Engine.load(tgt, "eagle", {"k": 4}, str(d / name)).generate(prompts, SamplingParams(max_new_tokens=32))
-        taus[name] = st.seq.tau
+        _, st = build_engine(tgt, parse_spec("eagle", {"k": 4}), draft=str(d / name)).generate(prompts,
+                                                                                    SamplingParams(max_new_tokens=32))
+        taus[name] = st.rows.tau
     assert taus["head"] > taus["random"]
     # resume: rerunning continues from the checkpoint rather than starting over
-    r = CliRunner().invoke(cli, ["train-draft", "--target", str(d / "target"), "--corpus", str(corpus / "*.py"), "--out", str(d / "head"),
-                                 "--steps", "160", "--batch-size", "8", "--seq-len", "64", "--quiet", "--device", "cpu"])
+    r = CliRunner().invoke(cli, ["train-draft", "--target", str(d / "target"), "--corpus", str(corpus / "*.py"),
+                                 "--out", str(d / "head"), "--steps", "160", "--batch-size", "8", "--seq-len", "64",
+                                 "--quiet", "--device", "cpu"])
     assert json.loads(r.output.strip().splitlines()[-1])["steps_run"] == 10
 
 
 def test_fit_ldlp_beats_a_constant_predictor(tmp_path):
-    from adaspec_worker.decode.ldlp import LDLPFitConfig, fit_ldlp
-
     import sysconfig
-    cfg = LDLPFitConfig(prompts=80, new_tokens=40, widths=(64,), lambdas=(2.0,), k_maxes=(6,), steps=300, device="cpu", dtype="float32")
-    meta = fit_ldlp(str(TINY), str(TINY_HEAD), sysconfig.get_paths()["stdlib"] + "/*.py", str(tmp_path / "ldlp"), cfg, log=lambda m: None)
+
+    from adaspec_worker.train.fit_ldlp import LDLPFitConfig, fit_ldlp
+    cfg = LDLPFitConfig(prompts=80, new_tokens=40, widths=(64,), lambdas=(2.0,), k_maxes=(6,), steps=300, device="cpu",
+                        dtype="float32")
+    corpus = sysconfig.get_paths()["stdlib"] + "/*.py"
+    meta = fit_ldlp(str(TINY), str(TINY_HEAD), corpus, str(tmp_path / "ldlp"), cfg, log=lambda m: None)
     assert meta["val_mae"] < meta["constant_mae"]
     saved = json.loads((tmp_path / "ldlp" / "config.json").read_text())
     for k in ("width", "lambda", "k_max", "val_mae", "val_exact_share"):

@@ -8,15 +8,16 @@ import json
 import pytest
 import torch
 
+from adaspec_worker.decode.build import build_engine
 from adaspec_worker.decode.drafters import DRAFTERS
-from adaspec_worker.decode.engine import Engine
 from adaspec_worker.decode.model import ModelLoadError, load_target
 from adaspec_worker.decode.sampling import SamplingParams
-from adaspec_worker.decode.trees import DraftTree, grow_dynamic, grow_static, StaticShape, DEFAULT_STATIC_TREE
+from adaspec_worker.decode.trees import DEFAULT_STATIC_TREE, DraftTree, StaticShape, grow_dynamic, grow_static
+from jobs.specs import parse_spec
 from tests import tiny
 
-METHODS = [("none", {}), ("eagle", {"k": 3}), ("eagle-tree", {}), ("eagle2", {"top_k": 4, "depth": 4, "total_tokens": 12}),
-           ("draft-model", {"k": 3})]
+METHODS = [("none", {}), ("eagle", {"k": 3}), ("eagle-tree", {}),
+           ("eagle2", {"top_k": 4, "depth": 4, "total_tokens": 12}), ("draft-model", {"k": 3})]
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -43,19 +44,20 @@ def hf_greedy(hf, prompts, n):
 def test_greedy_equals_transformers_generate(setup, method, params, batch):
     hf, d, tgt = setup
     g = torch.Generator().manual_seed(batch)
-    prompts = [torch.randint(0, 24, (int(n),), generator=g).tolist() for n in torch.randint(1, 12, (batch,), generator=g)]
+    lengths = torch.randint(1, 12, (batch,), generator=g)
+    prompts = [torch.randint(0, 24, (int(n),), generator=g).tolist() for n in lengths]
     ref = hf_greedy(hf, prompts, 16)
     draft = {"none": None, "draft-model": d / "draft"}.get(method, d / "head")
-    eng = Engine.load(tgt, method, params, str(draft) if draft else None)
+    eng = build_engine(tgt, parse_spec(method, params), draft=str(draft) if draft else None)
     outs, stats = eng.generate(prompts, SamplingParams(max_new_tokens=16))
     assert [o.tokens for o in outs] == ref
-    assert stats.seq.tau >= 1.0
+    assert stats.rows.tau >= 1.0
 
 
 def test_eagle3_head_loads_runs_and_is_lossless(setup):
     hf, d, tgt = setup
     prompts = [[1, 2, 3, 4, 5], [7, 1]]
-    eng = Engine.load(tgt, "eagle2", {"top_k": 3, "depth": 3, "total_tokens": 8}, str(d / "head3"))
+    eng = build_engine(tgt, parse_spec("eagle2", {"top_k": 3, "depth": 3, "total_tokens": 8}), draft=str(d / "head3"))
     assert type(eng.drafter).__name__ == "Eagle3Head"
     outs, _ = eng.generate(prompts, SamplingParams(max_new_tokens=10))
     assert [o.tokens for o in outs] == hf_greedy(hf, prompts, 10)
@@ -64,14 +66,15 @@ def test_eagle3_head_loads_runs_and_is_lossless(setup):
 
 def test_perfect_drafter_accepts_everything(setup):
     hf, d, tgt = setup
-    eng = Engine.load(tgt, "draft-model", {"k": 4}, str(d / "target"))  # the target drafting for itself
+    # the target drafting for itself
+    eng = build_engine(tgt, parse_spec("draft-model", {"k": 4}), draft=str(d / "target"))
     outs, st = eng.generate([[3, 4, 5]], SamplingParams(max_new_tokens=15))
-    assert st.seq.tau == pytest.approx(5.0) and outs[0].tokens == hf_greedy(hf, [[3, 4, 5]], 15)[0]
+    assert st.rows.tau == pytest.approx(5.0) and outs[0].tokens == hf_greedy(hf, [[3, 4, 5]], 15)[0]
 
 
 def test_pycoder_22m_matches_generate(shared):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tests.helpers import REPO
 
@@ -85,12 +88,12 @@ def test_pycoder_22m_matches_generate(shared):
     for method, params, draft in [("draft-model", {"k": 4}, shared / "models" / "pycoder-mini"),
                                   ("eagle2", {}, REPO / "heads" / "pycoder-22m-eagle"),
                                   ("eagle", {"k": 4}, REPO / "heads" / "pycoder-22m-eagle")]:
-        eng = Engine.load(tgt, method, params, str(draft))
+        eng = build_engine(tgt, parse_spec(method, params), draft=str(draft))
         for bs in (1, 3):
             outs, st = eng.generate(prompts[:bs], SamplingParams(max_new_tokens=24))
             assert [o.tokens for o in outs] == ref[:bs], (method, bs)
         if method != "draft-model":
-            assert st.seq.tau > 1.5, "the trained head should be accepted often"
+            assert st.rows.tau > 1.5, "the trained head should be accepted often"
 
 
 def test_tree_mask_is_ancestor_closure():
@@ -101,7 +104,8 @@ def test_tree_mask_is_ancestor_closure():
         return torch.randn(*toks.shape, V), torch.randn(*toks.shape, H)
 
     trees = [grow_dynamic(torch.zeros(B, dtype=torch.long), torch.randn(B, V), torch.randn(B, H), step, 4, 5, 25),
-             grow_static(torch.zeros(B, dtype=torch.long), torch.randn(B, V), torch.randn(B, H), step, StaticShape.from_paths(DEFAULT_STATIC_TREE))]
+             grow_static(torch.zeros(B, dtype=torch.long), torch.randn(B, V), torch.randn(B, H), step,
+                         StaticShape.from_paths(DEFAULT_STATIC_TREE))]
     for tree in trees:
         anc = tree.ancestors()
         for b in range(B):
@@ -130,7 +134,8 @@ def test_kv_cache_after_compaction_equals_fresh_forward(setup):
     cache.lens += P
     # a tree of 5 nodes: 0 -> 1 -> 3, 0 -> 2 -> 4 ; accept 0,2,4 in row 0 and 0,1 in row 1
     tree = DraftTree(tokens=torch.randint(0, 24, (B, 5)), parents=torch.tensor([[0, 0, 0, 1, 2]] * B),
-                     depth=torch.tensor([[0, 1, 1, 2, 2]] * B), valid=torch.ones(B, 5, dtype=torch.bool), levels=2, width=2)
+                     depth=torch.tensor([[0, 1, 1, 2, 2]] * B), valid=torch.ones(B, 5, dtype=torch.bool), levels=2,
+                     width=2)
     tgt(tree.tokens, tree.positions(cache.lens), cache, tree.ancestors())
     path = torch.tensor([[0, 2, 4], [0, 1, 0]])
     keep = torch.tensor([3, 2])
@@ -194,12 +199,13 @@ def test_eos_max_tokens_and_stop_callback(setup):
     hf, d, tgt = setup
     ref = hf_greedy(hf, [[5, 6, 7]], 12)[0]
     eos = ref[4]
-    eng = Engine.load(tgt, "eagle2", {"top_k": 4, "depth": 4, "total_tokens": 12}, str(d / "head"))
+    eng = build_engine(tgt, parse_spec("eagle2", {"top_k": 4, "depth": 4, "total_tokens": 12}), draft=str(d / "head"))
     outs, _ = eng.generate([[5, 6, 7]], SamplingParams(max_new_tokens=12, eos_token_ids=(eos,)))
     assert outs[0].tokens == ref[: ref.index(eos) + 1] and outs[0].finish_reason == "stop"
     outs, _ = eng.generate([[5, 6, 7]], SamplingParams(max_new_tokens=7))
     assert outs[0].tokens == ref[:7] and outs[0].finish_reason == "length"
-    outs, _ = eng.generate([[5, 6, 7]], SamplingParams(max_new_tokens=12), stop_fn=lambda b, t: 3 if len(t) >= 3 else None)
+    outs, _ = eng.generate([[5, 6, 7]], SamplingParams(max_new_tokens=12),
+                           stop_fn=lambda b, t: 3 if len(t) >= 3 else None)
     assert outs[0].tokens == ref[:3] and outs[0].finish_reason == "stop"
 
 
@@ -207,9 +213,10 @@ def test_sampling_reproducible_per_row_whatever_the_batch(setup):
     _, d, tgt = setup
     sp = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.95, top_k=20)
     prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
-    for method, params, draft in [("none", {}, None), ("eagle2", {"top_k": 3, "depth": 3, "total_tokens": 8}, d / "head"),
+    for method, params, draft in [("none", {}, None),
+                                  ("eagle2", {"top_k": 3, "depth": 3, "total_tokens": 8}, d / "head"),
                                   ("draft-model", {"k": 3}, d / "draft")]:
-        eng = Engine.load(tgt, method, params, str(draft) if draft else None)
+        eng = build_engine(tgt, parse_spec(method, params), draft=str(draft) if draft else None)
         a, _ = eng.generate(prompts, sp, seeds=[11, 12, 13, 14])
         b, _ = eng.generate(prompts[2:3], sp, seeds=[13])
         assert a[2].tokens == b[0].tokens
@@ -226,11 +233,14 @@ def test_fast_path_equals_eager_path(setup, method, params):
     eos = hf_greedy(hf, prompts[:1], 6)[0][5]  # an EOS that ends rows at different times
     res = {}
     for fast in (False, True):
-        eng = Engine.load(tgt, method, params, str(d / "head") if method != "none" else None, fast=fast)
-        for sp in (SamplingParams(max_new_tokens=14, eos_token_ids=(eos,)), SamplingParams(max_new_tokens=14, temperature=0.8)):
+        draft = str(d / "head") if method != "none" else None
+        eng = build_engine(tgt, parse_spec(method, params), draft=draft, fast=fast)
+        for sp in (SamplingParams(max_new_tokens=14, eos_token_ids=(eos,)),
+                   SamplingParams(max_new_tokens=14, temperature=0.8)):
             outs, _ = eng.generate(prompts, sp, seeds=[1, 2, 3, 4, 5])
             res.setdefault(fast, []).append([(o.tokens, o.finish_reason) for o in outs])
-            cap = eng.ws.cache.capacity  # frozen rows never write past the cache (device asserts catch it on CUDA)
-            assert int(eng.ws.cache.lens.max()) + eng.proposer.max_nodes <= cap
-        assert (eng.ws.B_cap == 8) == fast
+            # frozen rows never write past the cache (device asserts catch it on CUDA)
+            cap = eng.workspace.cache.capacity
+            assert int(eng.workspace.cache.lens.max()) + eng.proposer.max_nodes <= cap
+        assert (eng.workspace.B_cap == 8) == fast
     assert res[True] == res[False]

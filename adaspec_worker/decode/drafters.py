@@ -22,15 +22,29 @@ Drafters know nothing of verification, sampling or how trees are shaped.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
-from .model import (CausalLM, DecoderLayer, KVCache, MLP, ModelConfig, ModelLoadError, RMSNorm, Attention,
-                    causal_tree, load_state_dict, load_strict, load_target, read_json, rope_cos_sin)
+from .model import (
+    MLP,
+    Attention,
+    CausalLM,
+    DecoderLayer,
+    KVCache,
+    ModelConfig,
+    ModelLoadError,
+    RMSNorm,
+    causal_tree,
+    load_state_dict,
+    load_strict,
+    load_target,
+    read_json,
+    rope_cos_sin,
+)
 
-DRAFTERS: dict[str, Callable[..., "Drafter"]] = {}
+DRAFTERS: dict[str, Callable[..., Drafter]] = {}
 
 
 def register_drafter(name: str):
@@ -41,10 +55,14 @@ def register_drafter(name: str):
 
 
 class Drafter:
-    """Interface shared by all drafters. `feature` says what the target must hand over per entry."""
+    """Interface shared by all drafters. `pick_features` says what of the target's pass it reads per entry."""
 
-    feature = "none"  # "none" | "final" (final-norm hidden) | "eagle3" (three layers, concatenated)
     entry_shift = 0  # EAGLE: entry i carries token x[i+1] (shift 1); draft model: x[i] (shift 0)
+
+    def pick_features(self, hidden: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor | None:
+        """The target feature this drafter reads per entry, from the target pass's final-norm hidden
+        states [B, T, H] and its auxiliary layers' inputs [B, T, 3H] (EAGLE-3 only)."""
+        return hidden
 
     def begin(self, B: int, S: int) -> bool:
         """A cache for B rows of S slots; reuses the last one when it fits. True when newly allocated."""
@@ -64,7 +82,8 @@ class Drafter:
         return self.extend(ids[:, s:], None if feats is None else feats[:, : ids.shape[1] - s], lens - s)
 
     def extend(self, toks, feats, n_new):
-        """Append n_new[b] entries (toks [B, W], feats [B, W, F]); return (logits [B, V], hidden) at each row's last one."""
+        """Append n_new[b] entries (toks [B, W], feats [B, W, F]); return (logits [B, V], hidden) at each row's
+        last one."""
         B, W = toks.shape
         if W == 0:  # EAGLE on one-token prompts: no entry yet, so no opinion on the first draft
             tgt = self.target[0]
@@ -89,7 +108,6 @@ class Drafter:
 
 
 class DraftModel(Drafter):
-    feature = "none"
     entry_shift = 0
 
     def __init__(self, model: CausalLM):
@@ -102,7 +120,6 @@ class DraftModel(Drafter):
 
 
 class EagleHead(nn.Module, Drafter):
-    feature = "final"
     entry_shift = 1
 
     def __init__(self, cfg: ModelConfig, fc_bias: bool):
@@ -112,7 +129,7 @@ class EagleHead(nn.Module, Drafter):
         self.fc = nn.Linear(2 * H, H, bias=fc_bias)
         self.layers = nn.ModuleList([DecoderLayer(cfg, input_norm=False)])
 
-    def attach(self, target: CausalLM) -> "EagleHead":
+    def attach(self, target: CausalLM) -> EagleHead:
         self.target = [target]  # a list keeps the target out of this module's parameters
         return self
 
@@ -155,8 +172,11 @@ class Eagle3Layer(nn.Module):
 
 
 class Eagle3Head(nn.Module, Drafter):
-    feature = "eagle3"
     entry_shift = 1
+
+    def pick_features(self, hidden, aux):
+        """Three target layers' inputs, concatenated: the feature EAGLE-3 reads."""
+        return aux
 
     def __init__(self, cfg: ModelConfig, draft_vocab: int, target_vocab: int):
         super().__init__()
@@ -169,7 +189,7 @@ class Eagle3Head(nn.Module, Drafter):
         self.register_buffer("d2t", torch.zeros(draft_vocab, dtype=torch.long))
         self.register_buffer("t2d", torch.zeros(target_vocab, dtype=torch.bool))
 
-    def attach(self, target: CausalLM) -> "Eagle3Head":
+    def attach(self, target: CausalLM) -> Eagle3Head:
         L = target.cfg.num_layers
         # the inputs of layers 2, L//2 and L-3, as EAGLE-3 reads them (clamped for very shallow targets)
         target.aux_layers = tuple(min(max(i, 0), L - 1) for i in (1, L // 2 - 1, L - 4))
@@ -206,7 +226,8 @@ def _head_config(path: str, target: CausalLM) -> tuple[dict, ModelConfig]:
     raw.setdefault("architectures", ["LlamaForCausalLM"])
     cfg = ModelConfig.from_hf(raw, where=cfg_path)
     if cfg.hidden_size != target.cfg.hidden_size:
-        raise ModelLoadError(f"{cfg_path}: hidden_size {cfg.hidden_size} does not match the target's {target.cfg.hidden_size}")
+        raise ModelLoadError(f"{cfg_path}: hidden_size {cfg.hidden_size} does not match the target's "
+                             f"{target.cfg.hidden_size}")
     return raw, cfg
 
 
@@ -233,7 +254,8 @@ def load_eagle_head(path: str, target: CausalLM) -> Drafter:
 def load_draft_model(path: str, target: CausalLM) -> Drafter:
     model = load_target(path, dtype=str(target.dtype).removeprefix("torch."), device=str(target.device))
     if model.cfg.vocab_size != target.cfg.vocab_size:
-        raise ModelLoadError(f"{path}: vocab_size {model.cfg.vocab_size} differs from the target's {target.cfg.vocab_size}")
+        raise ModelLoadError(f"{path}: vocab_size {model.cfg.vocab_size} differs from the target's "
+                             f"{target.cfg.vocab_size}")
     return DraftModel(model)
 
 

@@ -48,11 +48,12 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = field(default=())
 
     @classmethod
-    def from_hf(cls, cfg: dict, where: str = "config.json") -> "ModelConfig":
+    def from_hf(cls, cfg: dict, where: str = "config.json") -> ModelConfig:
         archs = cfg.get("architectures") or []
         arch = archs[0] if archs else cfg.get("model_type", "?")
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise ModelLoadError(f"{where}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+            raise ModelLoadError(f"{where}: unsupported architecture {arch!r}; "
+                                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", None):
@@ -301,7 +302,8 @@ def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], where: str, opti
     missing = sorted(k for k in own if k not in sd)
     unexpected = sorted(k for k in sd if k not in own and k not in optional)
     if missing or unexpected:
-        parts = ([f"missing keys {missing}"] if missing else []) + ([f"unexpected keys {unexpected}"] if unexpected else [])
+        parts = (([f"missing keys {missing}"] if missing else [])
+                 + ([f"unexpected keys {unexpected}"] if unexpected else []))
         raise ModelLoadError(f"{where}: " + "; ".join(parts))
     for k, t in own.items():
         if tuple(sd[k].shape) != tuple(t.shape):
@@ -312,7 +314,8 @@ def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], where: str, opti
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}[dtype]
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+    return names[dtype]
 
 
 def resolve_device(device: str) -> str:

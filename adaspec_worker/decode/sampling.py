@@ -70,7 +70,8 @@ def uniform(seeds: torch.Tensor, counter: torch.Tensor, stream: int, lanes: int)
 
     Two chained 32-bit hashes give 48 random bits per value."""
     lane = torch.arange(lanes, device=seeds.device, dtype=torch.long)[None, :]
-    base = _mix32(_mix32(seeds[:, None] ^ (seeds[:, None] >> 32)) ^ (counter[:, None] * 0x9E3779B1 + stream * 0x85EBCA77))
+    seed_mix = _mix32(seeds[:, None] ^ (seeds[:, None] >> 32))
+    base = _mix32(seed_mix ^ (counter[:, None] * 0x9E3779B1 + stream * 0x85EBCA77))
     hi = _mix32(base ^ (lane * 0xC2B2AE3D + 0x27D4EB2F))
     lo = _mix32(hi ^ 0x165667B1 ^ (lane * 0x61C88647))
     bits = (hi << 16) | (lo >> 16)  # 48 bits

@@ -16,8 +16,8 @@ function that runs the drafter over frontier nodes.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -99,7 +99,9 @@ def grow_dynamic(root: torch.Tensor, root_logits: torch.Tensor, root_hidden, ste
         cs, ct = lp.topk(K, dim=-1)  # [B, K, K]
         score = (front_score[:, :, None] + cs).reshape(B, K * K)
         parent = front_idx[:, :, None].expand(B, K, K).reshape(B, K * K)
-        cand_tok.append(ct.reshape(B, K * K)); cand_score.append(score); cand_parent.append(parent)
+        cand_tok.append(ct.reshape(B, K * K))
+        cand_score.append(score)
+        cand_parent.append(parent)
         cand_depth.append(level + 1)
         fs, pick = score.topk(K, dim=-1)  # next frontier [B, K]
         local_parent = pick // K
@@ -157,8 +159,8 @@ class StaticShape:
         """(parent, rank) index tensors per level, made once per device (no host copies inside a round)."""
         key = str(device)
         if key not in _STATIC_CACHE.setdefault(self, {}):
-            _STATIC_CACHE[self][key] = [(torch.tensor([p for p, _ in lv], device=device), torch.tensor([r for _, r in lv], device=device))
-                                        for lv in self.levels]
+            _STATIC_CACHE[self][key] = [(torch.tensor([p for p, _ in lv], device=device),
+                                         torch.tensor([r for _, r in lv], device=device)) for lv in self.levels]
         return _STATIC_CACHE[self][key]
 
     @property
@@ -167,7 +169,7 @@ class StaticShape:
         return max(Counter(p for p, _ in lv).most_common(1)[0][1] for lv in self.levels)
 
     @classmethod
-    def from_paths(cls, paths) -> "StaticShape":
+    def from_paths(cls, paths) -> StaticShape:
         paths = sorted({tuple(p) for p in paths}, key=lambda p: (len(p), p))
         assert paths and all(len(p) >= 1 for p in paths), "a static tree needs at least one path"
         index = {(): 0}
@@ -182,14 +184,17 @@ class StaticShape:
         return cls(tuple(tuple(lv) for lv in levels))
 
 
-def grow_static(root: torch.Tensor, root_logits: torch.Tensor, root_hidden, step: StepFn, shape: StaticShape) -> DraftTree:
+def grow_static(root: torch.Tensor, root_logits: torch.Tensor, root_hidden, step: StepFn,
+                shape: StaticShape) -> DraftTree:
     B, V = root_logits.shape
     dev = root_logits.device
     bi = torch.arange(B, device=dev)[:, None]
-    toks, pars, deps = [root[:, None]], [torch.zeros(B, 1, dtype=torch.long, device=dev)], [torch.zeros(B, 1, dtype=torch.long, device=dev)]
+    zeros = torch.zeros(B, 1, dtype=torch.long, device=dev)
+    toks, pars, deps = [root[:, None]], [zeros], [zeros]
     logits, hidden = root_logits[:, None], (None if root_hidden is None else root_hidden[:, None])  # level 0 = root
     level_start, prev_start = 1, 0
     anc_prev = None  # [W_prev, scratch] ancestry of the previous level's nodes in the drafter scratch
+    prev_tok = prev_hidden = None  # the previous level's tokens [B, W_prev] and hidden states, expanded next
     offset = 0
     for d, (level, (par, rank)) in enumerate(zip(shape.levels, shape.tensors(dev)), start=1):
         if d > 1:  # run the drafter over the previous level to get its children's logits

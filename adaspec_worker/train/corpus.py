@@ -31,7 +31,8 @@ def read_texts(pattern: str, text_column: str = "text", max_files: int | None = 
         if f.endswith(".parquet"):
             import pyarrow.parquet as pq
 
-            chunk = [t for t in pq.read_table(f, columns=[text_column]).column(text_column).to_pylist() if isinstance(t, str)]
+            column = pq.read_table(f, columns=[text_column]).column(text_column).to_pylist()
+            chunk = [t for t in column if isinstance(t, str)]
         else:
             try:
                 with open(f, encoding="utf-8") as fh:
@@ -54,7 +55,8 @@ def read_texts(pattern: str, text_column: str = "text", max_files: int | None = 
     return texts, {"files_matched": len(files), "texts": len(texts), "held_out_dropped": held}
 
 
-def token_blocks(texts: list[str], tokenizer, block: int, eos_id: int = 0, max_tokens: int | None = None) -> torch.Tensor:
+def token_blocks(texts: list[str], tokenizer, block: int, eos_id: int = 0,
+                 max_tokens: int | None = None) -> torch.Tensor:
     """Concatenate tokenized texts (EOS between them) and cut into [N, block] rows."""
     ids: list[int] = []
     step = 256

@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .corpus import load_tokenizer, read_texts, split, token_blocks
 from ..decode.drafters import EagleHead, save_eagle_head
 from ..decode.model import ModelConfig, load_target, read_json
+from .corpus import load_tokenizer, read_texts, split, token_blocks
 
 
 @dataclass
@@ -104,7 +104,8 @@ def _load_checkpoint(path: str, head, opt) -> int:
     return step
 
 
-def train_draft(target_dir: str, corpus: str, out: str, cfg: DraftTrainConfig, text_column: str = "text", progress: bool = True) -> dict:
+def train_draft(target_dir: str, corpus: str, out: str, cfg: DraftTrainConfig, text_column: str = "text",
+                progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     target = load_target(target_dir, cfg.dtype, cfg.device)
     dev = target.device
@@ -120,7 +121,8 @@ def train_draft(target_dir: str, corpus: str, out: str, cfg: DraftTrainConfig, t
     corpus_info.update(tokens=int(blocks.numel()), train_blocks=int(train.shape[0]), val_blocks=int(val.shape[0]),
                        prepare_seconds=round(time.time() - t0, 1))
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    sched = lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(s / max(cfg.steps, 1), 1.0)))  # noqa: E731
+    def sched(s: int) -> float:  # linear warm-up, then cosine decay to 0
+        return min(1.0, (s + 1) / max(cfg.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(s / max(cfg.steps, 1), 1.0)))
     ckpt = os.path.join(out, "checkpoint")
     step = _load_checkpoint(ckpt, head, opt) if os.path.exists(os.path.join(ckpt, "state.safetensors")) else 0
     start_step = step
@@ -156,8 +158,8 @@ def train_draft(target_dir: str, corpus: str, out: str, cfg: DraftTrainConfig, t
     val_after = evaluate(head, target, val, cfg)
     head.eval()
     save_eagle_head(head.to(target.dtype), raw, out)
-    report = {"target": os.path.abspath(target_dir), "corpus": corpus, "corpus_info": corpus_info, "config": asdict(cfg),
-              "steps_run": step - start_step, "resumed_from_step": start_step,
+    report = {"target": os.path.abspath(target_dir), "corpus": corpus, "corpus_info": corpus_info,
+              "config": asdict(cfg), "steps_run": step - start_step, "resumed_from_step": start_step,
               "train_seconds": round(time.time() - t_train, 1), "first_losses": losses[:5], "last_losses": losses[-5:],
               "val_before": val_before, "val_after": val_after, "device": str(dev),
               "accelerator": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}

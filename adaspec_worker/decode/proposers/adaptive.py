@@ -1,82 +1,99 @@
 """Adaptive proposers: how far (and how wide) to draft, decided per round and per row.
 
-Registered beside the fixed methods in `methods.PROPOSERS`; parameters and sources are documented
-on their specs in `specs.py`. Chains are drafted to a bound on the device and cut by a per-row
-`valid` mask, so a stopping rule costs no host sync; LDLP's next-round length is computed right
-after verification and rides on that round's one sync (`Proposer.plan`). Exceptions, by design of
-the published algorithms: DDD syncs at its few check depths, OPT-Tree once per level, and the
-benchmark-only oracle once per round before verification. All are lossless: they only change what
-is proposed, never how it is verified.
+Registered by spec class like the fixed methods (`base.PROPOSERS`); parameters and sources are
+documented on their specs in `jobs/specs.py`. Chains are drafted to a bound on the device and cut by
+a per-row `valid` mask, so a stopping rule costs no host sync; LDLP's next-round length is computed
+right after verification and rides on that round's one sync (the engine hands it back as `plan`).
+Exceptions, by design of the published algorithms: DDD syncs at its few check depths, OPT-Tree once
+per level, and the benchmark-only oracle once per round before verification. All are lossless: they
+only change what is proposed, never how it is verified.
+
+Knows nothing of the engine: the LDLP and the oracle's reference decode are handed in by the builder.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from .fixed import Proposer, RoundInput, draft_chain, proposer
+from jobs.specs import (
+    AdaEagleDDDSpec,
+    AdaEagleSpec,
+    AdaEDLSpec,
+    DDDSpec,
+    LDLPTreeSpec,
+    MethodSpec,
+    OptTreeSpec,
+    OracleSpec,
+)
+
+from ..sampling import SamplingParams
 from ..trees import chain_tree, grow_dynamic
+from .base import BatchInfo, Proposer, RoundInput, draft_chain, eagle2_max_nodes, implements
+
+ReferenceFn = Callable[[list[list[int]], SamplingParams], list[list[int]]]  # (prompts, sampling) -> greedy tokens
 
 
-class _LDLPChain(Proposer):
-    needs_ldlp = True
-    wants_features = True
-    wants_plan = True
+class LDLPPlanned(Proposer):
+    """Base of the proposers whose shape follows LDLP's predicted accepted length (chains and trees).
 
-    def __init__(self, spec, ldlp):
+    The per-row prediction lives on the device in `self.k` (read by graph replays); its host copy is
+    the plan the engine passes back each round."""
+
+    returns_plan = True
+
+    def __init__(self, spec: MethodSpec, ldlp):
         super().__init__(spec)
-        assert ldlp is not None, f"{spec.method_name} needs an LDLP (model.ldlp)"
+        assert ldlp is not None, f"{spec.name} needs an LDLP (model.ldlp)"
         self.ldlp = ldlp
         self.k_max = getattr(spec, "k_max", 0) or ldlp.k_max
         self.scratch, self.max_nodes = self.k_max, self.k_max + 1
 
-    def start(self, B, device, sp, prompts, engine):
-        self.row_state("k", B, 0, torch.long, device)  # the plan on the device, for graph replays
+    def begin(self, batch: BatchInfo) -> None:
+        self.row_state("k", batch.B, 0, torch.long, batch.device)  # the plan on the device, for graph replays
 
-    def prime(self, r: RoundInput) -> None:
-        """First round of a generate(): no verification sync to ride on yet, so one of its own."""
-        self.k.copy_(self.ldlp.predict(r.ldlp_feat).clamp(max=self.k_max))
-        self.plan = self.k.tolist()
+    def first_plan(self, r: RoundInput) -> torch.Tensor:
+        """First round of a generate(): no verification sync to ride on yet, so the engine makes one of its own."""
+        return self.observe(None, None, r)
 
-    def lengths(self, r: RoundInput) -> torch.Tensor:
-        return self.k
-
-    def plan_key(self):
-        return (max(self.plan),)
+    def plan_key(self, plan):
+        return (max(plan),)
 
     def observe(self, verdict, tree, r):
         self.k.copy_(self.ldlp.predict(r.ldlp_feat).clamp(max=self.k_max))
         return self.k
 
 
-@proposer("adaeagle")
-class AdaEagle(_LDLPChain):
-    def plan_key(self):
-        return (self.chain_len(),)
+@implements(AdaEagleSpec)
+class AdaEagle(LDLPPlanned):
+    def plan_key(self, plan):
+        return (self.chain_len(plan),)
 
-    def chain_len(self) -> int:
+    def chain_len(self, plan: list[int]) -> int:
         """Chain drafted this round: the longest row's LDLP length, rounded up to a few sizes so the
         graphs captured per size stay few (rows with shorter predictions mask their extra nodes)."""
-        K = int(max(self.plan))
-        return 0 if K == 0 else min(next(b for b in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 10**9) if b >= K), self.k_max)
+        longest = int(max(plan))
+        if longest == 0:
+            return 0
+        return min(next(b for b in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 10**9) if b >= longest), self.k_max)
 
-    def propose(self, r):
-        k = self.lengths(r)
-        K = self.chain_len()
+    def propose(self, r, plan):
+        K = self.chain_len(plan)
         if K == 0:
             return chain_tree(r.root, r.root.new_zeros(r.root.shape[0], 0))
         toks, _, _ = draft_chain(r, K)
-        return chain_tree(r.root, toks, valid=torch.arange(K, device=k.device)[None, :] < k[:, None])
+        return chain_tree(r.root, toks, valid=torch.arange(K, device=self.k.device)[None, :] < self.k[:, None])
 
 
-@proposer("adaeagle-ddd")
-class AdaEagleDDD(_LDLPChain):
-    def plan_key(self):
+@implements(AdaEagleDDDSpec)
+class AdaEagleDDD(LDLPPlanned):
+    def plan_key(self, plan):
         return ()
 
-    def propose(self, r):
-        k = self.lengths(r)
-        toks, logp, _ = draft_chain(r, self.k_max)
-        j = torch.arange(self.k_max, device=k.device)[None, :]
-        go = (j < k[:, None]) | (logp.cumsum(-1) > self.spec.threshold)  # stop only when both say stop
+    def propose(self, r, plan):
+        toks, logp, _ = draft_chain(r, self.k_max)  # [B, k_max]
+        j = torch.arange(self.k_max, device=self.k.device)[None, :]
+        go = (j < self.k[:, None]) | (logp.cumsum(-1) > self.spec.threshold)  # stop only when both say stop
         return chain_tree(r.root, toks, valid=go.long().cumprod(-1).bool())
 
 
@@ -87,19 +104,19 @@ def adaedl_update(lam: torch.Tensor, ema: torch.Tensor, acc_rate: torch.Tensor, 
     return 0.9 * lam + 0.1 * lam_new, ema
 
 
-@proposer("adaedl")
+@implements(AdaEDLSpec)
 class AdaEDL(Proposer):
-    def __init__(self, spec):
+    def __init__(self, spec: AdaEDLSpec):
         super().__init__(spec)
         self.scratch, self.max_nodes = spec.k_max, spec.k_max + 1
 
-    def start(self, B, device, sp, prompts, engine):
-        self.row_state("lam", B, self.spec.lam0, torch.float64, device)
-        self.row_state("ema", B, self.spec.alpha, torch.float64, device)
+    def begin(self, batch):
+        self.row_state("lam", batch.B, self.spec.lam0, torch.float64, batch.device)
+        self.row_state("ema", batch.B, self.spec.alpha, torch.float64, batch.device)
 
-    def propose(self, r):
-        toks, _, ent = draft_chain(r, self.spec.k_max)
-        go = (1 - (self.spec.gamma * ent).clamp(min=0).sqrt()) >= self.lam[:, None]
+    def propose(self, r, plan):
+        toks, _, entropy = draft_chain(r, self.spec.k_max)  # [B, k_max]
+        go = (1 - (self.spec.gamma * entropy).clamp(min=0).sqrt()) >= self.lam[:, None]
         return chain_tree(r.root, toks, valid=go.long().cumprod(-1).bool())
 
     def observe(self, verdict, tree, r):
@@ -112,84 +129,91 @@ class AdaEDL(Proposer):
         return None
 
 
-@proposer("ddd")
+@implements(DDDSpec)
 class DDD(Proposer):
     graphable = False  # syncs at its check depths
 
-    def __init__(self, spec):
+    def __init__(self, spec: DDDSpec):
         super().__init__(spec)
-        s = spec
-        self.max_nodes = 1 + min(s.total_tokens, s.top_k + (s.max_depth - 1) * s.top_k ** 2)
-        self.scratch = s.top_k * s.max_depth
-        checks = set(s.check_depths)
-        self.stop = lambda level, fs: level in checks and bool((torch.logsumexp(fs, -1) < s.threshold).all())
+        self.max_nodes = eagle2_max_nodes(spec.top_k, spec.max_depth, spec.total_tokens)
+        self.scratch = spec.top_k * spec.max_depth
+        self.checks = set(spec.check_depths)
 
-    def propose(self, r):
+    def stop(self, level: int, frontier_scores: torch.Tensor) -> bool:
+        """At a check depth: stop when every row's beams together have too little probability left."""
+        return level in self.checks and bool((torch.logsumexp(frontier_scores, -1) < self.spec.threshold).all())
+
+    def propose(self, r, plan):
         s = self.spec
-        return grow_dynamic(r.root, r.root_logits, r.root_hidden, r.drafter.step, s.top_k, s.max_depth, s.total_tokens, stop=self.stop)
+        return grow_dynamic(r.root, r.root_logits, r.root_hidden, r.drafter.step, s.top_k, s.max_depth, s.total_tokens,
+                            stop=self.stop)
 
 
-@proposer("opt-tree")
+@implements(OptTreeSpec)
 class OptTree(Proposer):
     graphable = False  # syncs once per level
 
-    def __init__(self, spec):
+    def __init__(self, spec: OptTreeSpec):
         super().__init__(spec)
         self.max_nodes = 1 + spec.n * spec.max_depth
         self.scratch = spec.n * spec.max_depth
-        # the nodes a level adds raise E by the sum of their path probabilities
-        self.stop = lambda level, fs: bool((fs.exp().sum(-1) < spec.delta).all())
 
-    def propose(self, r):
+    def stop(self, level: int, frontier_scores: torch.Tensor) -> bool:
+        """The nodes a level adds raise E by the sum of their path probabilities: stop when that is below delta."""
+        return bool((frontier_scores.exp().sum(-1) < self.spec.delta).all())
+
+    def propose(self, r, plan):
         s = self.spec
-        return grow_dynamic(r.root, r.root_logits, r.root_hidden, r.drafter.step, s.n, s.max_depth, 0, keep="frontier", stop=self.stop)
+        return grow_dynamic(r.root, r.root_logits, r.root_hidden, r.drafter.step, s.n, s.max_depth, 0, keep="frontier",
+                            stop=self.stop)
 
 
-@proposer("ldlp-tree")
-class LDLPTree(_LDLPChain):
-    def __init__(self, spec, ldlp):
+@implements(LDLPTreeSpec)
+class LDLPTree(LDLPPlanned):
+    def __init__(self, spec: LDLPTreeSpec, ldlp):
         super().__init__(spec, ldlp)
         self.max_nodes = 1 + spec.nodes_per_level * spec.max_depth
         self.scratch = spec.top_k * spec.max_depth
 
-    def plan_key(self):
-        return (self.depth(),)
+    def plan_key(self, plan):
+        return (self.depth(plan),)
 
-    def depth(self) -> int:
+    def depth(self, plan: list[int]) -> int:
         s = self.spec
-        return min(max(int(max(self.plan)) + 1, s.min_depth), s.max_depth)
+        return min(max(int(max(plan)) + 1, s.min_depth), s.max_depth)
 
-    def propose(self, r):
+    def propose(self, r, plan):
         s = self.spec
-        self.lengths(r)
-        depth = self.depth()
-        return grow_dynamic(r.root, r.root_logits, r.root_hidden, r.drafter.step, s.top_k, depth, s.nodes_per_level * depth)
+        depth = self.depth(plan)
+        return grow_dynamic(r.root, r.root_logits, r.root_hidden, r.drafter.step, s.top_k, depth,
+                            s.nodes_per_level * depth)
 
 
-@proposer("oracle")
+@implements(OracleSpec)
 class Oracle(Proposer):
+    """Drafts a chain of k_max and cuts it where it leaves the target's own greedy continuation,
+    which `reference(prompts, sampling)` computes ahead at `begin`."""
+
     graphable = False  # one extra sync per round sizes the verification exactly
 
-    def __init__(self, spec):
+    def __init__(self, spec: OracleSpec, reference: ReferenceFn):
         super().__init__(spec)
+        self.reference = reference
         self.scratch, self.max_nodes = spec.k_max, spec.k_max + 1
 
-    def start(self, B, device, sp, prompts, engine):
-        from ..engine import Engine
-
-        assert sp.greedy, "the oracle is defined for greedy decoding only"
-        ref, _ = Engine(engine.target, "none").generate(prompts, sp)
-        width = sp.max_new_tokens + self.spec.k_max + 1
-        self.ref = torch.full((B, width), -1, dtype=torch.long, device=device)
-        for i, c in enumerate(ref):
-            self.ref[i, : len(c.tokens)] = torch.tensor(c.tokens, device=device)
+    def begin(self, batch):
+        assert batch.sampling.greedy, "the oracle is defined for greedy decoding only"
+        width = batch.sampling.max_new_tokens + self.spec.k_max + 1
+        # [B, width] the reference tokens, -1 past the end
+        self.ref = torch.full((batch.B, width), -1, dtype=torch.long, device=batch.device)
+        for i, tokens in enumerate(self.reference(batch.prompts, batch.sampling)):
+            self.ref[i, : len(tokens)] = torch.tensor(tokens, device=batch.device)
         self._full = {"ref": self.ref}
 
-    def propose(self, r):
+    def propose(self, r, plan):
         k = self.spec.k_max
-        toks, _, _ = draft_chain(r, k)
+        toks, _, _ = draft_chain(r, k)  # [B, k]
         pos = (r.counter[:, None] + torch.arange(k, device=toks.device)[None, :]).clamp(max=self.ref.shape[1] - 1)
         good = (toks == torch.gather(self.ref, 1, pos)).long().cumprod(-1)
         K = int(good.sum(1).max())  # benchmark-only: one extra sync to size the verification exactly
         return chain_tree(r.root, toks[:, :K], valid=good[:, :K].bool())
-

@@ -1,0 +1,69 @@
+"""From a method spec and model paths to a ready `Engine`: the one place that loads artifacts.
+
+    build_engine(target, spec, draft="heads/x-eagle", ldlp="models/x-ldlp")
+
+loads the drafter the spec needs (`spec.needs["draft"]`, a kind in `drafters.DRAFTERS`) and the LDLP
+(when `"ldlp" in spec.needs`), builds the proposer registered for the spec's class, and hands the
+built parts to the engine. `draft` and `ldlp` may also be already-loaded objects (autotune reuses
+them: `build_engine(target, candidate, draft=engine.drafter, ldlp=engine.ldlp)`).
+
+Importing this module registers every proposer (fixed and adaptive), explicitly. Knows nothing of
+manifests, Ray or Parquet: the spec arrives parsed.
+"""
+from __future__ import annotations
+
+import os
+
+from jobs.specs import MethodSpec, NoneSpec, OracleSpec
+
+from .drafters import DRAFTERS, Drafter
+from .engine import Engine, RoundHook
+from .ldlp import LDLP, load_ldlp
+from .model import CausalLM, ModelLoadError
+from .proposers import adaptive, fixed  # noqa: F401  (importing them registers every proposer in PROPOSERS)
+from .proposers.base import PROPOSERS, Proposer
+from .sampling import SamplingParams
+
+__all__ = ["build_engine", "build_proposer", "greedy_reference", "load_drafter"]
+
+
+def build_engine(target: CausalLM, spec: MethodSpec, draft: str | os.PathLike | Drafter | None = None,
+                 ldlp: str | os.PathLike | LDLP | None = None, fast: bool = True, *,
+                 on_round: RoundHook | None = None) -> Engine:
+    """An engine running `spec` on `target`. draft / ldlp: a path or a loaded object; ignored when the
+    spec does not need it; ModelLoadError naming model.draft / model.ldlp when it does and is missing."""
+    drafter = load_drafter(target, spec, draft)
+    return Engine(target, build_proposer(target, spec, ldlp), drafter, on_round=on_round, fast=fast)
+
+
+def load_drafter(target: CausalLM, spec: MethodSpec, draft) -> Drafter | None:
+    kind = spec.drafter_kind
+    if kind is None:
+        return None
+    if draft is None:
+        raise ModelLoadError(f"method {spec.name!r} needs a {kind} drafter: set model.draft")
+    if isinstance(draft, (str, os.PathLike)):
+        return DRAFTERS[kind](os.fspath(draft), target)
+    return draft
+
+
+def build_proposer(target: CausalLM, spec: MethodSpec, ldlp=None) -> Proposer:
+    cls = PROPOSERS.get(type(spec))
+    if cls is None:
+        raise ValueError(f"no proposer implements {type(spec).__name__} (method {spec.name!r})")
+    if "ldlp" in spec.needs:
+        if ldlp is None:
+            raise ModelLoadError(f"method {spec.name!r} needs an LDLP: set model.ldlp")
+        return cls(spec, load_ldlp(os.fspath(ldlp), target) if isinstance(ldlp, (str, os.PathLike)) else ldlp)
+    if isinstance(spec, OracleSpec):
+        return cls(spec, reference=greedy_reference(target))
+    return cls(spec)
+
+
+def greedy_reference(target: CausalLM):
+    """(prompts, sampling) -> each prompt's plain-decoding tokens: the oracle's reference continuation."""
+
+    def reference(prompts: list[list[int]], sampling: SamplingParams) -> list[list[int]]:
+        completions, _ = Engine(target, fixed.NoDraft(NoneSpec())).generate(prompts, sampling)
+        return [c.tokens for c in completions]
+    return reference

@@ -1,0 +1,144 @@
+"""The proposer interface, what it sees each round, and the registry keyed by spec class.
+
+A proposer turns the drafter's state at the root (the pending token) into a `DraftTree` for the
+target to verify, and may observe each round's verdict (adaptive methods do). Its parameters are the
+torch-free spec from `jobs/specs.py`; `@implements(Eagle2Spec)` binds a proposer class to its spec
+class, and `PROPOSERS[type(spec)]` finds it. The builder (`decode/build.py`) imports every proposer
+module, so registration happens there, explicitly.
+
+A round, as the engine drives it:
+
+    proposer.begin(BatchInfo(...))              once per generate()
+    plan = proposer.first_plan(round_input)     planning proposers only: [B] device plan, or None
+    tree = proposer.propose(round_input, plan)  plan: the host list the engine keeps, or None
+    ... one target pass and verification ...
+    plan = proposer.observe(verdict, tree, round_input)   [B] next plan (rides the round's one sync), or None
+
+The engine owns the plan; `plan_key(plan)` says what of it changes the round's shapes (part of the
+CUDA-graph key). Proposers know nothing about the target's cache, verification or batching.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from jobs.specs import MethodSpec
+
+from ..sampling import SamplingParams
+from ..trees import DraftTree
+
+PROPOSERS: dict[type[MethodSpec], type[Proposer]] = {}
+
+
+def implements(spec_class: type[MethodSpec]):
+    """Register a proposer class as the implementation of `spec_class` (exactly one per spec class)."""
+
+    def deco(cls: type[Proposer]) -> type[Proposer]:
+        assert spec_class not in PROPOSERS, (
+            f"{spec_class.__name__} already has a proposer ({PROPOSERS[spec_class].__name__}), not also {cls.__name__}")
+        cls.spec_class = spec_class
+        PROPOSERS[spec_class] = cls
+        return cls
+    return deco
+
+
+@dataclass
+class BatchInfo:
+    """What a proposer may know about the batch of one generate() call."""
+
+    B: int  # batch rows, padding included
+    device: torch.device
+    sampling: SamplingParams
+    prompts: list[list[int]]  # [B] token ids (padding rows repeat the first prompt)
+
+
+@dataclass
+class RoundInput:
+    """What a proposer sees at the start of a round."""
+
+    root: torch.Tensor  # [B] pending token
+    root_logits: torch.Tensor | None  # [B, V] drafter output at the last committed entry
+    root_hidden: torch.Tensor | None  # [B, H]
+    drafter: object | None
+    sampling: SamplingParams
+    seeds: torch.Tensor  # [B]
+    counter: torch.Tensor  # [B] tokens emitted so far (random-number counter)
+    ldlp_feat: torch.Tensor | None = None  # [B, 2H] emb(bonus) ++ target hidden that produced it
+
+
+class Proposer:
+    """Turns the drafter's state at the root into a draft tree.
+
+    Adaptive proposers keep per-row device state (`row_state`) and may return, from `observe`, a [B]
+    integer plan for the next round (e.g. LDLP's chain length). The engine brings it to the host with
+    the round's one sync and passes it back to the next `propose` and `plan_key`."""
+
+    spec_class: type[MethodSpec]  # set by @implements
+    scratch = 0  # drafter cache slots a round's tree expansion needs beyond the committed entries
+    max_nodes = 1  # most nodes a tree can have (root included)
+    returns_plan = False  # first_plan()/observe() return a plan that rides the round's sync
+    graphable = True  # no host sync inside propose/observe: the rounds can be CUDA graphs
+    ldlp = None  # the draft-length predictor it reads, for proposers that take one
+
+    def __init__(self, spec: MethodSpec):
+        self.spec = spec
+
+    def begin(self, batch: BatchInfo) -> None:
+        """Called once per generate() before the first round."""
+
+    def first_plan(self, r: RoundInput) -> torch.Tensor | None:
+        """The first round's [B] plan (proposers that return plans); later plans come from `observe`."""
+        return None
+
+    def propose(self, r: RoundInput, plan: list[int] | None) -> DraftTree:
+        raise NotImplementedError
+
+    def plan_key(self, plan: list[int] | None) -> tuple:
+        """What of the host-side plan changes the round's shapes (part of the CUDA graph key)."""
+        return ()
+
+    def observe(self, verdict, tree: DraftTree, r: RoundInput) -> torch.Tensor | None:
+        """Feedback after verification; may return the next round's [B] plan."""
+        return None
+
+    def row_state(self, name: str, B: int, fill, dtype, device) -> torch.Tensor:
+        """A per-row state tensor that keeps its address across calls (a view of a capacity buffer)."""
+        full = self.__dict__.setdefault("_full", {}).get(name)
+        if full is None or full.shape[0] < B or full.device != torch.device(device):
+            full = self._full[name] = torch.empty(B, dtype=dtype, device=device)
+        view = full[:B]
+        view.fill_(fill)
+        setattr(self, name, view)
+        return view
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Rows left the batch: keep per-row state aligned, in place."""
+        n = rows.shape[0]
+        for name, full in self.__dict__.get("_full", {}).items():
+            full[:n] = full[rows]
+            setattr(self, name, full[:n])
+
+
+def draft_chain(r: RoundInput, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy chain of k draft tokens: tokens, their draft log-probabilities and the draft entropy (nats)
+    of each step's untempered distribution, all [B, k]. One drafter step per token, no host sync."""
+    B = r.root.shape[0]
+    logits, hidden = r.root_logits, r.root_hidden
+    toks, lps, ents = [], [], []
+    for j in range(k):
+        lp = torch.log_softmax(logits.float(), -1)  # [B, V]
+        t = lp.argmax(-1)
+        toks.append(t)
+        lps.append(lp.gather(1, t[:, None])[:, 0])
+        ents.append(-(lp.exp() * lp).nan_to_num().sum(-1))
+        if j + 1 < k:
+            chain = torch.ones(B, 1, j + 1, dtype=torch.bool, device=t.device)  # sees every earlier draft
+            out, hid = r.drafter.step(t[:, None], None if hidden is None else hidden[:, None], j + 1, j, chain)
+            logits, hidden = out[:, 0], (None if hid is None else hid[:, 0])
+    return torch.stack(toks, 1), torch.stack(lps, 1), torch.stack(ents, 1)
+
+
+def eagle2_max_nodes(top_k: int, depth: int, total_tokens: int) -> int:
+    """Most nodes (root included) of an EAGLE-2 tree: the rerank budget, or every candidate if fewer."""
+    return 1 + min(total_tokens, top_k + (depth - 1) * top_k ** 2)
