@@ -90,6 +90,7 @@ class ShardWorker:
 
         t0, started, e0 = time.perf_counter(), time.time(), self.energy.read()
         m, sh = self.m, Shard(**shard)
+        _fault_drill(sh.index)
         ids, prompts = read_rows(sh, m.input, input_storage_options(sh.file, m.output.path, m.output.storage_options))
         good, errors = [], []
         for i, (rid, prompt) in enumerate(zip(ids, prompts)):
@@ -175,3 +176,11 @@ class ShardWorker:
             other_seconds=total.other_seconds + total.prefill_seconds,
         )
         return [done[r.id] for r in rows], stats
+
+
+def _fault_drill(index: int) -> None:
+    """`ADARUN_CHAOS_FAIL_SHARDS=1,3` makes those shards raise, as a deterministic application bug would:
+    a drill for the controller's failure classes, used by the tests (like the storage drill in jobs.storage)."""
+    listed = os.environ.get("ADARUN_CHAOS_FAIL_SHARDS", "")
+    if str(index) in {x.strip() for x in listed.split(",") if x.strip()}:
+        raise RuntimeError("injected application failure")

@@ -16,7 +16,7 @@ import sys
 import click
 
 from .controller import JobConflict, JobFailed, preflight, run_job
-from .credentials import MASK, is_secret
+from .credentials import MASK
 from .dispatch import Unplaceable
 from .layout import ShardFiles, total
 from .lease import LeaseHeld
@@ -210,17 +210,7 @@ def resume(output, storage_options):
     """
     _, doc, options = _open_job(output, storage_options)
     data = json.loads(json.dumps(doc["manifest"]))
-    data["output"]["storage_options"] = options
-    masked = [
-        k
-        for k, v in (doc["manifest"]["output"].get("storage_options") or {}).items()
-        if v == MASK and k not in options and is_secret(k)
-    ]
-    if masked:
-        raise ManifestError(
-            f"output.storage_options.{masked[0]}: a credential job.json does not record; pass "
-            f"--storage-option {masked[0]}=... (or ADARUN_STORAGE_OPTION)"
-        )
+    data["output"]["storage_options"] = options  # masked credentials left out: fsspec's own chain finds them
     _run(manifest_from_dict(data), force=False, dry_run=False)
 
 

@@ -154,8 +154,10 @@ class Manifest:
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_record(self) -> dict:
-        """What job.json records: the resolved manifest with credentials masked."""
-        return mask_secrets(self.to_dict())
+        """What job.json records: the resolved manifest with the storage options' credentials masked."""
+        d = self.to_dict()
+        d["output"]["storage_options"] = mask_secrets(d["output"]["storage_options"])
+        return d
 
 
 # fields added after outputs were first written: they enter the config hash only when not at their default
@@ -350,15 +352,15 @@ def manifest_from_dict(data: dict, overrides: typing.Sequence[str] = ()) -> Mani
     except (ValueError, RecursionError):
         raise ManifestError("manifest: recursive YAML anchors (an alias inside itself) are not supported") from None
     method_before = (data.get("speculative") or {}).get("method") if isinstance(data, dict) else None
+    later = [o for o in overrides if o.startswith("speculative.params")]
     for o in overrides:
-        apply_override(data, o)
+        if o not in later:
+            apply_override(data, o)
     spec = data.get("speculative") if isinstance(data, dict) else None
-    if (
-        isinstance(spec, dict)
-        and spec.get("method") != method_before
-        and not any(o.startswith("speculative.params") for o in overrides)
-    ):
+    if isinstance(spec, dict) and spec.get("method") != method_before:
         spec.pop("params", None)  # --set speculative.method=X: the file's params belong to another method
+    for o in later:
+        apply_override(data, o)
     if not isinstance(data, dict):
         raise ManifestError("manifest: top level must be a mapping")
     _migrate(data)

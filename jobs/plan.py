@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
@@ -62,6 +63,11 @@ def make_plan(inp: InputCfg, rows_per_shard: int, storage_options: dict | None =
         if inp.prompt_column not in names:
             raise PlanError(
                 f"input.prompt_column: {f} has no column {inp.prompt_column!r} (columns: {', '.join(names)})"
+            )
+        ptype = meta.schema_arrow.field(inp.prompt_column).type
+        if not (pa.types.is_string(ptype) or pa.types.is_large_string(ptype)):
+            raise PlanError(
+                f"input.prompt_column: column {inp.prompt_column!r} of {f} has type {ptype}, expected string"
             )
         if remaining is not None:
             n = min(n, remaining)

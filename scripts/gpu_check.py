@@ -1,7 +1,8 @@
 """GPU sanity check: the CUDA-graph fast path gives the eager path's tokens (greedy and sampled), per method.
 
-    python scripts/gpu_check.py TARGET HEAD LDLP PROMPTS.parquet
+python scripts/gpu_check.py TARGET HEAD LDLP PROMPTS.parquet
 """
+
 import sys
 
 import pyarrow.parquet as pq
@@ -27,5 +28,8 @@ for method in ("none", "eagle2", "adaeagle", "adaedl", "ldlp-tree"):
                 outs, _ = eng.generate(prompts, sampling, seeds=list(range(6)))
             res.append([o.tokens for o in outs])
         same = sum(a == b for a, b in zip(*res))
-        print(f"{method:10s} T={sampling.temperature}: fast==eager for {same}/6 rows, "
-              f"graphs captured: {len(eng.workspace.graphs)}", flush=True)
+        print(
+            f"{method:10s} T={sampling.temperature}: fast==eager for {same}/6 rows, "
+            f"graphs captured: {len(eng.workspace.graphs)}",
+            flush=True,
+        )

@@ -3,6 +3,7 @@ right after a `def`/`class` header line (the shape of the benchmark prompts), wi
 
     python scripts/make_prompts.py --out manifests/prompts.parquet --n 64
 """
+
 import argparse
 import glob
 import hashlib
@@ -23,11 +24,13 @@ rows = []
 for f in files:
     text = open(f, encoding="utf-8", errors="replace").read()
     lines = text.splitlines(keepends=True)
-    heads = [i for i, ln in enumerate(lines) if ln.lstrip().startswith(("def ", "class ")) and ln.rstrip().endswith(":")]
+    heads = [
+        i for i, ln in enumerate(lines) if ln.lstrip().startswith(("def ", "class ")) and ln.rstrip().endswith(":")
+    ]
     if not heads:
         continue
     i = heads[len(heads) // 2]
-    prompt = "".join(lines[: i + 1])[-args.max_chars:]
+    prompt = "".join(lines[: i + 1])[-args.max_chars :]
     rows.append({"id": hashlib.sha1(f"{f.rsplit('/', 1)[-1]}:{i}".encode()).hexdigest()[:12], "prompt": prompt})
     if len(rows) == args.n:
         break

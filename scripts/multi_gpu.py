@@ -8,6 +8,7 @@ efficiency = throughput(N) / (N x throughput(1)), time from submit to the first 
 the controller overhead (time actors sat idle between shards, from the shard stats). The fault run
 kills one worker actor from a side thread after the first commit and checks every row exactly once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,9 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from adaspec_worker.worker import ShardWorker
 from jobs.controller import run_job
+from jobs.layout import ShardFiles
 from jobs.manifest import manifest_from_dict
 from jobs.report import load_run, summarize
 from jobs.storage import Store
@@ -37,30 +40,39 @@ def build_prompts(src: str, dst: str, rows: int) -> list[str]:
 
 
 def job(prompts: str, out: str, workers: int, gpus: float, args) -> dict:
-    return {"name": f"scale-{workers}", "input": {"path": prompts}, "output": {"path": out},
-            "model": {"target": args.target, "draft": args.draft, "ldlp": args.ldlp, "dtype": args.dtype, "device": "auto"},
-            "decoding": {"max_new_tokens": args.new_tokens, "seed": 0},
-            "speculative": {"method": args.method, "params": {}},
-            "resources": {"workers": workers, "gpus_per_worker": gpus, "cpus_per_worker": 1, "batch_size": args.batch_size},
-            "sharding": {"rows_per_shard": args.rows_per_shard}, "retry": {"max_attempts": 3, "backoff_s": 0.5},
-            "baseline": {"sample_fraction": 0.0}}
+    return {
+        "name": f"scale-{workers}",
+        "input": {"path": prompts},
+        "output": {"path": out},
+        "model": {"target": args.target, "draft": args.draft, "ldlp": args.ldlp, "dtype": args.dtype, "device": "auto"},
+        "decoding": {"max_new_tokens": args.new_tokens, "seed": 0},
+        "speculative": {"method": args.method, "params": {}},
+        "resources": {"workers": workers, "gpus_per_worker": gpus, "cpus_per_worker": 1, "batch_size": args.batch_size},
+        "sharding": {"rows_per_shard": args.rows_per_shard},
+        "retry": {"max_attempts": 3, "backoff_s": 0.5},
+        "baseline": {"sample_fraction": 0.0},
+    }
 
 
-def idle_between_shards(stats: list[dict]) -> float:
+def idle_between_shards(stats: list) -> float:
     """Seconds actors sat between finishing one shard and starting the next (controller overhead)."""
     by = {}
     for s in stats:
-        by.setdefault(s["actor_id"], []).append(s)
+        by.setdefault(s.actor_id, []).append(s)
     idle = 0.0
     for ss in by.values():
-        ss.sort(key=lambda s: s["started_at"])
-        idle += sum(max(0.0, b["started_at"] - a["finished_at"]) for a, b in zip(ss, ss[1:]))
+        ss.sort(key=lambda s: s.started_at)
+        idle += sum(max(0.0, b.started_at - a.finished_at) for a, b in zip(ss, ss[1:]))
     return idle
 
 
 def output_ids(out: str) -> list[str]:
     ok = pq.read_table(os.path.join(out, "shards")).column("id").to_pylist()
-    err = pq.read_table(os.path.join(out, "errors")).column("id").to_pylist() if os.path.isdir(os.path.join(out, "errors")) else []
+    err = (
+        pq.read_table(os.path.join(out, "errors")).column("id").to_pylist()
+        if os.path.isdir(os.path.join(out, "errors"))
+        else []
+    )
     return ok + err
 
 
@@ -86,24 +98,47 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     prompts = os.path.join(args.work, "prompts.parquet")
     ids = build_prompts(args.prompts, prompts, args.rows)
-    gpus = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip().splitlines() if args.gpus_per_worker else []
-    results = {"command": "python scripts/multi_gpu.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-               "git_commit": os.environ.get("ADARUN_GIT_COMMIT", "unknown"), "gpus": gpus, "rows": len(ids), "runs": []}
+    gpus = (
+        subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        )
+        .stdout.strip()
+        .splitlines()
+        if args.gpus_per_worker
+        else []
+    )
+    results = {
+        "command": "python scripts/multi_gpu.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "git_commit": os.environ.get("ADARUN_GIT_COMMIT", "unknown"),
+        "gpus": gpus,
+        "rows": len(ids),
+        "runs": [],
+    }
     base = None
     for w in [int(x) for x in args.workers.split(",")]:
         out = os.path.join(args.work, f"w{w}")
         t0 = time.time()
-        state = run_job(manifest_from_dict(job(prompts, out, w, args.gpus_per_worker, args)))
+        state = run_job(manifest_from_dict(job(prompts, out, w, args.gpus_per_worker, args)), ShardWorker)
         wall = time.time() - t0
-        run = load_run(Store(out))
+        run = load_run(ShardFiles(Store(out)))
         rep = summarize(run)
         got = output_ids(out)
-        r = {"workers": w, "submit_wall_seconds": wall, "first_commit_seconds": state.first_commit_s,
-             "job_seconds": rep["wall_seconds"], "completion_tokens": rep["completion_tokens"],
-             "tokens_per_second": rep["completion_tokens_per_second"], "mean_accepted_length": rep["mean_accepted_length"],
-             "controller_idle_seconds": idle_between_shards(run["stats"]), "idle_tail_seconds": rep["idle_tail_seconds"],
-             "shards": len(run["stats"]), "nodes": len({s["node_id"] for s in run["stats"]}),
-             "accelerators": rep["accelerators"], "exactly_once": sorted(got) == sorted(ids)}
+        r = {
+            "workers": w,
+            "submit_wall_seconds": wall,
+            "first_commit_seconds": state.first_commit_s,
+            "job_seconds": rep["wall_seconds"],
+            "completion_tokens": rep["completion_tokens"],
+            "tokens_per_second": rep["completion_tokens_per_second"],
+            "tau": rep["tau"],
+            "controller_idle_seconds": idle_between_shards(run.stats),
+            "idle_tail_seconds": rep["idle_tail_seconds"],
+            "shards": len(run.stats),
+            "nodes": len({s.node_id for s in run.stats}),
+            "accelerators": rep["accelerators"],
+            "exactly_once": sorted(got) == sorted(ids),
+        }
         base = base or r["tokens_per_second"] / w
         r["scaling_efficiency"] = r["tokens_per_second"] / (w * base)
         results["runs"].append(r)
@@ -130,26 +165,46 @@ def main():
         th = threading.Thread(target=killer, daemon=True)
         th.start()
         t0 = time.time()
-        state = run_job(manifest_from_dict(job(prompts, out, 2, args.gpus_per_worker, args)), listener=listener)
+        state = run_job(
+            manifest_from_dict(job(prompts, out, 2, args.gpus_per_worker, args)), ShardWorker, listener=listener
+        )
         got = output_ids(out)
-        f = {"workers": 2, "killed_during_shard": killed.get("shard"), "retries": state.retries,
-             "rows_out": len(got), "rows_in": len(ids), "unique_rows_out": len(set(got)),
-             "exactly_once": sorted(got) == sorted(ids), "wall_seconds": time.time() - t0}
+        f = {
+            "workers": 2,
+            "killed_during_shard": killed.get("shard"),
+            "retries": state.retries,
+            "rows_out": len(got),
+            "rows_in": len(ids),
+            "unique_rows_out": len(set(got)),
+            "exactly_once": sorted(got) == sorted(ids),
+            "wall_seconds": time.time() - t0,
+        }
         results["fault"] = f
         print(json.dumps(f, default=str), flush=True)
     with open(os.path.join(args.out, "multi_gpu.json"), "w") as fh:
         json.dump(results, fh, indent=2, default=str)
-    lines = [f"# adarun multi-GPU run ({', '.join(gpus) or 'CPU'})", "", f"`{results['command']}`, commit `{results['git_commit']}`, {len(ids)} rows", "",
-             "| workers | tok/s | scaling efficiency | submit->first commit s | job s | controller idle s | idle tail s | tau | exactly once |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# adarun multi-GPU run ({', '.join(gpus) or 'CPU'})",
+        "",
+        f"`{results['command']}`, commit `{results['git_commit']}`, {len(ids)} rows",
+        "",
+        "| workers | tok/s | scaling efficiency | submit->first commit s | job s | controller idle s | idle tail s "
+        "| tau | exactly once |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results["runs"]:
-        lines.append(f"| {r['workers']} | {r['tokens_per_second']:.0f} | {r['scaling_efficiency']:.3f} | {r['first_commit_seconds']:.1f} | "
-                     f"{r['job_seconds']:.1f} | {r['controller_idle_seconds']:.2f} | {r['idle_tail_seconds']:.1f} | {r['mean_accepted_length']:.2f} | {r['exactly_once']} |")
+        cols = [f"{r['workers']}", f"{r['tokens_per_second']:.0f}", f"{r['scaling_efficiency']:.3f}",
+                f"{r['first_commit_seconds']:.1f}", f"{r['job_seconds']:.1f}", f"{r['controller_idle_seconds']:.2f}",
+                f"{r['idle_tail_seconds']:.1f}", f"{r['tau']:.2f}", f"{r['exactly_once']}"]
+        lines.append("| " + " | ".join(cols) + " |")
     if "fault" in results:
         f = results["fault"]
-        lines += ["", f"Fault run (2 workers): killed the actor running shard {f['killed_during_shard']}; retries: "
-                  f"{[(r['shard'], r['cause'][:60]) for r in f['retries']]}; rows out {f['rows_out']} / in {f['rows_in']}, "
-                  f"unique {f['unique_rows_out']}; exactly once: {f['exactly_once']}."]
+        lines += [
+            "",
+            f"Fault run (2 workers): killed the actor running shard {f['killed_during_shard']}; retries: "
+            f"{[(r['shard'], r['cause'][:60]) for r in f['retries']]}; rows out {f['rows_out']} / in {f['rows_in']}, "
+            f"unique {f['unique_rows_out']}; exactly once: {f['exactly_once']}.",
+        ]
     with open(os.path.join(args.out, "multi_gpu.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
 

@@ -3,6 +3,7 @@
     python scripts/probe_tau.py TARGET HEAD PROMPTS.parquet [N] [NEW_TOKENS]
 Prints one JSON line per method. `adarun bench` is the full benchmark; this is a smoke check.
 """
+
 import json
 import sys
 
@@ -24,8 +25,13 @@ tgt = load_target(target_dir)
 rows = pq.read_table(prompts).column("prompt").to_pylist()[:n]
 ids = [tok(r, add_special_tokens=False)["input_ids"][-400:] for r in rows]
 sampling = SamplingParams(max_new_tokens=new)
-METHODS = [("none", {}), ("eagle", {"k": 4}), ("eagle-tree", {}), ("eagle2", {}),
-           ("eagle2", {"depth": 8, "total_tokens": 40, "top_k": 8})]
+METHODS = [
+    ("none", {}),
+    ("eagle", {"k": 4}),
+    ("eagle-tree", {}),
+    ("eagle2", {}),
+    ("eagle2", {"depth": 8, "total_tokens": 40, "top_k": 8}),
+]
 
 
 def decode_all(eng):
@@ -41,7 +47,18 @@ for method, params in METHODS:
     eng = build_engine(tgt, parse_spec(method, params), draft=head)
     eng.generate(ids[:1], sampling)  # warm-up
     (emitted, total), seconds = time_call(lambda eng=eng: decode_all(eng), tgt.device)
-    print(json.dumps({"method": method, "params": params, "tau": round(total.rows.tau, 3),
-                      "ms_per_token": round(seconds / emitted * 1e3, 3),
-                      "draft_seconds": round(total.draft_seconds, 2), "verify_seconds": round(total.verify_seconds, 2),
-                      "other_seconds": round(total.other_seconds, 2), "device": str(tgt.device)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "method": method,
+                "params": params,
+                "tau": round(total.rows.tau, 3),
+                "ms_per_token": round(seconds / emitted * 1e3, 3),
+                "draft_seconds": round(total.draft_seconds, 2),
+                "verify_seconds": round(total.verify_seconds, 2),
+                "other_seconds": round(total.other_seconds, 2),
+                "device": str(tgt.device),
+            }
+        ),
+        flush=True,
+    )

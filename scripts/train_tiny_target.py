@@ -7,6 +7,7 @@ left out. Meant for one GPU; it runs on CPU too, slowly.
     python scripts/train_tiny_target.py --tokenizer ../shared/models/pycoder-22m \
         --corpus '/usr/lib/python3*/**/*.py' --out models/pycoder-tiny --max-seconds 150
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,21 @@ def main():
     train, val = split(blocks)
     info.update(tokens=int(blocks.numel()), prepare_seconds=round(time.time() - t0, 1))
     print(json.dumps(info), flush=True)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-                      num_attention_heads=6, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
-                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0, rms_norm_eps=1e-5)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        rms_norm_eps=1e-5,
+    )
     model = LlamaForCausalLM(cfg).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
@@ -69,15 +82,24 @@ def main():
             print(f"step {step} loss {losses[-1]} {time.time() - t_train:.0f}s", flush=True)
     model.eval()
     with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-        vl = sum(model(input_ids=val[i:i + 32].to(dev), labels=val[i:i + 32].to(dev)).loss.item()
-                 for i in range(0, min(len(val), 256), 32)) / len(range(0, min(len(val), 256), 32))
+        vl = sum(
+            model(input_ids=val[i : i + 32].to(dev), labels=val[i : i + 32].to(dev)).loss.item()
+            for i in range(0, min(len(val), 256), 32)
+        ) / len(range(0, min(len(val), 256), 32))
     model.to(torch.bfloat16).save_pretrained(args.out)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(args.tokenizer, f), args.out)
-    report = {"params": sum(p.numel() for p in model.parameters()), "steps": step,
-              "train_seconds": round(time.time() - t_train, 1),
-              "tokens_seen": step * args.batch_size * args.seq_len, "loss_curve": losses, "holdout_loss": round(vl, 4),
-              "corpus": info, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "args": vars(args)}
+    report = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "steps": step,
+        "train_seconds": round(time.time() - t_train, 1),
+        "tokens_seen": step * args.batch_size * args.seq_len,
+        "loss_curve": losses,
+        "holdout_loss": round(vl, 4),
+        "corpus": info,
+        "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+        "args": vars(args),
+    }
     with open(os.path.join(args.out, "train_report.json"), "w") as f:
         json.dump(report, f, indent=2)
     print(json.dumps(report))

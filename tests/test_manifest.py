@@ -46,6 +46,13 @@ BAD = [
     ("cost__cpu_hour_usd", "free", "cost.cpu_hour_usd"),
     ("baseline__sample_fraction", 2, "baseline.sample_fraction"),
     ("input", "prompts.parquet", "input"),
+    ("decoding__temperature", float("inf"), "decoding.temperature"),
+    ("decoding__temperature", float("nan"), "decoding.temperature"),
+    ("retry__backoff_s", float("inf"), "retry.backoff_s"),
+    ("retry__max_attempts", 1_000_000_000, "retry.max_attempts"),
+    ("retry__max_error_fraction", 1.5, "retry.max_error_fraction"),
+    ("resources__batch_size", 10**9, "resources.batch_size"),
+    ("input__allow_duplicate_ids", "yes", "input.allow_duplicate_ids"),
 ]
 
 
@@ -109,3 +116,21 @@ def test_env_var_options(tmp_path, prompts):
 def test_shipped_manifest_is_valid():
     m = load_manifest(str(REPO / "manifests" / "job.yaml"))
     assert m.input.path.endswith("prompts.parquet") and yaml.safe_load((REPO / "manifests" / "job.yaml").read_text())
+
+
+def test_manifest_not_utf8_or_with_a_recursive_anchor_exits_2(tmp_path):
+    for name, data in (("latin1.yaml", "name: caf\xe9\n".encode("latin-1")), ("loop.yaml", b"name: &a [*a]\n")):
+        p = tmp_path / name
+        p.write_bytes(data)
+        r = CliRunner().invoke(cli, ["submit", str(p), "--dry-run"])
+        lines = [ln for ln in r.output.strip().splitlines() if ln]
+        assert r.exit_code == 2 and len(lines) == 1 and "Traceback" not in r.output, r.output
+        assert name in lines[0] or "manifest" in lines[0], lines[0]
+
+
+def test_set_method_drops_the_files_params_of_another_method(tmp_path, prompts):
+    path = write_manifest(tmp_path, job_dict(prompts, str(tmp_path / "out")))  # eagle2 with top_k/depth/total_tokens
+    m = load_manifest(str(path), ["speculative.method=eagle"])
+    assert m.speculative.method == "eagle" and m.speculative.params == {"k": 5}
+    m = load_manifest(str(path), ["speculative.method=eagle", "speculative.params.k=3"])
+    assert m.speculative.params == {"k": 3}

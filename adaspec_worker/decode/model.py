@@ -15,68 +15,13 @@ KV compaction after verification move every layer of a row in one gather (see `K
 """
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-
-
-class ModelLoadError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file, key or field at fault."""
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    attention_bias: bool
-    eos_token_ids: tuple[int, ...] = field(default=())
-
-    @classmethod
-    def from_hf(cls, cfg: dict, where: str = "config.json") -> ModelConfig:
-        archs = cfg.get("architectures") or []
-        arch = archs[0] if archs else cfg.get("model_type", "?")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ModelLoadError(f"{where}: unsupported architecture {arch!r}; "
-                                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", None):
-            raise ModelLoadError(f"{where}: unsupported rope_type {rope_type!r} (only 'default' RoPE)")
-        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        heads = cfg["num_attention_heads"]
-        eos = cfg.get("eos_token_id")
-        eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        bias = bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM"))
-        max_pos = cfg.get("max_position_embeddings", 2048)
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
-        if window and arch in ("MistralForCausalLM", "Qwen2ForCausalLM") and window < max_pos:
-            max_pos = window  # full attention equals sliding attention within the window: cap the usable context
-        return cls(
-            architecture=arch, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
-            num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads", heads),
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-            max_position_embeddings=max_pos,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bias, eos_token_ids=eos,
-        )
+from .config import SUPPORTED_ARCHITECTURES, ModelConfig, ModelLoadError, read_json  # noqa: F401  (re-exported)
 
 
 class RMSNorm(nn.Module):
@@ -266,11 +211,6 @@ class CausalLM(nn.Module):
 
 
 # ---------------------------------------------------------------- loading
-
-def read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
 
 def load_state_dict(model_dir: str) -> dict[str, torch.Tensor]:
     """safetensors (single or sharded) first; a `.bin` only through torch.load(weights_only=True)."""
