@@ -290,3 +290,12 @@ def test_old_outputs_still_resume():
     m = manifest_from_dict(legacy)
     assert m.speculative.autotune.enabled and m.speculative.params == {"top_k": 4, "depth": 6, "total_tokens": 60}
     assert manifest_from_dict(m.to_dict()).config_hash() == m.config_hash()
+
+
+def test_ruff_is_clean():
+    import shutil
+
+    ruff = shutil.which("ruff")
+    assert ruff, "ruff is part of the test extra (pip install -e '.[test]')"
+    out = subprocess.run([ruff, "check", "."], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:]
