@@ -4,7 +4,8 @@ target, draft and LDLP directories exist, hold what the method needs, and fit to
 Checked: a local directory with config.json, weights and (for the target) a tokenizer; an architecture
 and RoPE our model implements (`decode.config.ModelConfig`, the same parser the loader uses); the
 draft's hidden size (EAGLE head) or vocabulary (draft model) against the target's; the LDLP's input
-size; `decoding.max_new_tokens` within the target's context. Each failure is a `ModelLoadError` whose
+size; `decoding.max_new_tokens` within the target's context; a chat template when the input
+has chat rows. Each failure is a `ModelLoadError` whose
 message starts with the manifest field at fault (exit 2).
 
 Reads only JSON files and directory listings: no torch, no weights loaded.
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import os
 
+from jobs.inputs import inspect_file
 from jobs.manifest import Manifest
+from jobs.plan import input_storage_options, list_inputs
 
 from .decode.config import ModelConfig, ModelLoadError, read_json
 
@@ -56,6 +59,28 @@ def _weights(field: str, path: str) -> None:
         raise ModelLoadError(f"{field}: {path} has no *.safetensors or *.bin weights")
 
 
+def _uses_chat(m: Manifest) -> bool:
+    """Whether the input has chat rows: a messages column named or detected in the first file (JSONL: never
+    known before reading, so its chat rows without a template become error rows)."""
+    if m.input.messages_column:
+        return True
+    try:
+        opts = input_storage_options(m.input.path, m.output.path, m.output.storage_options)
+        info = inspect_file(list_inputs(m.input.path, opts)[0], m.input, opts)
+    except Exception:  # the plan reports input problems itself
+        return False
+    return bool(info.columns and info.columns.chat)
+
+
+def _has_chat_template(target: str) -> bool:
+    if any(os.path.isfile(os.path.join(target, f)) for f in ("chat_template.jinja", "chat_template.json")):
+        return True
+    try:
+        return bool(read_json(os.path.join(target, "tokenizer_config.json")).get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
 def check_models(m: Manifest) -> ModelConfig:
     """Raise ModelLoadError naming the field at fault; return the target's config."""
     _, target = _config("model.target", m.model.target)
@@ -66,6 +91,11 @@ def check_models(m: Manifest) -> ModelConfig:
         raise ModelLoadError(
             f"decoding.max_new_tokens: {m.decoding.max_new_tokens} plus a prompt exceeds the "
             f"target's context of {target.max_position_embeddings} tokens"
+        )
+    if _uses_chat(m) and not _has_chat_template(m.model.target):
+        raise ModelLoadError(
+            f"model.target: {m.model.target} has no chat template (tokenizer_config.json chat_template or "
+            "chat_template.jinja), which the input's chat column needs (input.messages_column)"
         )
     needs = m.speculative.spec().needs
     if "draft" in needs:

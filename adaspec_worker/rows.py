@@ -1,8 +1,12 @@
-"""Rows between text and tokens: per-row seeds, prompt checks and tokenization, stop strings, detokenization.
+"""Rows between text and tokens: per-row settings and seeds, chat rendering, prompt checks and tokenization,
+stop strings, detokenization.
 
-`RowCodec` wraps the target's tokenizer for one job's decoding settings. A row's seed and its place in
-the measured-baseline sample are pure functions of the job seed and the row id, so a row's text never
-depends on its batch or shard companions, or on which attempt decoded it.
+`RowCodec` wraps the target's tokenizer (and its chat template) for one job. A row's settings are the
+job's `decoding` section overridden by its own values (`row_settings`, one-line error naming the
+column when a value is out of range). A sample's seed and a row's place in the measured-baseline
+sample are pure functions of (seed, row id, sample index), so a row's text never depends on its batch
+or shard companions, or on which attempt decoded it; sample 0 keeps the seed adarun used before
+`decoding.n` existed.
 
 Knows nothing of the engine, Ray or storage.
 """
@@ -14,9 +18,60 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
-def row_seed(seed: int, row_id: str) -> int:
-    """Each row's sampling seed: a pure function of (decoding.seed, row id)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{row_id}".encode()).digest()[:8], "little") & ((1 << 62) - 1)
+def row_seed(seed: int, row_id: str, sample_index: int = 0) -> int:
+    """Each sample's sampling seed: a pure function of (seed, row id, sample index); sample 0 hashes as
+    rows did before samples existed, so n=1 outputs are unchanged."""
+    key = f"{seed}:{row_id}" if sample_index == 0 else f"{seed}:{row_id}:{sample_index}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & ((1 << 62) - 1)
+
+
+@dataclass(frozen=True)
+class RowSettings:
+    """The decoding settings of one row: the job's `decoding` section with the row's own values on top.
+    Rows with equal settings (seed and n aside) share engine batches."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    stop: tuple[str, ...]
+    seed: int
+    n: int
+
+    @property
+    def batch_key(self) -> tuple:
+        return (self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.stop)
+
+
+_BOUNDS = {  # name -> (type check, low, high, inclusive low)
+    "max_new_tokens": (int, 1, 1_000_000, True),
+    "temperature": (float, 0, 100, True),
+    "top_p": (float, 0, 1, False),
+    "top_k": (int, 0, 1_000_000, True),
+    "seed": (int, 0, 2**63 - 1, True),
+    "n": (int, 1, 1024, True),
+}
+
+
+def row_settings(decoding, own: dict) -> tuple[RowSettings | None, str | None]:
+    """(settings, None), or (None, a one-line reason naming the column) when a row's value is unusable."""
+    values = {k: getattr(decoding, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "n")}
+    values["stop"] = tuple(decoding.stop)
+    for k, v in own.items():
+        if k == "stop":
+            if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) and x for x in v):
+                return None, f"stop: must be a list of non-empty strings, got {v!r}"
+            values[k] = tuple(v)
+            continue
+        kind, lo, hi, incl = _BOUNDS[k]
+        if isinstance(v, float) and kind is int and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
+            return None, f"{k}: must be {'an integer' if kind is int else 'a number'}, got {v!r}"
+        if not (v >= lo if incl else v > lo) or v > hi or v != v:
+            return None, f"{k}: must be in {'[' if incl else '('}{lo}, {hi}], got {v!r}"
+        values[k] = kind(v)
+    return RowSettings(**values), None
 
 
 def in_baseline_sample(row_id: str, fraction: float) -> bool:
@@ -27,24 +82,43 @@ def in_baseline_sample(row_id: str, fraction: float) -> bool:
 
 @dataclass
 class Row:
-    """A row ready to decode."""
+    """One sample of an input row, ready to decode."""
 
     id: str
-    prompt: str
+    prompt: str  # the text decoded from (a chat row's rendered template)
     tokens: list[int]
     seed: int
+    sample_index: int = 0
+    settings: RowSettings | None = None  # None: the job's decoding section
+    input_index: int = 0  # the row's place in its shard (for carried columns)
+    sp: object = None  # the engine's sampling parameters for these settings (set by the worker)
 
 
 StopFn = Callable[[int, list[int]], "int | None"]  # (row, tokens so far) -> keep this many tokens, or None
 
 
 class RowCodec:
-    def __init__(self, tokenizer, stop: list[str], max_new_tokens: int, context: int):
+    def __init__(self, tokenizer, stop: list[str], max_new_tokens: int, context: int, system_prompt: str | None = None):
         self.tok, self.stop = tokenizer, list(stop)
         self.max_new_tokens, self.context = max_new_tokens, context
+        self.system_prompt = system_prompt
 
-    def encode(self, prompt) -> tuple[list[int] | None, str | None]:
+    def render(self, messages) -> tuple[str | None, str | None]:
+        """A chat row (list of {role, content}) as text through the tokenizer's chat template, with the
+        generation prompt added and `input.system_prompt` first when the row has no system message."""
+        if not messages or not all(isinstance(x, dict) and x.get("content") is not None for x in messages):
+            return None, "empty chat (no messages, or a message without content)"
+        msgs = [{"role": x.get("role") or "user", "content": x["content"]} for x in messages]
+        if self.system_prompt and msgs[0]["role"] != "system":
+            msgs = [{"role": "system", "content": self.system_prompt}] + msgs
+        try:
+            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), None
+        except Exception as e:  # no template, or the template refuses these roles
+            return None, f"chat template: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+    def encode(self, prompt, max_new_tokens: int | None = None) -> tuple[list[int] | None, str | None]:
         """(tokens, None) for a usable prompt, else (None, a one-line reason for errors/)."""
+        max_new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         if prompt is None:
             return None, "empty prompt (null)"
         if not isinstance(prompt, str):
@@ -54,24 +128,22 @@ class RowCodec:
         toks = self.tok(prompt, add_special_tokens=False)["input_ids"]
         if not toks:
             return None, "prompt tokenizes to nothing"
-        if len(toks) + self.max_new_tokens > self.context:
-            return None, (
-                f"prompt too long: {len(toks)} tokens + max_new_tokens {self.max_new_tokens} > context {self.context}"
-            )
+        if len(toks) + max_new > self.context:
+            return None, f"prompt too long: {len(toks)} tokens + max_new_tokens {max_new} > context {self.context}"
         return toks, None
 
-    def text(self, tokens: list[int]) -> str:
+    def text(self, tokens: list[int], stop: tuple[str, ...] | None = None) -> str:
         """A completion's text, cut before the first stop string."""
         text = self.tok.decode(tokens, skip_special_tokens=True)
-        for s in self.stop:
+        for s in self.stop if stop is None else stop:
             i = text.find(s)
             if i >= 0:
                 text = text[:i]
         return text
 
-    def stop_fn(self) -> StopFn | None:
+    def stop_fn(self, stop: tuple[str, ...] | None = None) -> StopFn | None:
         """The engine's stop rule for stop strings: where to cut a row's tokens once one appears."""
-        stops = self.stop
+        stops = self.stop if stop is None else list(stop)
         if not stops:
             return None
         tail = max(len(s) for s in stops) + 16  # tokens: each is at least one character

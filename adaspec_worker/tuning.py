@@ -71,7 +71,7 @@ class Baseline:
             rec = {"id": r.id}
             for key, eng in (("spec", engine), ("plain", self.plain)):
                 (completions, _), seconds = time_call(
-                    lambda e=eng, r=r: e.generate([r.tokens], self.sp, [r.seed]), device
+                    lambda e=eng, r=r: e.generate([r.tokens], r.sp or self.sp, [r.seed]), device
                 )
                 rec[f"{key}_seconds"] = seconds
                 rec[f"{key}_tokens"] = len(completions[0].tokens)

@@ -3,7 +3,8 @@
 The controller wraps `ShardWorker` in a Ray actor (one per worker, `num_gpus=gpus_per_worker`) and
 hands it one shard at a time. For a shard the worker reads its row range (`jobs.plan.read_rows`),
 tokenizes and rejects bad rows (`rows.RowCodec`), decodes the rest in batches through the engine,
-times a sample of rows against plain decoding (`tuning.Baseline`), and commits through
+(rendering chat rows with the target's chat template, n samples per row, per-row settings grouped into
+separate engine batches), times a sample of rows against plain decoding (`tuning.Baseline`), and commits through
 `jobs.layout.ShardFiles.commit`, which writes the files in their exactly-once order.
 
 This is the one module that imports both sides: `jobs` (manifest, plan, layout) and the decoder.
@@ -14,6 +15,7 @@ imports this module to name the actor class.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import socket
@@ -28,7 +30,11 @@ from jobs.storage import Store
 
 class ShardWorker:
     def __init__(self, manifest: dict, output_url: str):
+        self.started_at = time.time()  # the controller's creation time to this: Ray's scheduling and process start
+        clock = _Phases()
+        _quiet_third_parties()
         import torch
+        import transformers
         from transformers import AutoTokenizer
 
         from .decode.build import build_engine
@@ -38,17 +44,27 @@ class ShardWorker:
         from .timing import EnergyMeter
         from .tuning import Baseline
 
+        transformers.utils.logging.set_verbosity_error()
+        clock.mark("imports")
         self.m = m = manifest_from_dict(manifest)
         self.files = ShardFiles(Store(output_url, m.output.storage_options, m.retry.backoff_s))
+        job = self.files.job() or {}
+        self.job_hash = job.get("job_hash", "")
         torch.manual_seed(0)
         tok = AutoTokenizer.from_pretrained(m.model.target)
+        clock.mark("tokenizer")
         self.target = load_target(m.model.target, m.model.dtype, m.model.device)
+        clock.mark("model_load")
         self.engine = build_engine(self.target, m.speculative.spec(), draft=m.model.draft, ldlp=m.model.ldlp)
         plain = build_engine(self.target, parse_spec("none", {}))
+        clock.mark("draft_load")
         d = m.decoding
         eos = self.target.cfg.eos_token_ids or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
-        self.sp = SamplingParams(d.max_new_tokens, d.temperature, d.top_p, d.top_k, tuple(eos))
-        self.codec = RowCodec(tok, d.stop, d.max_new_tokens, self.target.cfg.max_position_embeddings)
+        self.eos = tuple(eos)
+        self.sp = SamplingParams(d.max_new_tokens, d.temperature, d.top_p, d.top_k, self.eos)
+        self.codec = RowCodec(
+            tok, d.stop, d.max_new_tokens, self.target.cfg.max_position_embeddings, m.input.system_prompt
+        )
         self.baseline = Baseline(self.engine, plain, self.sp, m.baseline.sample_fraction)
         self.autotune: dict | None = None  # the choice, once this actor has measured
         self.device = str(self.target.device)
@@ -58,6 +74,9 @@ class ShardWorker:
             if self.device.startswith("cuda")
             else (platform.processor() or platform.machine())
         )
+        self.engine.generate([[0]], SamplingParams(2, 0.0, 1.0, 0, ()))  # warm-up: first-call allocation/compile
+        clock.mark("warmup")
+        self.phases = clock.phases
 
     @staticmethod
     def preflight(m) -> None:
@@ -67,8 +86,10 @@ class ShardWorker:
         check_models(m)
 
     def ready(self) -> dict:
-        """Returns once the constructor has finished: the controller dispatches only to ready actors."""
-        return self.info()
+        """Returns once the constructor has finished: the controller dispatches only to ready actors.
+        Besides `info()`: `started_at` (unix time the constructor began) and `phases` (constructor phase ->
+        seconds: imports, tokenizer, model_load, draft_load, warmup), which the controller records."""
+        return {**self.info(), "started_at": self.started_at, "phases": self.phases}
 
     def info(self) -> dict:
         import ray
@@ -85,29 +106,19 @@ class ShardWorker:
 
     def run_shard(self, shard: dict, attempt: int) -> dict:
         """Decode one shard and commit its files; returns the counts the controller tallies."""
-        from .rows import Row, row_seed
         from .tuning import autotune
 
         t0, started, e0 = time.perf_counter(), time.time(), self.energy.read()
         m, sh = self.m, Shard(**shard)
         _fault_drill(sh.index)
-        ids, prompts = read_rows(sh, m.input, input_storage_options(sh.file, m.output.path, m.output.storage_options))
-        good, errors = [], []
-        for i, (rid, prompt) in enumerate(zip(ids, prompts)):
-            if rid is None:
-                errors.append(ErrorRow(f"{sh.file.rsplit('/', 1)[-1]}:{sh.start + i}", "null id"))
-                continue
-            toks, err = self.codec.encode(prompt)
-            if err:
-                errors.append(ErrorRow(rid, err))
-            else:
-                good.append(Row(rid, prompt, toks, row_seed(m.decoding.seed, rid)))
+        data = read_rows(sh, m.input, input_storage_options(sh.file, m.output.path, m.output.storage_options))
+        good, errors = self._rows(sh, data)
         if m.speculative.autotune.enabled and self.autotune is None and good:
             self.engine, self.autotune = autotune(
                 self.engine, good, self.sp, m.speculative.autotune.fraction, m.resources.batch_size
             )
         outputs, stats = self._decode(good)
-        stats.baseline = self.baseline.run(good, self.engine)
+        stats.baseline = self.baseline.run([r for r in good if r.sample_index == 0], self.engine)
         res = m.resources
         wall = time.perf_counter() - t0
         stats = dataclasses.replace(
@@ -115,6 +126,7 @@ class ShardWorker:
             shard=sh.index,
             attempt=attempt,
             rows=len(outputs),
+            input_rows=len({r.input_index for r in good}),
             error_rows=len(errors),
             errors=[e.error for e in errors][:20],
             prompt_tokens=sum(o.num_prompt_tokens for o in outputs),
@@ -130,6 +142,15 @@ class ShardWorker:
             autotune=self.autotune,
             **self.info(),
         )
+        carried = data.carried.take([r.input_index for r in good]) if data.carried is not None else None
+        meta = {
+            "model": m.model.target,
+            "draft": m.model.draft or "",
+            "method": m.speculative.method,
+            "params": json.dumps(m.speculative.params, sort_keys=True),
+            "job_hash": self.job_hash,
+            "config_hash": m.config_hash(),
+        }
         self.files.commit(
             outputs,
             errors,
@@ -137,6 +158,8 @@ class ShardWorker:
             Commit(
                 shard=sh.index, rows=len(outputs), error_rows=len(errors), attempt=attempt, config_hash=m.config_hash()
             ),
+            carried=carried,
+            metadata=meta,
         )
         return {
             "shard": sh.index,
@@ -146,24 +169,62 @@ class ShardWorker:
             "wall_seconds": wall,
         }
 
+    def _rows(self, sh: Shard, data) -> tuple[list, list[ErrorRow]]:
+        """Input rows -> samples ready to decode (n per row), and error rows (one per unusable input row)."""
+        from .decode.sampling import SamplingParams
+        from .rows import Row, row_seed, row_settings
+
+        good, errors = [], []
+        for i, (rid, prompt) in enumerate(zip(data.ids, data.prompts)):
+            own = data.settings[i] if i < len(data.settings) else {}
+            if rid is None or i in data.problems:
+                where = f"{sh.file.rsplit('/', 1)[-1]}:{sh.start + i}"
+                errors.append(ErrorRow(rid or where, data.problems.get(i, "null id")))
+                continue
+            st, err = row_settings(self.m.decoding, own)
+            if err is None and isinstance(prompt, list):
+                prompt, err = self.codec.render(prompt)
+            toks = None
+            if err is None:
+                toks, err = self.codec.encode(prompt, st.max_new_tokens)
+            if err:
+                errors.append(ErrorRow(rid, err))
+                continue
+            sp = SamplingParams(st.max_new_tokens, st.temperature, st.top_p, st.top_k, self.eos)
+            for k in range(st.n):
+                good.append(Row(rid, prompt, toks, row_seed(st.seed, rid, k), k, st, i, sp))
+        return good, errors
+
     def _decode(self, rows: list) -> tuple[list[OutputRow], ShardStats]:
-        """Decode rows in batches of similar prompt length; outputs in input order, engine stats as ShardStats."""
+        """Decode samples in batches of equal settings and similar prompt length; outputs in input order
+        (samples of a row together), engine stats as ShardStats."""
         from .decode.stats import EngineStats
 
-        done: dict[str, OutputRow] = {}
+        done: dict[int, OutputRow] = {}
         total = EngineStats()
-        order = sorted(rows, key=lambda r: len(r.tokens))  # similar lengths batch together
+        groups: dict[tuple, list[int]] = {}
+        for j, r in enumerate(rows):
+            groups.setdefault(r.settings.batch_key, []).append(j)
         bs = self.m.resources.batch_size
-        for i in range(0, len(order), bs):
-            batch = order[i : i + bs]
-            completions, st = self.engine.generate(
-                [r.tokens for r in batch], self.sp, [r.seed for r in batch], self.codec.stop_fn()
-            )
-            total = total + st
-            for r, c in zip(batch, completions):
-                done[r.id] = OutputRow(
-                    r.id, r.prompt, self.codec.text(c.tokens), len(r.tokens), len(c.tokens), c.finish_reason
+        for members in groups.values():
+            order = sorted(members, key=lambda j: len(rows[j].tokens))  # similar lengths batch together
+            for i in range(0, len(order), bs):
+                batch = [rows[j] for j in order[i : i + bs]]
+                st = batch[0].settings
+                completions, es = self.engine.generate(
+                    [r.tokens for r in batch], batch[0].sp, [r.seed for r in batch], self.codec.stop_fn(st.stop)
                 )
+                total = total + es
+                for j, r, c in zip(order[i : i + bs], batch, completions):
+                    done[j] = OutputRow(
+                        r.id,
+                        r.prompt,
+                        self.codec.text(c.tokens, st.stop),
+                        len(r.tokens),
+                        len(c.tokens),
+                        c.finish_reason,
+                        r.sample_index,
+                    )
         seq = total.rows
         stats = ShardStats(
             rounds=seq.rounds,
@@ -175,7 +236,30 @@ class ShardWorker:
             verify_seconds=total.verify_seconds,
             other_seconds=total.other_seconds + total.prefill_seconds,
         )
-        return [done[r.id] for r in rows], stats
+        return [done[j] for j in range(len(rows))], stats
+
+
+class _Phases:
+    """Named wall-clock phases of the constructor: mark(name) closes the phase that began at the last mark."""
+
+    def __init__(self):
+        self.t, self.phases = time.perf_counter(), {}
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = now - self.t
+        self.t = now
+
+
+def _quiet_third_parties() -> None:
+    """Silence what transformers prints on every run (e.g. the tokenizer's sequence-length warning)."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="transformers")
 
 
 def _fault_drill(index: int) -> None:

@@ -15,7 +15,7 @@ import sys
 
 import click
 
-from .controller import JobConflict, JobFailed, preflight, run_job
+from .controller import JobConflict, JobFailed, open_output, preflight, run_job
 from .credentials import MASK
 from .dispatch import Unplaceable
 from .layout import ShardFiles, total
@@ -23,7 +23,7 @@ from .lease import LeaseHeld
 from .manifest import ManifestError, load_manifest, manifest_from_dict
 from .model_commands import MODEL_COMMANDS
 from .plan import PlanError
-from .progress import Progress
+from .progress import DEFAULT_INTERVAL_S, Progress
 from .specs import SpecError
 from .storage import StorageError, Store
 
@@ -81,6 +81,10 @@ def cli(log_level):
     logging.basicConfig(
         level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("adarun").setLevel(log_level.upper())
+    if log_level.lower() != "debug":  # third-party chatter on every run: Ray's banners, transformers' warnings
+        for name in ("ray", "transformers", "urllib3", "fsspec", "botocore", "matplotlib"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main():
@@ -101,23 +105,42 @@ def _stop_local_ray() -> None:
 # ------------------------------------------------------------------ job commands
 
 
-def _run(m, force: bool, dry_run: bool):
+def _run(m, force: bool, dry_run: bool, progress_interval: float = DEFAULT_INTERVAL_S, calibration=None):
     from adaspec_worker.worker import ShardWorker  # torch-free at import: the actor imports torch when it starts
 
     if dry_run:
-        _, plan = preflight(m, ShardWorker)
-        click.echo(json.dumps(plan.describe(m), indent=2))
+        from .estimate import estimate
+
+        files, plan = preflight(m, ShardWorker)
+        click.echo(json.dumps({**plan.describe(m), "estimate": estimate(m, plan, files, calibration)}, indent=2))
         return
 
-    with Progress(m) as progress:
+    with Progress(m, interval=progress_interval) as progress:
         state = run_job(m, ShardWorker, force=force, listener=progress.on_event)
     total_shards = len(state.plan)
+    if state.committed == 0 and state.skipped == total_shards:
+        commits = open_output(m).committed().values()
+        click.echo(
+            f"{m.name}: nothing left to do: {total_shards} shards already committed "
+            f"({sum(c.rows for c in commits)} rows, {sum(c.error_rows for c in commits)} error rows); "
+            f"output {m.output.path}"
+        )
+        return
     click.echo(
         f"{m.name}: {state.skipped + state.committed}/{total_shards} shards committed "
         f"({state.skipped} skipped as already committed, {state.committed} run now, {len(state.retries)} retried); "
-        f"rows {state.rows}, error rows {state.error_rows}, completion tokens {state.completion_tokens}; "
+        f"this run: rows {state.rows}, error rows {state.error_rows}, completion tokens {state.completion_tokens}; "
         f"output {m.output.path}"
     )
+
+
+progress_option = click.option(
+    "--progress-interval",
+    type=float,
+    default=DEFAULT_INTERVAL_S,
+    show_default=True,
+    help="Seconds between plain progress lines when stderr is not a terminal (0: none).",
+)
 
 
 @cli.command()
@@ -133,7 +156,17 @@ def _run(m, force: bool, dry_run: bool):
     metavar="KEY=VALUE",
     help="Override a manifest field, e.g. decoding.temperature=0.7. Env: ADARUN_SET (space-separated).",
 )
-@click.option("--dry-run", is_flag=True, help="Check input, models and output, print the shard plan and exit.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Check input, models and output, print the shard plan and an estimate of tokens, GPU hours and dollars.",
+)
+@click.option(
+    "--calibration",
+    default=None,
+    help="With --dry-run: an earlier output of this model whose measured tokens/s the estimate uses.",
+)
+@progress_option
 @click.option("--force", is_flag=True, help="Discard another job's shards (or a changed input's) and take the lease.")
 @click.option(
     "--max-error-fraction",
@@ -141,7 +174,7 @@ def _run(m, force: bool, dry_run: bool):
     default=None,
     help="Exit 1 when more than this share of rows are error rows (retry.max_error_fraction, default 0.5).",
 )
-def submit(manifest, output, overrides, dry_run, force, max_error_fraction):
+def submit(manifest, output, overrides, dry_run, calibration, progress_interval, force, max_error_fraction):
     """Run a job: shard the input, decode on Ray actors, commit Parquet shards.
 
     \b
@@ -152,7 +185,7 @@ def submit(manifest, output, overrides, dry_run, force, max_error_fraction):
     sets = list(overrides) + ([f"output.path={output}"] if output else [])
     if max_error_fraction is not None:
         sets.append(f"retry.max_error_fraction={max_error_fraction}")
-    _run(load_manifest(manifest, sets), force, dry_run)
+    _run(load_manifest(manifest, sets), force, dry_run, progress_interval, calibration)
 
 
 storage_option = click.option(
@@ -200,7 +233,8 @@ def _open_job(output: str, pairs=()) -> tuple[ShardFiles, dict, dict]:
 @cli.command()
 @click.argument("output")
 @storage_option
-def resume(output, storage_options):
+@progress_option
+def resume(output, storage_options, progress_interval):
     """Resume the job recorded in OUTPUT/job.json, skipping committed shards.
 
     \b
@@ -211,7 +245,7 @@ def resume(output, storage_options):
     _, doc, options = _open_job(output, storage_options)
     data = json.loads(json.dumps(doc["manifest"]))
     data["output"]["storage_options"] = options  # masked credentials left out: fsspec's own chain finds them
-    _run(manifest_from_dict(data), force=False, dry_run=False)
+    _run(manifest_from_dict(data), force=False, dry_run=False, progress_interval=progress_interval)
 
 
 def job_status(files: ShardFiles, doc: dict) -> dict:
@@ -309,7 +343,10 @@ def report(outputs, fmt, storage_options):
         reps.append(write_report(files))
         opened.append(files)
     if len(reps) == 2:
-        click.echo(compare_md(*reps))
+        text = compare_md(*reps)
+        opened[1].write_report_file("compare.md", text.encode())
+        opened[1].write_report_file("compare.json", json.dumps({"a": reps[0], "b": reps[1]}, default=str).encode())
+        click.echo(text + f"\n(written to {opened[1].report_path('compare.md')})")
         return
     if fmt == "json":
         click.echo(json.dumps(reps[0], indent=2, default=str))
@@ -321,3 +358,17 @@ def report(outputs, fmt, storage_options):
 
 for _command in MODEL_COMMANDS:
     cli.add_command(_command)
+
+
+def _name_envvars(group: click.Group) -> None:
+    """Every option reads ADARUN_<COMMAND>_<OPTION> (its long name, dashes as underscores), the name the
+    README gives, unless it names its own variable (ADARUN_OUTPUT, ADARUN_SET, ADARUN_STORAGE_OPTION).
+    Click's automatic names use the Python parameter name instead (e.g. ADARUN_REPORT_FMT)."""
+    for cmd_name, cmd in group.commands.items():
+        for p in cmd.params:
+            if isinstance(p, click.Option) and p.envvar is None:
+                long = max(p.opts, key=len).lstrip("-").replace("-", "_").upper()
+                p.envvar = f"ADARUN_{cmd_name.replace('-', '_').upper()}_{long}"
+
+
+_name_envvars(cli)

@@ -58,6 +58,8 @@ class JobState:
     fatal: str | None = None  # a failure that stopped the job early (every further attempt would repeat it)
     started: float = field(default_factory=time.time)
     first_commit_s: float | None = None
+    actors: list = field(default_factory=list)  # ActorStartup records of this run's actors
+    ray_start_seconds: float = 0.0  # connecting to (or starting) Ray
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,7 @@ def connect_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     addr = address or os.environ.get("RAY_ADDRESS") or None
+    quiet_ray()
     ray.init(
         address=addr,
         include_dashboard=False,
@@ -207,6 +210,16 @@ def connect_ray(address: str | None) -> None:
         configure_logging=False,
         ignore_reinit_error=True,
     )
+
+
+def quiet_ray() -> None:
+    """Ray's start-up banners and its token-authentication notice go to the debug log, not the user's terminal
+    (RAY_AUTH_MODE is left as the user set it; a local cluster Ray starts here keeps Ray's default)."""
+    if log.isEnabledFor(logging.DEBUG):
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    for name in ("ray", "ray._private.worker", "ray._private.authentication.authentication_token_setup"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 Listener = Callable[[str, dict], None]
@@ -223,7 +236,9 @@ def run_job(m: Manifest, worker_cls: type, force: bool = False, listener: Listen
         pending = [s for s in plan.shards if s.index not in done]
         emit("start", {"plan": len(plan.shards), "pending": len(pending), "skipped": state.skipped})
         if pending:
+            t_ray = time.time()
             connect_ray(m.cluster.address)
+            state.ray_start_seconds = time.time() - t_ray
             lost = lambda: "output.path: another adarun took over this output's lease" if lease.lost else None
             try:
                 Dispatcher(m, worker_cls, state, emit, lost).run(pending)
@@ -231,7 +246,17 @@ def run_job(m: Manifest, worker_cls: type, force: bool = False, listener: Listen
                 state.fatal = str(e)
             files.write_run(
                 files.run().add_run(
-                    state.started, state.committed, state.skipped, state.retries, state.failed, state.first_commit_s
+                    state.started,
+                    state.committed,
+                    state.skipped,
+                    state.retries,
+                    state.failed,
+                    state.first_commit_s,
+                    actors=state.actors,
+                    ray_start_seconds=state.ray_start_seconds,
+                    workers=m.resources.workers,
+                    gpus_per_worker=m.resources.gpus_per_worker,
+                    cpus_per_worker=m.resources.cpus_per_worker,
                 )
             )
         finish(m, files, plan, state)

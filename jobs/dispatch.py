@@ -23,6 +23,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
+from .layout import ActorStartup, shard_name
 from .manifest import Manifest
 from .plan import Shard
 
@@ -98,11 +99,18 @@ class Dispatcher:
         self.inflight: dict[Any, tuple[Any, Shard, int, float]] = {}  # ref -> (actor, shard, attempt, dispatched at)
         self.app_errors: Counter = Counter()  # one-line cause -> shards it happened on
         self.noticed_pending = False
+        self.startups: list[tuple[Any, ActorStartup]] = []  # (actor, its record): state.actors at the end
 
     def new_actor(self) -> None:
         actor = self.actor_cls.remote(self.manifest, self.m.output.path)
         self.actors.append(actor)
-        self.starting[actor.ready.remote()] = (actor, time.time())
+        now = time.time()
+        self.startups.append((actor, ActorStartup(created_at=now)))
+        self.state.actors.append(self.startups[-1][1])
+        self.starting[actor.ready.remote()] = (actor, now)
+
+    def _record(self, actor) -> ActorStartup:
+        return next(rec for a, rec in self.startups if a is actor)
 
     def run(self, pending: list[Shard]) -> None:
         import ray
@@ -137,6 +145,9 @@ class Dispatcher:
                         self._collect(ref)
                 self._notice_pending()
         finally:
+            now = time.time()
+            for _, rec in self.startups:
+                rec.stopped_at = rec.stopped_at or now
             for a in self.actors:
                 ray.kill(a, no_restart=True)
 
@@ -148,8 +159,20 @@ class Dispatcher:
         try:
             info = ray.get(ref)
         except (RayActorError, RayTaskError) as e:
+            log.error("a worker failed to start: %s", _one_line(e))
             raise FailFast(f"a worker failed to start: {_one_line(e)}") from None
-        log.info("worker ready on %s (%s) after %.1fs", info.get("host"), info.get("accelerator"), time.time() - t0)
+        rec, now = self._record(actor), time.time()
+        phases = {k: round(v, 3) for k, v in (info.get("phases") or {}).items()}
+        rec.actor_id, rec.host, rec.accelerator = info.get("actor_id"), info.get("host"), info.get("accelerator")
+        rec.ready_at, rec.phases = now, phases
+        rec.scheduling_seconds = max((info.get("started_at") or t0) - t0, 0.0)
+        log.info(
+            "worker ready on %s (%s) after %.1fs: %s",
+            info.get("host"),
+            info.get("accelerator"),
+            now - t0,
+            ", ".join([f"ray scheduling {rec.scheduling_seconds:.1f}s"] + [f"{k} {v:.1f}s" for k, v in phases.items()]),
+        )
         self.emit("worker", {"info": info, "start_seconds": time.time() - t0})
         self.idle.append(actor)
 
@@ -202,6 +225,7 @@ class Dispatcher:
 
         cause = _one_line(e)
         if dead:
+            self._record(actor).stopped_at = time.time()
             ray.kill(actor, no_restart=True)
             self.new_actor()
         else:
@@ -220,11 +244,17 @@ class Dispatcher:
             "cause": cause,
             "seconds": time.time() - t_dispatch,
         }
+        kind = "its worker died" if dead else "the worker raised"
         if attempt < limit:
-            self.queue.append((time.time() + self.m.retry.backoff_s * 2 ** (attempt - 1), shard, attempt + 1))
+            delay = self.m.retry.backoff_s * 2 ** (attempt - 1)
+            log.warning(
+                "%s attempt %d failed (%s): %s; retrying in %.1fs", shard_name(shard.index), attempt, kind, cause, delay
+            )
+            self.queue.append((time.time() + delay, shard, attempt + 1))
             self.state.retries.append(record)
             self.emit("retry", {"shard": shard.index, "attempt": attempt, "cause": cause, "actor_died": dead})
         else:
+            log.error("%s failed after %d attempt(s) (%s): %s", shard_name(shard.index), attempt, kind, cause)
             self.state.retries.append({**record, "final": True})
             self.state.failed[shard.index] = cause
             self.emit("fail", {"shard": shard.index, "cause": cause})

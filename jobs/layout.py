@@ -53,10 +53,13 @@ def shard_index(name: str) -> int | None:
 # ------------------------------------------------------------------ rows
 
 
-def _arrow_schema(cls) -> pa.Schema:
+def _arrow_schema(cls, appended: bool = False) -> pa.Schema:
+    """The Arrow schema of a row record's base fields (or, with `appended`, of its appended fields)."""
     types = {str: pa.string(), int: pa.int32()}
     hints = typing.get_type_hints(cls)
-    return pa.schema([(f.name, types[hints[f.name]]) for f in fields(cls)])
+    return pa.schema(
+        [(f.name, types[hints[f.name]]) for f in fields(cls) if bool(f.metadata.get("appended")) == appended]
+    )
 
 
 @dataclass
@@ -69,6 +72,8 @@ class OutputRow:
     num_prompt_tokens: int
     num_completion_tokens: int
     finish_reason: str  # "stop" (EOS or a stop string) | "length"
+    # appended columns: written after the base six (old readers that select the base columns are unaffected)
+    sample_index: int = field(default=0, metadata={"appended": True})  # 0..decoding.n-1
 
 
 @dataclass
@@ -79,12 +84,26 @@ class ErrorRow:
     error: str
 
 
-OUTPUT_SCHEMA = _arrow_schema(OutputRow)
+OUTPUT_SCHEMA = _arrow_schema(OutputRow)  # the base columns every adarun version writes, in this order
+APPENDED_SCHEMA = _arrow_schema(OutputRow, appended=True)  # then these (since 0.x: sample_index)
 ERROR_SCHEMA = _arrow_schema(ErrorRow)
+OWN_COLUMNS = frozenset(OUTPUT_SCHEMA.names + APPENDED_SCHEMA.names)  # carried input columns never take these names
+METADATA_PREFIX = "adarun."  # Parquet file metadata keys: adarun.model, adarun.method, adarun.job_hash, ...
 
 
-def _parquet_bytes(rows: list, schema: pa.Schema) -> bytes:
+def _parquet_bytes(
+    rows: list, schema: pa.Schema, carried: pa.Table | None = None, metadata: dict[str, str] | None = None
+) -> bytes:
     table = pa.Table.from_pylist([asdict(r) for r in rows], schema=schema)
+    if carried is not None:  # input columns carried through: one value per row, after adarun's own columns
+        assert carried.num_rows == table.num_rows, "one carried value per output row"
+        for name in carried.column_names:
+            if name not in OWN_COLUMNS:
+                table = table.append_column(carried.schema.field(name), carried.column(name))
+    if metadata:
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), **{f"{METADATA_PREFIX}{k}": str(v) for k, v in metadata.items()}}
+        )
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
@@ -114,7 +133,8 @@ class ShardStats:
 
     shard: int | None = None
     attempt: int | None = None
-    rows: int = 0  # rows decoded (in shards/)
+    rows: int = 0  # output rows decoded (in shards/): input rows x samples
+    input_rows: int = 0  # input rows decoded (each gives decoding.n, or its row's n, output rows)
     error_rows: int = 0  # rows rejected (in errors/)
     errors: list = field(default_factory=list)  # the first error messages (at most 20)
     prompt_tokens: int = 0
@@ -216,10 +236,32 @@ class Commit:
 
 
 @dataclass
+class ActorStartup:
+    """One actor's life as the controller saw it, and its constructor's phases as the actor timed them."""
+
+    actor_id: str | None = None
+    host: str | None = None
+    accelerator: str | None = None
+    created_at: float | None = None  # unix time the controller asked Ray for it
+    ready_at: float | None = None  # its constructor returned (ready() answered)
+    stopped_at: float | None = None  # the controller killed it (end of run, or death)
+    scheduling_seconds: float = 0.0  # waiting for a place and a process (ready - created - constructor)
+    phases: dict = field(default_factory=dict)  # constructor phase -> seconds (imports, tokenizer, model_load, ...)
+
+    @property
+    def held_seconds(self) -> float:
+        if self.created_at is None:
+            return 0.0
+        return max((self.stopped_at or self.ready_at or self.created_at) - self.created_at, 0.0)
+
+
+@dataclass
 class JobRun:
     """_job_run.json: what each controller run did (a resume appends a run)."""
 
-    runs: list = field(default_factory=list)  # {started_at, finished_at, committed, skipped}
+    runs: list = field(default_factory=list)  # {started_at, finished_at, committed, skipped, ray_start_seconds,
+    #                                            workers, gpus_per_worker, cpus_per_worker}
+    actors: list = field(default_factory=list)  # ActorStartup records (as dicts), every run's actors
     retries: list = field(default_factory=list)  # {shard, attempt, actor_died, cause, seconds[, final]}
     failed: dict = field(default_factory=dict)  # shard name -> cause, for the last run
     started_at: float | None = None  # of the last run
@@ -238,12 +280,17 @@ class JobRun:
         retries: list,
         failed: dict[int, str],
         first_commit_seconds: float | None,
+        actors: list | None = None,
+        **run_fields,
     ) -> JobRun:
+        """A copy with this run appended; `run_fields` (ray_start_seconds, workers, gpus_per_worker,
+        cpus_per_worker) go into the run's entry; `actors` are `ActorStartup` records."""
         now = time.time()
+        entry = {"started_at": started_at, "finished_at": now, "committed": committed, "skipped": skipped}
         return dataclasses.replace(
             self,
-            runs=self.runs
-            + [{"started_at": started_at, "finished_at": now, "committed": committed, "skipped": skipped}],
+            runs=self.runs + [{**entry, **run_fields}],
+            actors=self.actors + [asdict(a) if dataclasses.is_dataclass(a) else a for a in actors or []],
             retries=self.retries + retries,
             failed={shard_name(k): v for k, v in failed.items()},
             started_at=started_at,
@@ -261,11 +308,22 @@ class ShardFiles:
     def __init__(self, store: Store):
         self.store = store
 
-    def commit(self, rows: list[OutputRow], errors: list[ErrorRow], stats: ShardStats, commit: Commit) -> None:
+    def commit(
+        self,
+        rows: list[OutputRow],
+        errors: list[ErrorRow],
+        stats: ShardStats,
+        commit: Commit,
+        carried: pa.Table | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         """Write shards/ -> errors/ (when any) -> stats/ -> _commits/: the marker last, so a reader that
-        sees it sees complete files, and a shard cut short is simply decoded again."""
+        sees it sees complete files, and a shard cut short is simply decoded again. `carried` holds input
+        columns (one row per output row) appended after adarun's own; `metadata` goes into the Parquet
+        file metadata under `adarun.` keys."""
         name = shard_name(commit.shard)
-        self.store.write_bytes(f"shards/{name}.parquet", _parquet_bytes(rows, OUTPUT_SCHEMA))
+        schema = pa.schema(list(OUTPUT_SCHEMA) + list(APPENDED_SCHEMA))
+        self.store.write_bytes(f"shards/{name}.parquet", _parquet_bytes(rows, schema, carried, metadata))
         if errors:
             self.store.write_bytes(f"errors/{name}.parquet", _parquet_bytes(errors, ERROR_SCHEMA))
         self.store.write_json(f"stats/{name}.json", stats.to_json())

@@ -37,6 +37,12 @@ class InputCfg:
     id_column: str = "id"
     limit: int | None = None
     allow_duplicate_ids: bool = False  # by default a repeated id is refused at planning (exit 2)
+    # chat rows: a list<struct<role, content>> column rendered with the target's chat template; None =
+    # auto-detect (used when prompt_column is absent or is such a list); system_prompt is prepended to them
+    messages_column: str | None = None
+    system_prompt: str | None = None
+    keep_columns: list | None = None  # input columns carried to the output; None = all (but id/prompt/messages)
+    row_settings: bool = True  # columns named like a decoding field (max_new_tokens, temperature, ...) set it per row
 
 
 @dataclass
@@ -62,6 +68,7 @@ class DecodingCfg:
     top_k: int = 0
     seed: int = 0
     stop: list = field(default_factory=list)
+    n: int = 1  # samples per input row (output column sample_index); sample 0 keeps the n=1 seed
 
 
 @dataclass
@@ -110,6 +117,8 @@ class RetryCfg:
 class CostCfg:
     gpu_hour_usd: float = 2.5
     cpu_hour_usd: float = 0.05
+    # accelerator name substring -> $/hour per accelerator, e.g. {H100: 3.0, H200: 4.0}; others: gpu_hour_usd
+    accelerator_hour_usd: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -161,7 +170,14 @@ class Manifest:
 
 
 # fields added after outputs were first written: they enter the config hash only when not at their default
-_ADDED_SINCE_HASH = {("input", "allow_duplicate_ids"): False}
+_ADDED_SINCE_HASH = {
+    ("input", "allow_duplicate_ids"): False,
+    ("input", "messages_column"): None,
+    ("input", "system_prompt"): None,
+    ("input", "keep_columns"): None,
+    ("input", "row_settings"): True,
+    ("decoding", "n"): 1,
+}
 
 # -------------------------------------------------------------- building from plain data
 
@@ -242,6 +258,10 @@ def _check(m: Manifest) -> None:
     need(0 <= d.top_k <= 1_000_000, "decoding.top_k", f"must be in [0, 1e6], got {d.top_k}")
     need(0 <= d.seed < 2**63, "decoding.seed", f"must be in [0, 2^63), got {d.seed}")
     need(all(isinstance(s, str) and s for s in d.stop), "decoding.stop", "must be a list of non-empty strings")
+    need(1 <= d.n <= 1024, "decoding.n", f"must be in [1, 1024], got {d.n}")
+    kc = m.input.keep_columns
+    need(kc is None or all(isinstance(c, str) and c for c in kc), "input.keep_columns", "must be a list of names")
+    need(m.input.messages_column != "", "input.messages_column", "must not be empty (leave it out to auto-detect)")
     try:
         spec = m.speculative.spec()
     except SpecError as e:
@@ -278,6 +298,9 @@ def _check_limits(m: Manifest, need) -> None:
     )
     need(0 <= m.cost.gpu_hour_usd <= 10_000, "cost.gpu_hour_usd", f"must be in [0, 10000], got {m.cost.gpu_hour_usd}")
     need(0 <= m.cost.cpu_hour_usd <= 10_000, "cost.cpu_hour_usd", f"must be in [0, 10000], got {m.cost.cpu_hour_usd}")
+    for k, v in m.cost.accelerator_hour_usd.items():
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 10_000
+        need(ok, f"cost.accelerator_hour_usd.{k}", f"must be a price in [0, 10000], got {v!r}")
     need(
         0 <= m.baseline.sample_fraction <= 1,
         "baseline.sample_fraction",

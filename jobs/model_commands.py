@@ -33,11 +33,18 @@ import click
 )
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True)
+@click.option(
+    "--exclude-heldout",
+    is_flag=True,
+    default=None,
+    help="Leave out the shared benchmark's held-out files (1 in 40 by a sha1 rule); off: every file trains.",
+)
 @click.option("--quiet", is_flag=True)
 def train_draft(target, corpus, out, text_column, quiet, **opts):
     """Train an EAGLE-1/2 draft head for TARGET on a corpus; rerun to resume from its checkpoint.
 
-    Held-out files (shared README's sha1 rule) are always left out.
+    Every corpus file is used; --exclude-heldout leaves out the benchmark's held-out files (how the
+    shipped heads were trained, so they never saw a benchmark prompt's source).
 
     \b
     Example:

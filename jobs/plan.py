@@ -1,7 +1,8 @@
 """The shard plan: a pure function of the input (sorted files, row ranges), never of the worker count.
 
 A shard is (index, file, first row, row count). Shards never span files, so a worker reads one
-row range of one Parquet file (`read_rows`). `input.limit` truncates the plan after that many rows in file order.
+row range of one Parquet file, or one line range of one JSONL file (`read_rows`; files: `jobs.inputs`).
+`input.limit` truncates the plan after that many rows in file order.
 Row ids come from `input.id_column`, or, when a file lacks it, from "<file name>:<row>".
 """
 
@@ -9,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from .inputs import InputError, ShardInput, inspect_file, is_jsonl, read_ids, read_shard
 from .manifest import InputCfg
 
 
@@ -32,20 +32,20 @@ class Shard:
 
 
 def list_inputs(path: str, storage_options: dict | None = None) -> list[str]:
-    """A Parquet file, a directory of them, or a glob -> sorted file URLs."""
+    """A Parquet or JSONL file, a directory of them, or a glob -> sorted file URLs."""
     fs, root = url_to_fs(path, **(storage_options or {}))
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if any(c in root for c in "*?["):
         files = fs.glob(root)
     elif fs.isdir(root):
-        files = [f for f in fs.find(root) if f.endswith(".parquet")]
+        files = [f for f in fs.find(root) if f.endswith(".parquet") or is_jsonl(f)]
     elif fs.exists(root):
         files = [root]
     else:
         raise PlanError(f"input.path: {path} does not exist")
     files = sorted(files)
     if not files:
-        raise PlanError(f"input.path: no Parquet files under {path}")
+        raise PlanError(f"input.path: no Parquet or JSONL files under {path}")
     return [f if proto in ("file", "local") else f"{proto}://{f}" for f in files]
 
 
@@ -53,22 +53,10 @@ def make_plan(inp: InputCfg, rows_per_shard: int, storage_options: dict | None =
     shards: list[Shard] = []
     remaining = inp.limit
     for f in list_inputs(inp.path, storage_options):
-        fs, p = url_to_fs(f, **(storage_options or {}))
         try:
-            with fs.open(p, "rb") as fh:
-                meta = pq.ParquetFile(fh)
-                n, names = meta.metadata.num_rows, meta.schema_arrow.names
-        except Exception as e:  # a non-Parquet or corrupt file
-            raise PlanError(f"input.path: cannot read {f} as Parquet ({type(e).__name__}: {e})") from None
-        if inp.prompt_column not in names:
-            raise PlanError(
-                f"input.prompt_column: {f} has no column {inp.prompt_column!r} (columns: {', '.join(names)})"
-            )
-        ptype = meta.schema_arrow.field(inp.prompt_column).type
-        if not (pa.types.is_string(ptype) or pa.types.is_large_string(ptype)):
-            raise PlanError(
-                f"input.prompt_column: column {inp.prompt_column!r} of {f} has type {ptype}, expected string"
-            )
+            n = inspect_file(f, inp, storage_options).rows
+        except InputError as e:
+            raise PlanError(str(e)) from None
         if remaining is not None:
             n = min(n, remaining)
             remaining -= n
@@ -86,14 +74,10 @@ def check_ids(plan: list[Shard], inp: InputCfg, storage_options: dict | None = N
         return
     seen: dict[str, str] = {}
     for f in sorted({s.file for s in plan}):
-        rows = [s for s in plan if s.file == f]
-        n = max(s.start + s.rows for s in rows)
-        fs, p = url_to_fs(f, **(storage_options or {}))
-        with fs.open(p, "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            if inp.id_column not in pf.schema_arrow.names:
-                continue  # ids derived from file and row: unique by construction
-            ids = pf.read(columns=[inp.id_column]).column(inp.id_column).slice(0, n).to_pylist()
+        n = max(s.start + s.rows for s in plan if s.file == f)
+        ids = read_ids(f, inp, n, storage_options)
+        if ids is None:
+            continue  # ids derived from file and row: unique by construction
         for i, rid in enumerate(ids):
             if rid is None:
                 continue
@@ -112,27 +96,6 @@ def input_storage_options(input_path: str, output_path: str, output_options: dic
     return dict(output_options) if proto(input_path) == proto(output_path) else {}
 
 
-def read_rows(shard: Shard, inp: InputCfg, storage_options: dict | None = None) -> tuple[list[str | None], list]:
-    """(ids, prompts) for the shard's row range, reading only the row groups that overlap it.
-    A null id stays None (the worker turns that row into an error row)."""
-    fs, p = url_to_fs(shard.file, **(storage_options or {}))
-    start, n = shard.start, shard.rows
-    with fs.open(p, "rb") as fh:
-        pf = pq.ParquetFile(fh)
-        names = pf.schema_arrow.names
-        cols = [inp.prompt_column] + ([inp.id_column] if inp.id_column in names else [])
-        groups, first, acc = [], None, 0
-        for g in range(pf.metadata.num_row_groups):
-            gn = pf.metadata.row_group(g).num_rows
-            if acc + gn > start and acc < start + n:
-                groups.append(g)
-                first = acc if first is None else first
-            acc += gn
-        table = pf.read_row_groups(groups, columns=cols).slice(start - first, n)
-    prompts = table.column(inp.prompt_column).to_pylist()
-    if inp.id_column in names:
-        ids = [None if x is None else str(x) for x in table.column(inp.id_column).to_pylist()]  # null: an error row
-    else:
-        base = shard.file.rsplit("/", 1)[-1]
-        ids = [f"{base}:{start + i}" for i in range(n)]
-    return ids, prompts
+def read_rows(shard: Shard, inp: InputCfg, storage_options: dict | None = None) -> ShardInput:
+    """The shard's rows (ids, prompts or chat messages, per-row settings, carried columns): `jobs.inputs`."""
+    return read_shard(shard.file, shard.start, shard.rows, inp, storage_options)

@@ -66,14 +66,16 @@ def summarize(run: Run) -> dict:
     tok = t.completion_tokens
     wall = max((t.finished_at or 0.0) - (t.started_at or 0.0), 0.0)
     gpu_h, cpu_h = t.gpu_seconds / 3600, t.cpu_seconds / 3600
-    usd = gpu_h * cost["gpu_hour_usd"] + cpu_h * cost["cpu_hour_usd"]
     sp, ci, n_samples = speedup_ci(t.baseline)
     last_by_actor: dict[str, float] = {}
     for s in stats:
         last_by_actor[s.actor_id] = max(last_by_actor.get(s.actor_id, 0.0), s.finished_at)
     gpus = res["workers"] * res["gpus_per_worker"]
+    bill = full_bill(run, stats)
+    usd = bill["busy_cost_usd"]
     ar_usd = usd * sp if sp else None
     return {
+        **bill,
         "name": job["name"],
         "job_hash": job["job_hash"],
         "method": m["speculative"]["method"],
@@ -81,14 +83,15 @@ def summarize(run: Run) -> dict:
         "shards_committed": len(stats),
         "shards_total": len(plan),
         "shards_missing": len(plan) - len(stats),
-        "total_rows": t.rows,
+        "total_rows": t.rows,  # output rows (samples); input_rows: the input rows they came from
+        "input_rows": t.input_rows or t.rows,
         "error_rows": t.error_rows,
         "prompt_tokens": t.prompt_tokens,
         "completion_tokens": tok,
         "wall_seconds": wall,
         "gpu_hours": gpu_h,
         "cpu_hours": cpu_h,
-        "cost_usd": usd,
+        "cost_usd": usd,  # the busy basis (what earlier versions reported)
         "gpu_hour_usd": cost["gpu_hour_usd"],
         "cpu_hour_usd": cost["cpu_hour_usd"],
         "usd_per_million_completion_tokens": usd / tok * 1e6 if tok else None,
@@ -100,6 +103,15 @@ def summarize(run: Run) -> dict:
         "baseline_samples": n_samples,
         "autoregressive_cost_usd_estimate": ar_usd,
         "saved_usd_estimate": (ar_usd - usd) if ar_usd is not None else None,
+        "saved_share_busy": (1 - usd / ar_usd) if ar_usd else None,
+        "autoregressive_reserved_cost_usd_estimate": (
+            bill["reserved_cost_usd"] + usd * (sp - 1) if sp and bill["reserved_cost_usd"] is not None else None
+        ),
+        "saved_share_reserved": (
+            usd * (sp - 1) / (bill["reserved_cost_usd"] + usd * (sp - 1))
+            if sp and bill["reserved_cost_usd"] and bill["reserved_cost_usd"] + usd * (sp - 1) > 0
+            else None
+        ),
         "retry_waste_seconds": sum(r.get("seconds", 0.0) for r in run.run.retries),
         "retries": len(run.run.retries),
         "idle_tail_seconds": sum((t.finished_at or 0.0) - x for x in last_by_actor.values()),
@@ -109,6 +121,60 @@ def summarize(run: Run) -> dict:
         "other_seconds": t.other_seconds,
         "accelerators": sorted({s.accelerator for s in stats if s.accelerator}),
         "workers": len(last_by_actor),
+    }
+
+
+def price_for(accelerator: str | None, cost: dict) -> float:
+    """$/hour of one accelerator: the first `cost.accelerator_hour_usd` key found in its name, else gpu_hour_usd."""
+    for key, usd in (cost.get("accelerator_hour_usd") or {}).items():
+        if accelerator and key.lower() in accelerator.lower():
+            return float(usd)
+    return float(cost["gpu_hour_usd"])
+
+
+def full_bill(run: Run, stats: list[ShardStats]) -> dict:
+    """Busy cost (shard wall x devices held, what decoding used) beside reserved cost (each controller run's
+    wall x the devices its workers held: Ray start, model load, warm-up and idle included), and the
+    start-up breakdown per actor from `_job_run.json`."""
+    m = run.job["manifest"]
+    cost, res = m["cost"], m["resources"]
+    busy_gpu = sum(s.gpu_seconds * price_for(s.accelerator, cost) for s in stats) / 3600
+    busy_cpu = sum(s.cpu_seconds for s in stats) / 3600 * cost["cpu_hour_usd"]
+    actors = run.run.actors
+    reserved_gpu_h = reserved_cpu_h = reserved_usd = 0.0
+    for r in run.run.runs:
+        wall = max((r.get("finished_at") or 0) - (r.get("started_at") or 0), 0.0)
+        workers = r.get("workers", res["workers"])
+        gpus, cpus = workers * r.get("gpus_per_worker", res["gpus_per_worker"]), workers * r.get(
+            "cpus_per_worker", res["cpus_per_worker"]
+        )
+        mine = [a for a in actors if r["started_at"] <= (a.get("created_at") or 0) <= r["finished_at"]]
+        accs = sorted({a.get("accelerator") for a in mine if a.get("accelerator")})
+        price = price_for(accs[0], cost) if len(accs) == 1 else float(cost["gpu_hour_usd"])
+        reserved_gpu_h += wall * gpus / 3600
+        reserved_cpu_h += wall * cpus / 3600
+        reserved_usd += wall * gpus / 3600 * price + wall * cpus / 3600 * cost["cpu_hour_usd"]
+    startup = [
+        {
+            "actor_id": a.get("actor_id"),
+            "host": a.get("host"),
+            "accelerator": a.get("accelerator"),
+            "ready_seconds": (a["ready_at"] - a["created_at"]) if a.get("ready_at") and a.get("created_at") else None,
+            "ray_scheduling_seconds": a.get("scheduling_seconds"),
+            **{f"{k}_seconds": v for k, v in (a.get("phases") or {}).items()},
+        }
+        for a in actors
+    ]
+    prices = {acc: price_for(acc, cost) for acc in sorted({s.accelerator for s in stats if s.accelerator})}
+    return {
+        "busy_cost_usd": busy_gpu + busy_cpu,
+        "reserved_cost_usd": reserved_usd if run.run.runs else None,
+        "reserved_gpu_hours": reserved_gpu_h if run.run.runs else None,
+        "reserved_cpu_hours": reserved_cpu_h if run.run.runs else None,
+        "busy_share_of_reserved": (busy_gpu + busy_cpu) / reserved_usd if reserved_usd else None,
+        "ray_start_seconds": sum(r.get("ray_start_seconds", 0.0) for r in run.run.runs),
+        "startup": startup,
+        "price_per_accelerator_hour_usd": prices,
     }
 
 
@@ -197,12 +263,20 @@ HEADLINE = [
     "gpu_hours",
     "cpu_hours",
     "cost_usd",
+    "busy_cost_usd",
+    "reserved_cost_usd",
+    "reserved_gpu_hours",
+    "busy_share_of_reserved",
+    "ray_start_seconds",
     "usd_per_million_completion_tokens",
     "tau",
     "measured_speedup",
     "measured_speedup_ci95",
     "autoregressive_cost_usd_estimate",
     "saved_usd_estimate",
+    "saved_share_busy",
+    "autoregressive_reserved_cost_usd_estimate",
+    "saved_share_reserved",
     "retry_waste_seconds",
     "idle_tail_seconds",
     "energy_kwh",
@@ -233,8 +307,36 @@ def render_md(rep: dict, images: list[str]) -> str:
         f"Speedup from {rep['baseline_samples']} rows decoded both ways on the same actors.",
         "",
     ]
+    lines += _startup_md(rep)
     lines += [f"![{n}]({n})" for n in images]
     return "\n".join(lines) + "\n"
+
+
+_STARTUP_COLS = (
+    "ready_seconds",
+    "ray_scheduling_seconds",
+    "imports_seconds",
+    "tokenizer_seconds",
+    "model_load_seconds",
+    "draft_load_seconds",
+    "warmup_seconds",
+)
+
+
+def _startup_md(rep: dict) -> list[str]:
+    if not rep.get("startup"):
+        return []
+    lines = [
+        "## Start-up per worker (seconds)",
+        "",
+        "| host | accelerator | " + " | ".join(c.replace("_seconds", "") for c in _STARTUP_COLS) + " |",
+        "|---|---|" + "---|" * len(_STARTUP_COLS),
+    ]
+    for a in rep["startup"]:
+        cells = " | ".join(_fmt(a.get(c)) for c in _STARTUP_COLS)
+        lines.append(f"| {a.get('host')} | {a.get('accelerator')} | {cells} |")
+    prices = ", ".join(f"{k}: ${v:g}/h" for k, v in rep.get("price_per_accelerator_hour_usd", {}).items())
+    return lines + ["", f"Prices per accelerator hour: {prices or 'n/a'}.", ""]
 
 
 def render_html(rep: dict, pngs: dict[str, bytes]) -> str:
@@ -248,6 +350,20 @@ def render_html(rep: dict, pngs: dict[str, bytes]) -> str:
         if rep["shards_missing"]
         else ""
     )
+    startup = _startup_md(rep)
+    table = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in ln.strip("|").split("|")) + "</tr>"
+        for ln in startup[2:]
+        if ln.startswith("|") and not ln.startswith("|---")
+    )
+    bill = (
+        f"<h2>The bill</h2><p>Busy (shards decoding) ${rep['busy_cost_usd']:.4f} of reserved (workers held, "
+        f"start-up and idle included) {_fmt(rep['reserved_cost_usd'])} USD; plain decoding would have cost "
+        f"{_fmt(rep['autoregressive_cost_usd_estimate'])} busy / "
+        f"{_fmt(rep['autoregressive_reserved_cost_usd_estimate'])} reserved.</p>"
+        + (f"<h3>Start-up per worker (seconds)</h3><table>{table}</table>" if table else "")
+        + (f"<p>{html.escape(startup[-2])}</p>" if startup else "")
+    )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>adarun report: {html.escape(rep["name"])}</title>
 <style>body{{font-family:sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse}}
 td{{border:1px solid #ccc;padding:4px 10px}} figure{{display:inline-block;margin:8px}}
@@ -255,7 +371,7 @@ td{{border:1px solid #ccc;padding:4px 10px}} figure{{display:inline-block;margin
 <h1>adarun report: {html.escape(rep["name"])}</h1>
 <p>Method <code>{html.escape(rep["method"])}</code>;
 shards committed {rep["shards_committed"]}/{rep["shards_total"]}.</p>{missing}
-<table>{rows}</table>{imgs}</body></html>"""
+<table>{rows}</table>{bill}{imgs}</body></html>"""
 
 
 def write_report(files: ShardFiles) -> dict:
@@ -275,6 +391,7 @@ def compare_md(a: dict, b: dict) -> str:
     lines = [f"| metric | {a['name']} ({a['method']}) | {b['name']} ({b['method']}) | B / A |", "|---|---|---|---|"]
     for k in HEADLINE:
         va, vb = a.get(k), b.get(k)
-        ratio = f"{vb / va:.3g}" if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and va else ""
+        num = isinstance(va, (int, float)) and isinstance(vb, (int, float))
+        ratio = f"{vb / va:.3g}" if num and va > 0 and vb >= 0 else ""  # no ratio of negative savings
         lines.append(f"| {k} | {_fmt(va)} | {_fmt(vb)} | {ratio} |")
     return "\n".join(lines) + "\n"

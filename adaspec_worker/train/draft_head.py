@@ -43,6 +43,7 @@ class DraftTrainConfig:
     checkpoint_every: int = 500
     max_seconds: float | None = None  # stop early (and save) once training has run this long
     seed: int = 0
+    exclude_heldout: bool = False  # drop the shared benchmark's held-out files (sha1 rule in corpus.py)
     dtype: str = "auto"
     device: str = "auto"
 
@@ -114,7 +115,8 @@ def train_draft(target_dir: str, corpus: str, out: str, cfg: DraftTrainConfig, t
     head.train()
     tok = load_tokenizer(target_dir)
     t0 = time.time()
-    texts, corpus_info = read_texts(corpus, text_column, cfg.max_files, cfg.seed)
+    texts, corpus_info = read_texts(corpus, text_column, cfg.max_files, cfg.seed,
+                                     drop_held_out=cfg.exclude_heldout)
     eos = (target.cfg.eos_token_ids or (0,))[0]
     blocks = token_blocks(texts, tok, cfg.seq_len + 1, eos, cfg.max_tokens)
     train, val = split(blocks, seed=cfg.seed)
