@@ -196,9 +196,9 @@ def test_shipped_chat_example_is_valid():
 
 
 def test_seeds_and_defaults_keep_old_outputs():
-    from adaspec_worker.rows import row_seed
-
     import hashlib
+
+    from adaspec_worker.rows import row_seed
 
     old = int.from_bytes(hashlib.sha256(b"1:r7").digest()[:8], "little") & ((1 << 62) - 1)
     assert row_seed(1, "r7") == row_seed(1, "r7", 0) == old and row_seed(1, "r7", 1) != old
