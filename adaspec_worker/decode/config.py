@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from .rope import RopeError, RopeScaling
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
@@ -32,6 +34,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     eos_token_ids: tuple[int, ...] = field(default=())
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)  # rope.py: linear, dynamic, llama3, yarn
 
     @classmethod
     def from_hf(cls, cfg: dict, where: str = "config.json") -> ModelConfig:
@@ -42,9 +45,10 @@ class ModelConfig:
                 f"{where}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", None):
-            raise ModelLoadError(f"{where}: unsupported rope_type {rope_type!r} (only 'default' RoPE)")
+        try:
+            scaling = RopeScaling.from_hf(cfg)
+        except RopeError as e:
+            raise ModelLoadError(f"{where}: {e}") from None
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
         heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
@@ -69,6 +73,7 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bias,
             eos_token_ids=eos,
+            rope_scaling=scaling,
         )
 
 

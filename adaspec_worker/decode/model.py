@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import rope
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig, ModelLoadError, read_json  # noqa: F401  (re-exported)
 
 
@@ -199,7 +200,7 @@ class CausalLM(nn.Module):
             tree_mask = causal_tree(B, T, ids.device)
         slots, mask = cache.slots_and_mask(T, tree_mask, offset)
         h = self.embed_tokens(ids)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        cos, sin = rope.cos_sin(positions, self.cfg, h.dtype)  # RoPE scaling: rope.py
         outs = {}
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, cache.kv[:, :, i], slots, mask)

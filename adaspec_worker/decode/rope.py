@@ -1,0 +1,140 @@
+"""RoPE scaling: inverse frequencies and the attention factor for `default`, `linear`, `dynamic`, `llama3`
+and `yarn` rope types, read from a Hugging Face config's `rope_scaling` / `rope_parameters`.
+
+`RopeScaling.from_hf(cfg)` parses and validates (torch-free: `decode.config` and the controller's
+preflight use it); `cos_sin(positions, cfg, dtype)` is what the model calls. The formulas follow
+transformers' `modeling_rope_utils` (float32 frequencies, cos/sin multiplied by the attention factor).
+`dynamic` (NTK) changes the frequencies only past `max_position_embeddings`, which our context never
+exceeds (prompt + max_new_tokens <= the context), so within it it equals the default. Knows nothing of
+attention, caches or checkpoints.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+class RopeError(ValueError):
+    """A rope_scaling block we cannot use; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position_embeddings: int = 0  # llama3, yarn
+    attention_factor: float | None = None  # yarn (None: from factor and mscale)
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> RopeScaling:
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        kind = rope.get("rope_type", rope.get("type", "default")) or "default"
+        if kind not in ROPE_TYPES:
+            raise RopeError(f"unsupported rope_type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
+        if kind == "default":
+            return cls()
+        max_pos = cfg.get("max_position_embeddings", 2048)
+
+        def num(key, default=None, required=False):
+            v = rope.get(key, default)
+            if v is None and required:
+                raise RopeError(f"rope_scaling.{key}: required for rope_type {kind!r}")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise RopeError(f"rope_scaling.{key}: must be a number, got {v!r}")
+            return v
+
+        orig = int(num("original_max_position_embeddings", max_pos))
+        factor = num("factor", None, required=kind != "yarn")
+        if kind == "yarn" and factor is None:
+            factor = max_pos / orig
+        if factor <= 0:
+            raise RopeError(f"rope_scaling.factor: must be > 0, got {factor}")
+        if kind == "llama3":
+            num("low_freq_factor", required=True), num("high_freq_factor", required=True)
+        return cls(
+            rope_type=kind,
+            factor=float(factor),
+            low_freq_factor=float(num("low_freq_factor", 1.0)),
+            high_freq_factor=float(num("high_freq_factor", 4.0)),
+            original_max_position_embeddings=orig,
+            attention_factor=num("attention_factor"),
+            beta_fast=float(num("beta_fast") or 32.0),
+            beta_slow=float(num("beta_slow") or 1.0),
+            mscale=num("mscale"),
+            mscale_all_dim=num("mscale_all_dim"),
+            truncate=bool(rope.get("truncate", True)),
+        )
+
+
+def _mscale(scale: float, m: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+
+@functools.lru_cache(maxsize=64)
+def _inv_freq(head_dim: int, theta: float, s: RopeScaling, device: str):
+    """(inverse frequencies [head_dim/2] float32, attention factor) for one configuration and device."""
+    import torch
+
+    dim = head_dim
+    base = theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim)
+    inv = 1.0 / base
+    if s.rope_type in ("default", "dynamic"):
+        return inv, 1.0
+    if s.rope_type == "linear":
+        return inv / s.factor, 1.0
+    if s.rope_type == "llama3":
+        low_wl = s.original_max_position_embeddings / s.low_freq_factor
+        high_wl = s.original_max_position_embeddings / s.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wl, inv / s.factor, inv)
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+        medium = ~(wavelen < high_wl) * ~(wavelen > low_wl)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn
+    att = s.attention_factor
+    if att is None:
+        att = (
+            _mscale(s.factor, s.mscale) / _mscale(s.factor, s.mscale_all_dim)
+            if s.mscale and s.mscale_all_dim
+            else _mscale(s.factor)
+        )
+
+    def corr(rot: float) -> float:
+        return (dim * math.log(s.original_max_position_embeddings / (rot * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = corr(s.beta_fast), corr(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(device)
+    pos = theta ** (torch.arange(0, dim, 2).to(device=device, dtype=torch.float) / dim)
+    extra = 1 - ramp
+    return (1.0 / (s.factor * pos)) * (1 - extra) + (1.0 / pos) * extra, float(att)
+
+
+def cos_sin(positions, cfg, dtype):
+    """positions [B, T] -> cos, sin [B, T, D] for a `ModelConfig` (HF's half-rotation convention)."""
+    import torch
+
+    inv, att = _inv_freq(cfg.head_dim, float(cfg.rope_theta), cfg.rope_scaling, str(positions.device))
+    freqs = positions[..., None].float() * inv  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    if att == 1.0:
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * att).to(dtype), (emb.sin() * att).to(dtype)
