@@ -222,3 +222,20 @@ def test_every_option_reads_its_documented_env_var_and_compare_divides_sanely():
     b = {"name": "b", "method": "eagle2", "saved_usd_estimate": 0.5, "cost_usd": 1.0}
     text = compare_md(a, b)
     assert "| saved_usd_estimate | -1 | 0.5 |  |" in text and "| cost_usd | 2 | 1 | 0.5 |" in text
+
+
+@pytest.mark.parametrize(
+    "section,value,field",
+    [
+        ("decoding", {"n": 0}, "decoding.n"),
+        ("input", {"path": "x", "keep_columns": [1]}, "input.keep_columns"),
+        ("cost", {"accelerator_hour_usd": {"H100": -1}}, "cost.accelerator_hour_usd.H100"),
+    ],
+)
+def test_new_fields_are_validated(section, value, field):
+    from jobs.manifest import ManifestError
+
+    d = job_dict("x.parquet", "out")
+    d[section] = {**d.get(section, {}), **value}
+    with pytest.raises(ManifestError, match=field.replace(".", r"\.")):
+        manifest_from_dict(d)
