@@ -126,7 +126,6 @@ class ShardWorker:
             shard=sh.index,
             attempt=attempt,
             rows=len(outputs),
-            input_rows=len({r.input_index for r in good}),
             error_rows=len(errors),
             errors=[e.error for e in errors][:20],
             prompt_tokens=sum(o.num_prompt_tokens for o in outputs),

@@ -121,7 +121,7 @@ def _run(m, force: bool, dry_run: bool, progress_interval: float = DEFAULT_INTER
     if state.committed == 0 and state.skipped == total_shards:
         commits = open_output(m).committed().values()
         click.echo(
-            f"{m.name}: nothing left to do: {total_shards} shards already committed "
+            f"{m.name}: nothing left to do: {total_shards} shard(s) already committed "
             f"({sum(c.rows for c in commits)} rows, {sum(c.error_rows for c in commits)} error rows); "
             f"output {m.output.path}"
         )

@@ -133,8 +133,7 @@ class ShardStats:
 
     shard: int | None = None
     attempt: int | None = None
-    rows: int = 0  # output rows decoded (in shards/): input rows x samples
-    input_rows: int = 0  # input rows decoded (each gives decoding.n, or its row's n, output rows)
+    rows: int = 0  # output rows decoded (in shards/): samples (input rows decoded = planned rows - error_rows)
     error_rows: int = 0  # rows rejected (in errors/)
     errors: list = field(default_factory=list)  # the first error messages (at most 20)
     prompt_tokens: int = 0

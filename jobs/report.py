@@ -84,7 +84,7 @@ def summarize(run: Run) -> dict:
         "shards_total": len(plan),
         "shards_missing": len(plan) - len(stats),
         "total_rows": t.rows,  # output rows (samples); input_rows: the input rows they came from
-        "input_rows": t.input_rows or t.rows,
+        "input_rows": sum(p["rows"] for p in plan if p["index"] in run.commits) - t.error_rows,
         "error_rows": t.error_rows,
         "prompt_tokens": t.prompt_tokens,
         "completion_tokens": tok,

@@ -113,7 +113,7 @@ def test_samples_settings_chat_jsonl_and_carried_columns(mixed_job):
     assert meta[b"adarun.job_hash"].decode() == job["job_hash"] and meta[b"adarun.method"] == b"eagle2"
     assert meta[b"adarun.model"].decode() == str(TINY)
     stats = [json.loads(p.read_text()) for p in (out / "stats").iterdir()]
-    assert sum(s["rows"] for s in stats) == len(rows) and sum(s["input_rows"] for s in stats) == 10
+    assert sum(s["rows"] for s in stats) == len(rows)
 
 
 def test_full_bill_startup_and_report_html(mixed_job):
@@ -125,7 +125,8 @@ def test_full_bill_startup_and_report_html(mixed_job):
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output)
     assert rep["reserved_cpu_hours"] > 0 and rep["reserved_cost_usd"] > rep["busy_cost_usd"] > 0
-    assert rep["busy_share_of_reserved"] < 1 and rep["startup"][0]["model_load_seconds"] > 0
+    assert rep["input_rows"] == 10 and rep["total_rows"] == 21 and rep["busy_share_of_reserved"] < 1
+    assert rep["startup"][0]["model_load_seconds"] > 0
     html = (out / "report" / "report.html").read_text()
     assert "The bill" in html and "model_load" in html
     assert "Start-up per worker" in (out / "report" / "report.md").read_text()
@@ -137,7 +138,7 @@ def test_rerun_says_nothing_left_to_do_and_dry_run_estimates(mixed_job, tmp_path
     path = write_manifest(tmp_path, d)
     r = CliRunner().invoke(cli, ["submit", str(path)])
     assert r.exit_code == 0, r.output
-    assert "nothing left to do: 4 shards already committed (21 rows" in r.output and "rows 0" not in r.output
+    assert "nothing left to do: 4 shard(s) already committed (21 rows" in r.output and "rows 0" not in r.output
     r = CliRunner().invoke(cli, ["submit", str(path), "--dry-run", "--output", str(tmp_path / "new"),
                                  "--calibration", str(out)])
     assert r.exit_code == 0, r.output

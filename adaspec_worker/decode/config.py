@@ -2,20 +2,83 @@
 
 Torch-free, so the controller's preflight (`adaspec_worker.preflight`) can check a checkpoint's
 architecture, sizes and context before any actor starts. `model.py` builds the network from it.
+`RopeScaling` is the parsed rope_scaling block (default, linear, dynamic, llama3, yarn); the math
+that turns it into frequencies is in `rope.py`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
-
-from .rope import RopeError, RopeScaling
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
 class ModelLoadError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file, key or field at fault."""
+
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+class RopeError(ValueError):
+    """A rope_scaling block we cannot use; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position_embeddings: int = 0  # llama3, yarn
+    attention_factor: float | None = None  # yarn (None: from factor and mscale)
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> RopeScaling:
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        kind = rope.get("rope_type", rope.get("type", "default")) or "default"
+        if kind not in ROPE_TYPES:
+            raise RopeError(f"unsupported rope_type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
+        if kind == "default":
+            return cls()
+        max_pos = cfg.get("max_position_embeddings", 2048)
+
+        def num(key, default=None, required=False):
+            v = rope.get(key, default)
+            if v is None and required:
+                raise RopeError(f"rope_scaling.{key}: required for rope_type {kind!r}")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise RopeError(f"rope_scaling.{key}: must be a number, got {v!r}")
+            return v
+
+        orig = int(num("original_max_position_embeddings", max_pos))
+        factor = num("factor", None, required=kind != "yarn")
+        if kind == "yarn" and factor is None:
+            factor = max_pos / orig
+        if factor <= 0:
+            raise RopeError(f"rope_scaling.factor: must be > 0, got {factor}")
+        if kind == "llama3":
+            num("low_freq_factor", required=True), num("high_freq_factor", required=True)
+        return cls(
+            rope_type=kind,
+            factor=float(factor),
+            low_freq_factor=float(num("low_freq_factor", 1.0)),
+            high_freq_factor=float(num("high_freq_factor", 4.0)),
+            original_max_position_embeddings=orig,
+            attention_factor=num("attention_factor"),
+            beta_fast=float(num("beta_fast") or 32.0),
+            beta_slow=float(num("beta_slow") or 1.0),
+            mscale=num("mscale"),
+            mscale_all_dim=num("mscale_all_dim"),
+            truncate=bool(rope.get("truncate", True)),
+        )
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """RoPE scaling: inverse frequencies and the attention factor for `default`, `linear`, `dynamic`, `llama3`
 and `yarn` rope types, read from a Hugging Face config's `rope_scaling` / `rope_parameters`.
 
-`RopeScaling.from_hf(cfg)` parses and validates (torch-free: `decode.config` and the controller's
-preflight use it); `cos_sin(positions, cfg, dtype)` is what the model calls. The formulas follow
+`decode.config.RopeScaling.from_hf(cfg)` parses and validates (torch-free, for the controller's
+preflight); `cos_sin(positions, cfg, dtype)` is what the model calls. The formulas follow
 transformers' `modeling_rope_utils` (float32 frequencies, cos/sin multiplied by the attention factor).
 `dynamic` (NTK) changes the frequencies only past `max_position_embeddings`, which our context never
 exceeds (prompt + max_new_tokens <= the context), so within it it equals the default. Knows nothing of
@@ -13,68 +13,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
-
-
-class RopeError(ValueError):
-    """A rope_scaling block we cannot use; the message names the key."""
-
-
-@dataclass(frozen=True)
-class RopeScaling:
-    rope_type: str = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0  # llama3
-    high_freq_factor: float = 4.0  # llama3
-    original_max_position_embeddings: int = 0  # llama3, yarn
-    attention_factor: float | None = None  # yarn (None: from factor and mscale)
-    beta_fast: float = 32.0  # yarn
-    beta_slow: float = 1.0  # yarn
-    mscale: float | None = None  # yarn
-    mscale_all_dim: float | None = None  # yarn
-    truncate: bool = True  # yarn
-
-    @classmethod
-    def from_hf(cls, cfg: dict) -> RopeScaling:
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        kind = rope.get("rope_type", rope.get("type", "default")) or "default"
-        if kind not in ROPE_TYPES:
-            raise RopeError(f"unsupported rope_type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
-        if kind == "default":
-            return cls()
-        max_pos = cfg.get("max_position_embeddings", 2048)
-
-        def num(key, default=None, required=False):
-            v = rope.get(key, default)
-            if v is None and required:
-                raise RopeError(f"rope_scaling.{key}: required for rope_type {kind!r}")
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-                raise RopeError(f"rope_scaling.{key}: must be a number, got {v!r}")
-            return v
-
-        orig = int(num("original_max_position_embeddings", max_pos))
-        factor = num("factor", None, required=kind != "yarn")
-        if kind == "yarn" and factor is None:
-            factor = max_pos / orig
-        if factor <= 0:
-            raise RopeError(f"rope_scaling.factor: must be > 0, got {factor}")
-        if kind == "llama3":
-            num("low_freq_factor", required=True), num("high_freq_factor", required=True)
-        return cls(
-            rope_type=kind,
-            factor=float(factor),
-            low_freq_factor=float(num("low_freq_factor", 1.0)),
-            high_freq_factor=float(num("high_freq_factor", 4.0)),
-            original_max_position_embeddings=orig,
-            attention_factor=num("attention_factor"),
-            beta_fast=float(num("beta_fast") or 32.0),
-            beta_slow=float(num("beta_slow") or 1.0),
-            mscale=num("mscale"),
-            mscale_all_dim=num("mscale_all_dim"),
-            truncate=bool(rope.get("truncate", True)),
-        )
+from .config import RopeScaling
 
 
 def _mscale(scale: float, m: float = 1.0) -> float:
