@@ -72,7 +72,8 @@ class TokenRecycling(Proposer):
     def reset(self) -> None:
         """Forget everything learnt (a cold start)."""
         if self.table is not None:
-            self.table.fill_(-1)
+            with torch.inference_mode():  # the table is made inside generate()'s inference mode
+                self.table.fill_(-1)
 
     def propose(self, r, plan):
         table = self.table
@@ -110,7 +111,9 @@ def update(table: torch.Tensor, tree: DraftTree, path: torch.Tensor, n_accepted:
     V, k = table.shape[0] - 1, table.shape[1]
     B, N = tree.tokens.shape
     dev = tree.tokens.device
-    top = logits.topk(k, dim=-1).indices  # [B, N, k]
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # [B, N, k] (-1 padded when k > vocabulary)
+    if top.shape[-1] < k:
+        top = torch.nn.functional.pad(top, (0, k - top.shape[-1]), value=-1)
     depth = torch.arange(path.shape[1], device=dev)[None, :]
     # a node is on the accepted path if it is path[b, j] for some j <= n_accepted[b]
     hit = (path[:, :, None] == torch.arange(N, device=dev)[None, None, :]) & (depth <= n_accepted[:, None])[:, :, None]
