@@ -279,6 +279,28 @@ class TokenRecyclingSpec(MethodSpec):
                 raise SpecError(f"tree: path {list(p)!r} lacks its parent {list(p[:-1])!r}")
 
 
+@method("retrieval")
+class RetrievalSpec(MethodSpec):
+    """Prompt lookup (Saxena, 2023; the retrieval half of RASD, arXiv 2503.03434): the longest suffix of
+    the row's text (up to max_ngram tokens, at least min_ngram) that occurred earlier in the row's own
+    prompt + emitted tokens; the k tokens that followed its most recent occurrence are the draft. No
+    drafter, no training, per-row state only. Ours: `branches` > 1 drafts the continuations of the best
+    `branches` matches (longest, then most recent) as chains sharing the root, verified as one tree;
+    branches = 1 is plain prompt lookup."""
+
+    k: int = 8
+    max_ngram: int = 4
+    min_ngram: int = 1
+    branches: int = 1
+    autotune_grid = ({"k": 4}, {"k": 12}, {"branches": 3})
+
+    def check(self):
+        for n in ("k", "max_ngram", "min_ngram", "branches"):
+            _positive(n, getattr(self, n))
+        if self.min_ngram > self.max_ngram:
+            raise SpecError(f"min_ngram ({self.min_ngram}) must be <= max_ngram ({self.max_ngram})")
+
+
 def _non_negative(name: str, v) -> None:
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         raise SpecError(f"{name} must be an integer >= 0, got {v!r}")
