@@ -248,6 +248,59 @@ class OracleSpec(MethodSpec):
         _positive("k_max", self.k_max)
 
 
+# ---------------------------------------------------------------- training-free drafting
+
+
+@method("token-recycling")
+class TokenRecyclingSpec(MethodSpec):
+    """Token Recycling (Luo et al., 2024, arXiv 2408.08696): a token-indexed adjacency matrix [V, k] holds,
+    for each token, the target's top-k next tokens the last time it was seen (at any node of any verified
+    tree: rejected candidates are recycled too); each round drafts a static tree from the root by
+    breadth-first lookup through the matrix and writes the round's new top-k back. No drafter, no
+    training; the matrix lives per engine (actor) and stays warm across rows and shards; k = 8 as in the
+    paper. Ours: the default template is the `nodes` most likely paths (depth <= max_depth) under a fixed
+    per-rank acceptance prior (the paper hand-designs an ~80-node tree); `tree` (paths of child ranks,
+    each rank < k) overrides it; on a token seen at several nodes of one round, the accepted path wins,
+    then the later row, then the later node, so the matrix is deterministic."""
+
+    k: int = 8
+    nodes: int = 64
+    max_depth: int = 8
+    tree: tuple[tuple[int, ...], ...] = ()
+    autotune_grid = ({"nodes": 24}, {"nodes": 40}, {"nodes": 80})
+
+    def check(self):
+        for n in ("k", "nodes", "max_depth"):
+            _positive(n, getattr(self, n))
+        for p in self.tree:
+            if not isinstance(p, (list, tuple)) or not p or not all(isinstance(r, int) and 0 <= r < self.k for r in p):
+                raise SpecError(f"tree: each path must be a non-empty list of ranks in [0, k), got {p!r}")
+            if len(p) > 1 and tuple(p[:-1]) not in {tuple(q) for q in self.tree}:
+                raise SpecError(f"tree: path {list(p)!r} lacks its parent {list(p[:-1])!r}")
+
+
+@method("retrieval")
+class RetrievalSpec(MethodSpec):
+    """Prompt lookup (Saxena, 2023; the retrieval half of RASD, arXiv 2503.03434): the longest suffix of
+    the row's text (up to max_ngram tokens, at least min_ngram) that occurred earlier in the row's own
+    prompt + emitted tokens; the k tokens that followed its most recent occurrence are the draft. No
+    drafter, no training, per-row state only. Ours: `branches` > 1 drafts the continuations of the best
+    `branches` matches (longest, then most recent) as chains sharing the root, verified as one tree;
+    branches = 1 is plain prompt lookup."""
+
+    k: int = 8
+    max_ngram: int = 4
+    min_ngram: int = 1
+    branches: int = 1
+    autotune_grid = ({"k": 4}, {"k": 12}, {"branches": 3})
+
+    def check(self):
+        for n in ("k", "max_ngram", "min_ngram", "branches"):
+            _positive(n, getattr(self, n))
+        if self.min_ngram > self.max_ngram:
+            raise SpecError(f"min_ngram ({self.min_ngram}) must be <= max_ngram ({self.max_ngram})")
+
+
 def _non_negative(name: str, v) -> None:
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         raise SpecError(f"{name} must be an integer >= 0, got {v!r}")

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 
-from jobs.specs import MethodSpec, NoneSpec, OracleSpec
+from jobs.specs import MethodSpec, NoneSpec, OracleSpec, RetrievalSpec, TokenRecyclingSpec
 
 from .drafters import DRAFTERS, Drafter
 from .engine import Engine, RoundHook
 from .ldlp import LDLP, load_ldlp
 from .model import CausalLM, ModelLoadError
-from .proposers import adaptive, fixed  # noqa: F401  (importing them registers every proposer in PROPOSERS)
+from .proposers import adaptive, fixed, recycling, retrieval  # noqa: F401  (importing them registers every proposer in PROPOSERS)
 from .proposers.base import PROPOSERS, Proposer
 from .sampling import SamplingParams
 
@@ -55,6 +55,10 @@ def build_proposer(target: CausalLM, spec: MethodSpec, ldlp=None) -> Proposer:
         if ldlp is None:
             raise ModelLoadError(f"method {spec.name!r} needs an LDLP: set model.ldlp")
         return cls(spec, load_ldlp(os.fspath(ldlp), target) if isinstance(ldlp, (str, os.PathLike)) else ldlp)
+    if isinstance(spec, TokenRecyclingSpec):
+        return cls(spec, vocab_size=target.cfg.vocab_size)
+    if isinstance(spec, RetrievalSpec):
+        return cls(spec, context=target.cfg.max_position_embeddings)
     if isinstance(spec, OracleSpec):
         return cls(spec, reference=greedy_reference(target))
     return cls(spec)

@@ -310,11 +310,12 @@ class Engine:
             dead = [i for i in range(len(batch.origin)) if i not in kept]
             batch.select((alive + dead)[: bucket(live) if self.fast else live])
 
-    def _round_input(self, sampling: SamplingParams) -> RoundInput:
+    def _round_input(self, sampling: SamplingParams, target_logits: torch.Tensor | None = None) -> RoundInput:
         work = self.workspace
         return RoundInput(root=work.root, root_logits=work.draft_logits,
                           root_hidden=work.draft_hidden if self.drafter is not None else None, drafter=self.drafter,
-                          sampling=sampling, seeds=work.seed, counter=work.counter, ldlp_feat=work.ldlp_feat)
+                          sampling=sampling, seeds=work.seed, counter=work.counter, ldlp_feat=work.ldlp_feat,
+                          target_logits=target_logits)
 
     def _run(self, key, fn):
         """fn() reads and writes workspace buffers only. On CUDA its second use captures a graph, later uses
@@ -357,7 +358,7 @@ class Engine:
         work.ldlp_feat.copy_(torch.cat([target.embed_tokens(new_root), hidden[rows, path[rows, n_accepted]]], -1))
         work.root.copy_(new_root)
         work.counter.add_(keep)
-        plan = self.proposer.observe(verdict, tree, self._round_input(sampling))
+        plan = self.proposer.observe(verdict, tree, self._round_input(sampling, target_logits=logits))
         outcome = RoundOutcome(n_accepted=n_accepted, n_drafted=tree.valid.sum(1) - 1,
                                draft_depth=(tree.depth * tree.valid).amax(1), emitted=emitted, plan=plan)
         pack_outcome(outcome, work.outcome)

@@ -65,6 +65,7 @@ class RoundInput:
     seeds: torch.Tensor  # [B]
     counter: torch.Tensor  # [B] tokens emitted so far (random-number counter)
     ldlp_feat: torch.Tensor | None = None  # [B, 2H] emb(bonus) ++ target hidden that produced it
+    target_logits: torch.Tensor | None = None  # [B, N, V] target logits at the nodes just verified (observe only)
 
 
 class Proposer:
