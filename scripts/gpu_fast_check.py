@@ -39,14 +39,16 @@ def main() -> None:
     ap.add_argument("--prompts", required=True)
     ap.add_argument("--methods", default="none,eagle:k=4,eagle2")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--dtype", default="float32", help="float32: a mismatch is a bug; bf16 near-ties flip tokens")
+    ap.add_argument("--batches", default="1,4")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     from adaspec_worker.bench import parse_method
 
     prompts = load_prompts(BenchConfig(target=a.target, prompts=a.prompts, batch_sizes=(4,), n_prompts=4),
                            AutoTokenizer.from_pretrained(a.target))
-    plain_target = load_target(a.target)  # never fused: the reference path
-    fast_target = load_target(a.target)
+    plain_target = load_target(a.target, a.dtype)  # never fused: the reference path
+    fast_target = load_target(a.target, a.dtype)
     sp = SamplingParams(max_new_tokens=a.new_tokens, temperature=0.0)
     rows = []
     for label in a.methods.split(","):
@@ -54,7 +56,7 @@ def main() -> None:
         spec = parse_spec(name, params)
         ref_engine = build_engine(plain_target, spec, draft=a.draft, fast=False)
         fast_engine = build_engine(fast_target, spec, draft=a.draft, fast=True)
-        for B in (1, 4):
+        for B in [int(b) for b in a.batches.split(",")]:
             ref, fast = [], []
             t0 = time.perf_counter()
             warm = 0.0
