@@ -300,7 +300,9 @@ class Engine:
 
     def _round(self, batch: Batch, sampling: SamplingParams, clock: PhaseClock) -> list[RowOutcome]:
         """Draft, one target pass with verification and commit, then the round's one device-to-host copy."""
-        key = (batch.workspace.B, tuple(self.proposer.plan_key(batch.plan)))
+        # the sampling rule is baked into a captured graph (temperature, top-k/p are Python constants there)
+        rule = (sampling.temperature, sampling.top_k, sampling.top_p)
+        key = (batch.workspace.B, rule, tuple(self.proposer.plan_key(batch.plan)))
         clock.mark("draft")
         tree = self._run(("draft", *key), lambda: self.proposer.propose(self._round_input(sampling), batch.plan))
         clock.mark("verify")
