@@ -43,7 +43,7 @@ class BenchConfig:
     ldlp: str | None = None
     prompts: str = ""
     prompt_column: str = "prompt"
-    n_prompts: int = 8  # prompts per cell at batch 1 (max(batch, n_prompts) in general)
+    n_prompts: int = 16  # prompts per cell at batch 1 (max(batch, n_prompts) in general)
     max_prompt_tokens: int = 384
     methods: tuple = ("none", "eagle2")
     batch_sizes: tuple = (1, 4, 16, 64)
@@ -55,6 +55,7 @@ class BenchConfig:
     dtype: str = "auto"
     device: str = "auto"
     out: str = "bench/results/run"
+    profile: bool = False  # count CUDA kernels per round per adarun cell (torch.profiler)
 
 
 def parse_method(text: str) -> tuple[str, dict, str]:
@@ -115,7 +116,29 @@ def bench_adarun(engine: Engine, prompts, B: int, n: int, sampling: SamplingPara
         total = total + stats
     return {"tokens": emitted, "tau": total.rows.tau if total.rows.rounds else None,
             "draft_seconds": total.draft_seconds, "verify_seconds": total.verify_seconds,
-            "other_seconds": total.other_seconds}
+            "other_seconds": total.other_seconds, "prefill_seconds": total.prefill_seconds,
+            "warmup_seconds": total.warmup_seconds, "rounds": total.target_passes}
+
+
+def kernels_per_round(engine: Engine, prompts, B: int, sampling: SamplingParams) -> dict:
+    """CUDA kernels per decode round at batch B: two profiled generate() calls of different lengths, so prefill
+    and per-call work cancel out (kernels replayed from CUDA graphs count one by one)."""
+    from dataclasses import replace
+
+    from torch.profiler import ProfilerActivity, profile
+
+    counts = []
+    for n in (16, sampling.max_new_tokens):
+        engine.generate(prompts[:B], replace(sampling, max_new_tokens=n), seeds=list(range(B)))  # warm this length
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            _, stats = engine.generate(prompts[:B], replace(sampling, max_new_tokens=n), seeds=list(range(B)))
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not e.name.startswith(("Memcpy", "Memset"))]
+        counts.append((len(kernels), stats.target_passes, sum(e.device_time for e in kernels)))
+    (k0, r0, t0), (k1, r1, t1) = counts
+    rounds = max(r1 - r0, 1)
+    return {"kernels_per_round": (k1 - k0) / rounds, "gpu_kernel_ms_per_round": (t1 - t0) / 1e3 / rounds}
 
 
 def bench_hf(model, prompts, B, n, temperature, new_tokens, dev, **kw) -> dict:
@@ -208,8 +231,16 @@ def bench_method(cfg: BenchConfig, target, label: str, prompts, dev, record) -> 
             continue
         sampling = SamplingParams(max_new_tokens=cfg.new_tokens, temperature=T)
         for B in cfg.batch_sizes:
-            run = lambda B=B, sampling=sampling: bench_adarun(engine, prompts, B, cfg.n_prompts, sampling)
-            record(name, label, B, T, timed(run, dev, cfg.repeats), "adarun")
+            calls: list[dict] = []  # every run's counts: the first is the untimed warm-up
+
+            def run(B=B, sampling=sampling, calls=calls):
+                calls.append(bench_adarun(engine, prompts, B, cfg.n_prompts, sampling))
+                return calls[-1]
+            res = timed(run, dev, cfg.repeats)
+            res["warmup_run_seconds"] = calls[0]["warmup_seconds"]  # compile + capture met in the warm-up run
+            if cfg.profile and dev.type == "cuda":
+                res.update(kernels_per_round(engine, prompts, B, sampling))
+            record(name, label, B, T, res, "adarun")
 
 
 def add_ratios(cells: list[dict]) -> None:
@@ -247,14 +278,16 @@ def markdown(result: dict) -> str:
              f"commit `{m['git_commit']}`, device {m['device']} ({where}, driver {m['driver']}), "
              f"torch {m['torch']}, transformers {m['transformers']}, python {m['python']}, {m['date']}", "",
              "| method | batch | temp | tok/s | ms/tok | vs none | vs HF generate | tau | draft/verify/other s "
-             "| peak MiB | mem vs none |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| prefill s | warm-up s | kernels/round | peak MiB | mem vs none |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = lambda c: (c["temperature"], c["batch"], c["kind"] != "transformers", c["label"])
     for c in sorted(result["cells"], key=order):
         split = "" if c.get("draft_seconds") is None else "/".join(f"{c[k]:.2f}" for k in SPLIT)
         lines.append(f"| {c['label']} | {c['batch']} | {c['temperature']} | {c['tokens_per_s']:.1f} | "
                      f"{c['ms_per_token']:.3f} | {_f(c['speedup_vs_none'])} | {_f(c['speedup_vs_hf_generate'])} | "
-                     f"{_f(c['tau'])} | {split} | {_f(c['peak_mem_mib'], '{:.0f}')} | {_f(c['mem_vs_none'])} |")
+                     f"{_f(c['tau'])} | {split} | {_f(c.get('prefill_seconds'))} | {_f(c.get('warmup_run_seconds'))} | "
+                     f"{_f(c.get('kernels_per_round'), '{:.0f}')} | {_f(c['peak_mem_mib'], '{:.0f}')} | "
+                     f"{_f(c['mem_vs_none'])} |")
     return "\n".join(lines) + "\n"
 
 

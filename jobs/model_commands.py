@@ -140,7 +140,7 @@ def _csv(kind):
 @click.option("--batch-sizes", default="1,4,16,64", show_default=True, callback=_csv(int))
 @click.option("--temperatures", default="0,0.7", show_default=True, callback=_csv(float))
 @click.option("--new-tokens", default=128, show_default=True)
-@click.option("--n-prompts", default=8, show_default=True, help="Prompts per cell (at least the batch size).")
+@click.option("--n-prompts", default=16, show_default=True, help="Prompts per cell (at least the batch size).")
 @click.option(
     "--repeats", default=3, show_default=True, help="Timed runs per cell (median reported) after one warm-up."
 )
@@ -155,6 +155,7 @@ def _csv(kind):
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", default="bench/results/run", show_default=True, type=click.Path(file_okay=False))
+@click.option("--profile", is_flag=True, help="Count CUDA kernels per round per adarun cell (torch.profiler).")
 def bench(**opts):
     """Benchmark methods side by side: JSON, Markdown table and PNG plots in --out.
 

@@ -141,3 +141,63 @@ def test_monte_carlo_fails_on_broken_verifier(mc, monkeypatch, method, params, d
     d, tgt, exact = mc
     emp, _ = empirical(tgt, d, method, params, draft)
     assert tv(emp, exact) > 0.03
+
+
+# ------------------------------------------------------------------ vectorised tree rule == sequential rule
+
+def sequential_tree_sampling(tree, probs, seeds, counter):
+    """The tree rule as first written: siblings tried one by one, r renormalised after each rejection."""
+    from adaspec_worker.decode.sampling import STREAM_ACCEPT, STREAM_BONUS, sample, uniform
+
+    B, N, V = probs.shape
+    levels, width = tree.levels, tree.width
+    bi = torch.arange(B)
+    kids = verify.children_table(tree, width)
+    u_acc = uniform(seeds, counter, STREAM_ACCEPT, (levels + 1) * max(width, 1)).view(B, levels + 1, max(width, 1))
+    u_bonus = uniform(seeds, counter, STREAM_BONUS, levels + 1)
+    cur, live = torch.zeros(B, dtype=torch.long), torch.ones(B, dtype=torch.bool)
+    n_acc, bonus, path = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long), torch.zeros(B, levels + 1,
+                                                                                                      dtype=torch.long)
+    for d in range(levels + 1):
+        r = probs[bi, cur].double()
+        moved = torch.zeros(B, dtype=torch.bool)
+        for c in range(width):
+            child = kids[bi, cur, c]
+            trying = live & ~moved & (child >= 0)
+            x = tree.tokens[bi, child.clamp(min=0)]
+            accept = trying & (u_acc[:, d, c] < r[bi, x])
+            cur = torch.where(accept, child, cur)
+            moved |= accept
+            r = verify.reject(r, x, trying & ~accept)
+        stop = live & ~moved
+        bonus = torch.where(stop, sample(r, u_bonus[:, d]), bonus)
+        live &= moved
+        n_acc += moved.long()
+        if d + 1 <= levels:
+            path[:, d + 1] = torch.where(moved, cur, path[:, d + 1])
+    return n_acc, path, bonus
+
+
+def test_vectorised_tree_rule_equals_sequential():
+    from adaspec_worker.decode.trees import DraftTree
+
+    g = torch.Generator().manual_seed(7)
+    B, V = 4000, 5
+    parents = torch.tensor([0, 0, 0, 0, 1, 1, 2, 4, 4])  # widths up to 3, depth 3
+    depth = torch.tensor([0, 1, 1, 1, 2, 2, 2, 3, 3])
+    tokens = torch.randint(0, V, (B, 9), generator=g)  # repeated sibling tokens happen
+    valid = torch.rand(B, 9, generator=g) < 0.85
+    valid[:, 0] = True
+    valid &= valid[:, parents]  # a padding node's children are padding too
+    tree = DraftTree(tokens=tokens, parents=parents.expand(B, 9), depth=depth.expand(B, 9), valid=valid,
+                     levels=3, width=3)
+    logits = torch.randn(B, 9, V, generator=g, dtype=torch.float64) * 2
+    probs = torch.softmax(logits, -1) * (torch.rand(B, 9, V, generator=g) > 0.2)
+    probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-30)
+    probs[probs.sum(-1) == 0] = 1.0 / V
+    seeds, counter = torch.arange(B), torch.full((B,), 3)
+    n_ref, path_ref, bonus_ref = sequential_tree_sampling(tree, probs, seeds, counter)
+    got = verify.verify_tree_sampling(tree, probs, seeds, counter)
+    assert int(n_ref.sum()) > B // 2  # acceptances happen
+    assert torch.equal(got.n_accepted, n_ref) and torch.equal(got.path, path_ref)
+    assert (got.bonus == bonus_ref).float().mean() > 0.999  # float rounding at a CDF edge may flip one draw

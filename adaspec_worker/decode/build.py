@@ -31,8 +31,13 @@ def build_engine(target: CausalLM, spec: MethodSpec, draft: str | os.PathLike | 
                  ldlp: str | os.PathLike | LDLP | None = None, fast: bool = True, *,
                  on_round: RoundHook | None = None) -> Engine:
     """An engine running `spec` on `target`. draft / ldlp: a path or a loaded object; ignored when the
-    spec does not need it; ModelLoadError naming model.draft / model.ldlp when it does and is missing."""
+    spec does not need it; ModelLoadError naming model.draft / model.ldlp when it does and is missing.
+    fast on CUDA also fuses target and drafter weights in place and compiles their decode passes."""
     drafter = load_drafter(target, spec, draft)
+    if fast and target.device.type == "cuda":  # fused weights, compiled decode passes (plain ops on CPU)
+        target.fuse()
+        if drafter is not None:
+            drafter.fuse()
     return Engine(target, build_proposer(target, spec, ldlp), drafter, on_round=on_round, fast=fast)
 
 

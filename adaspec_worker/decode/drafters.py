@@ -37,11 +37,15 @@ from .model import (
     ModelLoadError,
     RMSNorm,
     causal_tree,
+    compile_wanted,
+    compiled,
+    gqa_mask,
     load_state_dict,
     load_strict,
     load_target,
     read_json,
     rope_cos_sin,
+    slots_and_mask,
 )
 
 DRAFTERS: dict[str, Callable[..., Drafter]] = {}
@@ -106,6 +110,9 @@ class Drafter:
     def lift(self, feats):
         return feats
 
+    def fuse(self) -> None:
+        """The fast path (fused weights; compiled on CUDA) where this drafter has one."""
+
 
 class DraftModel(Drafter):
     entry_shift = 0
@@ -113,6 +120,9 @@ class DraftModel(Drafter):
     def __init__(self, model: CausalLM):
         self.model = model
         self.new_cache = model.new_cache
+
+    def fuse(self) -> None:
+        self.model.fuse()
 
     def forward(self, toks, hidden, pos, mask, offset):
         logits, _, _ = self.model(toks, pos, self.cache, mask, offset)
@@ -128,6 +138,8 @@ class EagleHead(nn.Module, Drafter):
         H = cfg.hidden_size
         self.fc = nn.Linear(2 * H, H, bias=fc_bias)
         self.layers = nn.ModuleList([DecoderLayer(cfg, input_norm=False)])
+        self.fused = False
+        self._compiled = None
 
     def attach(self, target: CausalLM) -> EagleHead:
         self.target = [target]  # a list keeps the target out of this module's parameters
@@ -137,12 +149,30 @@ class EagleHead(nn.Module, Drafter):
         c = self.cfg
         return KVCache(B, S, 1, c.num_kv_heads, c.head_dim, self.fc.weight.dtype, self.fc.weight.device)
 
+    def fuse(self, compile: bool | None = None) -> None:
+        """Fused QKV and gate|up weights (idempotent); compile (default: on CUDA) the draft-shaped forward."""
+        if not self.fused:
+            self.layers[0].fuse()
+            self.fused = True
+        if compile is None:
+            compile = compile_wanted(self.fc.weight.device)
+        if compile and self._compiled is None:
+            self._compiled = compiled(self._body)
+
     def forward(self, toks, feats, pos, mask, offset):
+        small = self._compiled is not None and toks.shape[1] <= CausalLM.compile_max_tokens
+        return (self._compiled if small else self._body)(toks, feats, pos, self.cache.kv, self.cache.lens, mask,
+                                                          offset)
+
+    def _body(self, toks, feats, pos, kv, lens, mask, offset: int):
+        """toks, pos [B, T]; feats [B, T, H]; kv [B, S, 1, 2, Hkv, D]; lens [B] -> (logits [B, T, V], hidden)."""
         tgt = self.target[0]
         h = self.fc(torch.cat((tgt.embed_tokens(toks), feats.to(self.fc.weight.dtype)), -1))
-        slots, full_mask = self.cache.slots_and_mask(toks.shape[1], mask, offset)
+        slots, full_mask = slots_and_mask(lens, kv.shape[1], toks.shape[1], mask, offset)
+        if self.fused:
+            full_mask = gqa_mask(full_mask, self.cfg.num_heads // self.cfg.num_kv_heads, h.dtype)
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
-        h = self.layers[0](h, cos, sin, self.cache.kv[:, :, 0], slots, full_mask)
+        h = self.layers[0](h, cos, sin, kv[:, :, 0], slots, full_mask)
         return tgt.lm_head(h), h
 
     def train_forward(self, emb, feats, pos):

@@ -12,6 +12,7 @@ formats, tokenization (stop strings arrive as a callback), Ray or Parquet.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -181,6 +182,7 @@ class Engine:
         self.on_round = on_round  # label collection (fit-ldlp); switches CUDA graphs off
         self.fast = fast  # static batch buckets, plus CUDA graphs on CUDA
         self.workspace: Workspace | None = None
+        self.warmup_seconds = 0.0  # compile + capture, accumulated since the last generate() reported it
 
     @property
     def spec(self):
@@ -197,11 +199,20 @@ class Engine:
         return self.fast and self.target.device.type == "cuda" and self.proposer.graphable and self.on_round is None
 
     def _workspace(self, B: int, S: int) -> Workspace:
-        S = -(-S // 256) * 256 if self.fast else S  # static capacity buckets
+        """Buffers for B rows of S slots. Fast: grown only (rows and 256-slot capacity buckets), never shrunk, so
+        the graphs captured over it survive from one generate() call to the next."""
         work = self.workspace
-        if work is None or work.B_cap < B or work.S != S:
-            work = self.workspace = Workspace(self.target, B, S, self.proposer.max_nodes)
-        work.view(B)
+        if self.fast:
+            S = -(-S // 256) * 256
+            if work is not None and work.B_cap >= B and work.S >= S:
+                work.view(B)
+                return work
+            if work is not None:
+                B, S = max(B, work.B_cap), max(S, work.S)
+        elif work is not None and work.B_cap >= B and work.S == S:
+            work.view(B)
+            return work
+        work = self.workspace = Workspace(self.target, B, S, self.proposer.max_nodes)
         return work
 
     @torch.inference_mode()
@@ -225,6 +236,7 @@ class Engine:
         clock.mark("other")
         clock.flush(stats)
         stats.rows = sum(outputs.stats, SeqStats())
+        stats.warmup_seconds, self.warmup_seconds = self.warmup_seconds, 0.0
         return outputs.done, stats
 
     def _prefill(self, prompts: list[list[int]], sampling: SamplingParams, seeds: list[int]) -> Batch:
@@ -288,7 +300,9 @@ class Engine:
 
     def _round(self, batch: Batch, sampling: SamplingParams, clock: PhaseClock) -> list[RowOutcome]:
         """Draft, one target pass with verification and commit, then the round's one device-to-host copy."""
-        key = (batch.workspace.B, tuple(self.proposer.plan_key(batch.plan)))
+        # the sampling rule is baked into a captured graph (temperature, top-k/p are Python constants there)
+        rule = (sampling.temperature, sampling.top_k, sampling.top_p)
+        key = (batch.workspace.B, rule, tuple(self.proposer.plan_key(batch.plan)))
         clock.mark("draft")
         tree = self._run(("draft", *key), lambda: self.proposer.propose(self._round_input(sampling), batch.plan))
         clock.mark("verify")
@@ -327,14 +341,18 @@ class Engine:
         if hit is not None:
             hit[0].replay()
             return hit[1]
-        if key not in work.seen:  # first use runs eagerly: the warm-up
+        start = time.perf_counter()
+        if key not in work.seen:  # first use runs eagerly (compiling where the model is compiled): the warm-up
             work.seen.add(key)
-            return fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=work.pool):
             out = fn()
-        work.graphs[key] = (graph, out)
-        graph.replay()
+        else:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=work.pool):
+                out = fn()
+            work.graphs[key] = (graph, out)
+            graph.replay()
+        torch.cuda.synchronize()
+        self.warmup_seconds += time.perf_counter() - start
         return out
 
     def _verify_commit(self, tree: DraftTree, sampling: SamplingParams) -> None:

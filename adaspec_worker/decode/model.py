@@ -9,6 +9,13 @@ and returns logits, the final-norm hidden state and, on request, intermediate la
 What it does not know: tokenization, drafting, sampling, Ray or files other than the checkpoint.
 It is deliberately not a copy of HF's modeling file: one attention block, one MLP, one cache layout.
 
+Fast path (`CausalLM.fuse()`, done by `build_engine(fast=True)`): q/k/v and gate/up weights are
+concatenated once (the separate projections become views of the fused weight, so checkpoints still
+load and save by their usual names), grouped-query attention runs as one SDPA call over
+[B, Hkv, T*G, D] with an additive mask built once per forward, and on CUDA the decode-shaped forward
+(T <= `compile_max_tokens`) runs through `torch.compile` (inductor, dynamic shapes) so RMSNorm, RoPE,
+the KV write and SiLU*mul fuse. Prefill and CPU stay on the plain PyTorch ops.
+
 Cache layout: one tensor `kv` of shape [B, S, L, 2, Hkv, D]. Slot s of row b holds the rotated key
 and the value of the token at sequence position s. Keeping the layer axis inside the slot lets
 KV compaction after verification move every layer of a row in one gather (see `KVCache.compact`).
@@ -66,19 +73,62 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(fin, hk * d, bias=b)
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
         self.h, self.hk, self.d = h, hk, d
+        self.qkv: nn.Linear | None = None  # set by fuse(): [q; k; v] in one GEMM
+
+    def fuse(self) -> None:
+        object.__setattr__(self, "qkv", fuse_linears(self.q_proj, self.k_proj, self.v_proj))  # not a submodule
 
     def forward(self, x, cos, sin, kv_layer, slots, mask):
-        """x [B, T, Fin]; kv_layer [B, S, 2, Hkv, D] (a view into the cache); slots [B, T]; mask [B, T, S]."""
+        """x [B, T, Fin]; kv_layer [B, S, 2, Hkv, D] (a view into the cache); slots [B, T];
+        mask [B, T, S] bool (plain) or, once fused, [B, 1, T*G, S] additive (see `gqa_mask`)."""
         B, T, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(B, T, self.h, self.d), cos, sin)
-        k = apply_rope(self.k_proj(x).view(B, T, self.hk, self.d), cos, sin)
-        v = self.v_proj(x).view(B, T, self.hk, self.d)
+        h, hk, d = self.h, self.hk, self.d
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).split((h * d, hk * d, hk * d), -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = apply_rope(q.view(B, T, h, d), cos, sin)
+        k = apply_rope(k.view(B, T, hk, d), cos, sin)
+        v = v.view(B, T, hk, d)
         bi = torch.arange(B, device=x.device)[:, None]
         kv_layer[bi, slots] = torch.stack((k, v), dim=2).to(kv_layer.dtype)  # write [B, T, 2, Hkv, D]
         keys = kv_layer[:, :, 0].transpose(1, 2)  # [B, Hkv, S, D]
         vals = kv_layer[:, :, 1].transpose(1, 2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask[:, None], enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.h * self.d))
+        if self.qkv is None:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask[:, None],
+                                                 enable_gqa=True)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, h * d))
+        g = h // hk  # query heads per KV head: one SDPA over [B, Hkv, T*G, D], no K/V repeat
+        qg = q.view(B, T, hk, g, d).permute(0, 2, 1, 3, 4).reshape(B, hk, T * g, d)
+        out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)  # [B, Hkv, T*G, D]
+        return self.o_proj(out.view(B, hk, T, g, d).permute(0, 2, 1, 3, 4).reshape(B, T, h * d))
+
+
+def fuse_linears(*linears: nn.Linear) -> nn.Linear:
+    """One Linear whose output is the concatenation of `linears`' outputs; each input Linear's weight
+    (and bias) becomes a view of the fused one, so memory stays as it was. Owners keep it outside their
+    submodules, so state_dict names stay as they were; fuse after `.to(device, dtype)`, not before."""
+    w = torch.cat([lin.weight for lin in linears], 0)
+    has_bias = linears[0].bias is not None
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=has_bias, device=w.device, dtype=w.dtype)
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([lin.bias for lin in linears], 0), requires_grad=False)
+    at = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(fused.weight[at: at + n], requires_grad=False)
+        if has_bias:
+            lin.bias = nn.Parameter(fused.bias[at: at + n], requires_grad=False)
+        at += n
+    return fused
+
+
+def gqa_mask(mask: torch.Tensor, groups: int, dtype) -> torch.Tensor:
+    """mask [B, T, S] bool -> additive [B, 1, T*G, S] in `dtype`, rows ordered as the fused attention's queries."""
+    B, T, S = mask.shape
+    add = torch.zeros(B, T, S, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return add[:, None, :, None, :].expand(B, 1, T, groups, S).reshape(B, 1, T * groups, S)
 
 
 class MLP(nn.Module):
@@ -87,8 +137,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_up: nn.Linear | None = None  # set by fuse(): [gate; up] in one GEMM
+
+    def fuse(self) -> None:
+        object.__setattr__(self, "gate_up", fuse_linears(self.gate_proj, self.up_proj))  # not a submodule
 
     def forward(self, x):
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, -1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -104,6 +161,10 @@ class DecoderLayer(nn.Module):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_layer, slots, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def fuse(self) -> None:
+        self.self_attn.fuse()
+        self.mlp.fuse()
+
 
 def attention_mask(lens: torch.Tensor, tree_mask: torch.Tensor, S: int) -> torch.Tensor:
     """Row b's new token t sees cache slots < lens[b] and slot lens[b]+j where tree_mask[b, t, j].
@@ -114,6 +175,30 @@ def attention_mask(lens: torch.Tensor, tree_mask: torch.Tensor, S: int) -> torch
     in_new = (rel >= 0) & (rel < W)
     idx = rel.clamp(0, W - 1)[:, None, :].expand(B, T, S)
     return (rel < 0)[:, None, :] | (in_new[:, None, :] & torch.gather(tree_mask, 2, idx))
+
+
+def slots_and_mask(lens: torch.Tensor, S: int, T: int, tree_mask: torch.Tensor, offset: int = 0):
+    """lens [B] -> slots [B, T] the T new tokens are written to, and their attention mask [B, T, S] bool."""
+    assert tree_mask.shape[-1] == offset + T, f"tree mask covers {tree_mask.shape[-1]} slots, expected {offset + T}"
+    slots = lens[:, None] + offset + torch.arange(T, device=lens.device)[None, :]
+    return slots, attention_mask(lens, tree_mask, S)
+
+
+def compiled(fn):
+    """torch.compile (inductor, dynamic shapes: one graph serves every batch and tree size) with room for
+    the few specialisations decoding meets (B or T of 1, offsets)."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 256))
+    return torch.compile(fn, dynamic=True)
+
+
+def compile_wanted(device: torch.device) -> bool:
+    """Compile on CUDA unless ADARUN_COMPILE=0."""
+    return device.type == "cuda" and os.environ.get("ADARUN_COMPILE", "1") != "0"
 
 
 def causal_tree(B: int, T: int, device) -> torch.Tensor:
@@ -143,9 +228,7 @@ class KVCache:
 
     def slots_and_mask(self, T: int, tree_mask: torch.Tensor, offset: int = 0):
         """Slots [B, T] the T new tokens are written to, and their attention mask [B, T, S]."""
-        assert tree_mask.shape[-1] == offset + T, f"tree mask covers {tree_mask.shape[-1]} slots, expected {offset + T}"
-        slots = self.lens[:, None] + offset + torch.arange(T, device=self.lens.device)[None, :]
-        return slots, attention_mask(self.lens, tree_mask, self.capacity)
+        return slots_and_mask(self.lens, self.capacity, T, tree_mask, offset)
 
     def compact(self, src: torch.Tensor, n_keep: torch.Tensor) -> None:
         """Move new slots lens+src[b, j] to lens+j (j < P) and commit n_keep[b] of them.
@@ -168,6 +251,8 @@ class KVCache:
 class CausalLM(nn.Module):
     """Llama-family causal LM. `forward` returns (logits [B,T,V], final-norm hidden [B,T,H], aux features)."""
 
+    compile_max_tokens = 128  # longer passes (prefill) run the plain ops: no compile per prompt length
+
     def __init__(self, cfg: ModelConfig, aux_layers: tuple[int, ...] = ()):
         super().__init__()
         self.cfg = cfg
@@ -178,6 +263,8 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.aux_layers = aux_layers  # layer outputs EAGLE-3 heads read (set by the drafter)
+        self.fused = False
+        self._compiled = None
 
     @property
     def device(self):
@@ -191,6 +278,18 @@ class CausalLM(nn.Module):
         c = self.cfg
         return KVCache(B, S, c.num_layers, c.num_kv_heads, c.head_dim, self.dtype, self.device)
 
+    def fuse(self, compile: bool | None = None) -> CausalLM:
+        """Fused QKV and gate|up weights (idempotent); compile (default: on CUDA) the decode-shaped forward."""
+        if not self.fused:
+            for layer in self.layers:
+                layer.fuse()
+            self.fused = True
+        if compile is None:
+            compile = compile_wanted(self.device)
+        if compile and self._compiled is None:
+            self._compiled = compiled(self._body)
+        return self
+
     def forward(self, ids, positions, cache: KVCache, tree_mask=None, offset: int = 0):
         """ids, positions [B, T]; new tokens go to slots cache.lens + offset + arange(T).
 
@@ -198,12 +297,20 @@ class CausalLM(nn.Module):
         B, T = ids.shape
         if tree_mask is None:
             tree_mask = causal_tree(B, T, ids.device)
-        slots, mask = cache.slots_and_mask(T, tree_mask, offset)
+        body = self._compiled if self._compiled is not None and T <= self.compile_max_tokens else self._body
+        return body(ids, positions, cache.kv, cache.lens, tree_mask, offset)
+
+    def _body(self, ids, positions, kv, lens, tree_mask, offset: int):
+        """The pass itself over the cache tensors kv [B, S, L, 2, Hkv, D] and lens [B] (what torch.compile sees)."""
+        T = ids.shape[1]
+        slots, mask = slots_and_mask(lens, kv.shape[1], T, tree_mask, offset)
         h = self.embed_tokens(ids)
+        if self.fused:
+            mask = gqa_mask(mask, self.cfg.num_heads // self.cfg.num_kv_heads, h.dtype)
         cos, sin = rope.cos_sin(positions, self.cfg, h.dtype)  # RoPE scaling: rope.py
         outs = {}
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache.kv[:, :, i], slots, mask)
+            h = layer(h, cos, sin, kv[:, :, i], slots, mask)
             if i in self.aux_layers:
                 outs[i] = h
         hidden = self.norm(h)

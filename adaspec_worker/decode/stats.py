@@ -115,13 +115,15 @@ class EngineStats:
     verify_seconds: float = 0.0
     other_seconds: float = 0.0  # host-side accounting, stop rules, shrinking the batch
     prefill_seconds: float = 0.0
+    warmup_seconds: float = 0.0  # first-use (compiling) rounds and CUDA graph captures, inside the phases above
 
     def __add__(self, other: EngineStats) -> EngineStats:
         return EngineStats(target_passes=self.target_passes + other.target_passes, rows=self.rows + other.rows,
                            draft_seconds=self.draft_seconds + other.draft_seconds,
                            verify_seconds=self.verify_seconds + other.verify_seconds,
                            other_seconds=self.other_seconds + other.other_seconds,
-                           prefill_seconds=self.prefill_seconds + other.prefill_seconds)
+                           prefill_seconds=self.prefill_seconds + other.prefill_seconds,
+                           warmup_seconds=self.warmup_seconds + other.warmup_seconds)
 
 
 class PhaseClock:

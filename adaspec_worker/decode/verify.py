@@ -55,10 +55,11 @@ def verify_greedy(tree: DraftTree, target_logits: torch.Tensor) -> Verdict:
 # -- the two steps of the sampling rules; tests replace them with broken versions to show power
 
 def reject(r: torch.Tensor, x: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """Tree rule: zero r(x) where `rejected` [B] and renormalise. r [B, V], x [B]."""
-    bi = torch.arange(r.shape[0], device=r.device)
-    r = r.clone()
-    r[bi, x] = torch.where(rejected, torch.zeros_like(r[bi, x]), r[bi, x])
+    """Tree rule: zero r(x) where `rejected` and renormalise. r [B, V]; x, rejected [B] or [B, W]."""
+    if x.dim() == 1:
+        x, rejected = x[:, None], rejected[:, None]
+    keep = torch.ones_like(r).scatter_reduce(1, x, (~rejected).to(r.dtype), reduce="amin")  # [B, V] 0 where rejected
+    r = r * keep
     return r / r.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
@@ -83,37 +84,46 @@ def children_table(tree: DraftTree, width: int) -> torch.Tensor:
 
 
 def verify_tree_sampling(tree: DraftTree, probs: torch.Tensor, seeds: torch.Tensor, counter: torch.Tensor) -> Verdict:
-    """probs [B, N, V]: the target's sampling distribution at each node."""
+    """probs [B, N, V]: the target's sampling distribution at each node.
+
+    The tree rule, vectorised over siblings: with the children x_1..x_w of the current node tried in order,
+    the sequential "accept x_c with probability r_c(x_c), else zero it and renormalise" accepts x_c with
+    probability r(x_c) / (1 - sum_{j<c} r(x_j)) given x_1..x_{c-1} were rejected, so one cumsum, one
+    comparison per sibling against its own uniform and a first-true index decide a level (a repeated
+    token counts once: its second try has r = 0). The bonus is drawn once, from `reject` of every child
+    at the level where the walk stops."""
     B, N, V = probs.shape
-    levels, width = tree.levels, tree.width
+    levels, width = tree.levels, max(tree.width, 1)
     dev = probs.device
     bi = torch.arange(B, device=dev)
-    kids = children_table(tree, width)
-    u_acc = uniform(seeds, counter, STREAM_ACCEPT, (levels + 1) * max(width, 1)).view(B, levels + 1, max(width, 1))
+    kids = children_table(tree, width)  # [B, N, W]
+    u_acc = uniform(seeds, counter, STREAM_ACCEPT, (levels + 1) * width).view(B, levels + 1, width)
     u_bonus = uniform(seeds, counter, STREAM_BONUS, levels + 1)
+    earlier = torch.ones(width, width, dtype=torch.bool, device=dev).tril(-1)  # [c, j]: j < c
     cur = torch.zeros(B, dtype=torch.long, device=dev)
     live = torch.ones(B, dtype=torch.bool, device=dev)
-    n_acc = torch.zeros(B, dtype=torch.long, device=dev)
-    bonus = torch.zeros(B, dtype=torch.long, device=dev)
     path = torch.zeros(B, levels + 1, dtype=torch.long, device=dev)
+    r_stop, u_stop = probs[:, 0], u_bonus[:, 0]  # the bonus's distribution and uniform, set where a row stops
     for d in range(levels + 1):
-        r = probs[bi, cur].double()
-        moved = torch.zeros(B, dtype=torch.bool, device=dev)
-        for c in range(width):
-            child = kids[bi, cur, c]
-            trying = live & ~moved & (child >= 0)
-            x = tree.tokens[bi, child.clamp(min=0)]
-            accept = trying & (u_acc[:, d, c] < r[bi, x])
-            cur = torch.where(accept, child, cur)
-            moved |= accept
-            r = reject(r, x, trying & ~accept)
+        r = probs[bi, cur]  # [B, V]
+        ch = kids[bi, cur]  # [B, W] child nodes, -1 padded
+        x = torch.gather(tree.tokens, 1, ch.clamp(min=0))  # [B, W]
+        dup = ((x[:, :, None] == x[:, None, :]) & (ch >= 0)[:, None, :] & earlier).any(-1)
+        fresh = (ch >= 0) & ~dup
+        rx = torch.gather(r, 1, x) * fresh  # [B, W]
+        left = (1 - (rx.cumsum(-1) - rx)).clamp_min(1e-30)  # mass not yet rejected before sibling c
+        accept = fresh & (u_acc[:, d] < (rx / left).double()) & live[:, None]
+        moved = accept.any(-1)
+        first = accept.to(torch.uint8).argmax(-1)  # [B] first accepted sibling
+        cur = torch.where(moved, ch[bi, first], cur)
         stop = live & ~moved
-        bonus = torch.where(stop, sample(r, u_bonus[:, d]), bonus)
-        live &= moved
-        n_acc += moved.long()
+        r_stop = torch.where(stop[:, None], reject(r, x, fresh), r_stop)
+        u_stop = torch.where(stop, u_bonus[:, d], u_stop)
+        live = live & moved
         if d + 1 <= levels:
             path[:, d + 1] = torch.where(moved, cur, path[:, d + 1])
-    return Verdict(n_accepted=n_acc, path=path, bonus=bonus)
+    n_acc = (path[:, 1:] > 0).sum(-1)  # node 0 is the root: every accepted node has index > 0
+    return Verdict(n_accepted=n_acc, path=path, bonus=sample(r_stop, u_stop))
 
 
 def verify_chain_sampling(tree: DraftTree, probs: torch.Tensor, seeds: torch.Tensor, counter: torch.Tensor) -> Verdict:

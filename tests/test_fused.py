@@ -1,0 +1,69 @@
+"""The fast path's model changes are exact: fused QKV / gate|up weights and the grouped SDPA give the same
+logits, hidden states and KV cache as the plain path (compile off: CPU), for the target and the EAGLE head,
+and a whole engine run on fused models is token-identical to one on plain models."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from adaspec_worker.decode.build import build_engine, load_drafter
+from adaspec_worker.decode.model import load_target
+from adaspec_worker.decode.sampling import SamplingParams
+from jobs.specs import parse_spec
+from tests import tiny
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fused")
+    tiny.save(tiny.hf_model("llama", vocab=64, hidden=32, layers=2, seed=1), d / "target")
+    tiny.save(tiny.hf_model("qwen2", vocab=64, hidden=32, layers=2, seed=2), d / "qwen")
+    tiny.random_eagle_head(d / "target", d / "head", seed=3)
+    return d
+
+
+def _tree_pass(model, cache, B=3, T=5):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (B, T), generator=g)
+    pos = cache.lens[:, None] + torch.arange(T)[None]
+    mask = (torch.rand(B, T, T, generator=g) < 0.5) | torch.eye(T, dtype=torch.bool)
+    mask = mask.tril()
+    return model(ids, pos, cache, mask)
+
+
+@pytest.mark.parametrize("name", ["target", "qwen"])
+def test_fused_target_equals_plain(models, name):
+    plain = load_target(str(models / name), dtype="float64", device="cpu")
+    fused = copy.deepcopy(plain).fuse(compile=False)
+    assert fused.fused and fused._compiled is None
+    caches = [m.new_cache(3, 32) for m in (plain, fused)]
+    for c in caches:
+        c.lens.copy_(torch.tensor([0, 4, 9]))
+        c.kv.normal_(generator=torch.Generator().manual_seed(5))
+    (lp, hp, _), (lf, hf, _) = _tree_pass(plain, caches[0]), _tree_pass(fused, caches[1])
+    torch.testing.assert_close(lf, lp, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(hf, hp, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(caches[1].kv, caches[0].kv, rtol=1e-10, atol=1e-10)
+    assert sorted(fused.state_dict()) == sorted(plain.state_dict())  # names unchanged: heads still save/load
+
+
+@pytest.mark.parametrize("method,params", [("none", {}), ("eagle2", {"top_k": 3, "depth": 3, "total_tokens": 8}),
+                                           ("eagle", {"k": 3})])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_engine_on_fused_models_equals_plain(models, method, params, temperature):
+    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]]
+    sp = SamplingParams(max_new_tokens=12, temperature=temperature)
+    outs = []
+    for fuse in (False, True):
+        target = load_target(str(models / "target"), dtype="float64", device="cpu")
+        spec = parse_spec(method, params)
+        drafter = load_drafter(target, spec, str(models / "head"))
+        if fuse:
+            target.fuse(compile=False)
+            if drafter is not None:
+                drafter.fuse(compile=False)
+        res, _ = build_engine(target, spec, draft=drafter).generate(prompts, sp, seeds=[1, 2, 3])
+        outs.append([r.tokens for r in res])
+    assert outs[0] == outs[1]
