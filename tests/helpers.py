@@ -64,3 +64,38 @@ def run_job(m, **kw):
     from jobs.controller import run_job as controller_run_job
 
     return controller_run_job(m, ShardWorker, **kw)
+
+
+# greedy, and T = 0.8 plain and with top-p and top-k
+SAMPLING_VARIANTS = [{}, {"temperature": 0.8}, {"temperature": 0.8, "top_p": 0.9, "top_k": 5}]
+
+
+def assert_text_equals_plain(tgt, method: str, params: dict, draft=None, ldlp=None, vocab: int = 24,
+                             new_tokens: int = 12) -> int:
+    """Issue #12: every row of `method` gives `none`'s tokens for its seed, decoded alone and inside batches of
+    different companions, greedy and sampled. Returns the drafted tokens accepted at T > 0 (so callers can check
+    the comparison bites)."""
+    import torch
+
+    from adaspec_worker.decode.build import build_engine
+    from adaspec_worker.decode.sampling import SamplingParams
+    from jobs.specs import parse_spec
+
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(1, 10, (6,), generator=g)
+    prompts = [torch.randint(0, vocab, (int(n),), generator=g).tolist() for n in lengths]
+    seeds = [3, 17, 17, 40, 41, 1234]  # two rows share a seed on different prompts
+    plain = build_engine(tgt, parse_spec("none", {}))
+    eng = build_engine(tgt, parse_spec(method, params), draft=str(draft) if draft else None,
+                       ldlp=str(ldlp) if ldlp else None)
+    batches = [[0], [1], [3, 0, 1, 2], [2, 4, 1, 5, 0]]  # alone, then among companions
+    accepted = 0
+    for kw in SAMPLING_VARIANTS:
+        sp = SamplingParams(max_new_tokens=new_tokens, **kw)
+        ref = [plain.generate([p], sp, seeds=[s])[0][0].tokens for p, s in zip(prompts, seeds)]
+        for rows in batches:
+            outs, stats = eng.generate([prompts[i] for i in rows], sp, seeds=[seeds[i] for i in rows])
+            for i, o in zip(rows, outs):
+                assert o.tokens == ref[i], (method, kw, rows, i)
+            accepted += stats.rows.accepted if kw else 0
+    return accepted

@@ -19,7 +19,7 @@ from adaspec_worker.decode.sampling import SamplingParams
 from jobs.cli import cli
 from jobs.specs import METHOD_SPECS, AdaEDLSpec, EagleSpec, parse_spec
 from tests import tiny
-from tests.helpers import REPO, TINY, TINY_HEAD
+from tests.helpers import REPO, TINY, TINY_HEAD, assert_text_equals_plain
 
 ADAPTIVE = [("adaeagle", {}), ("adaeagle-ddd", {}), ("adaedl", {"k_max": 4}),
             ("ddd", {"top_k": 3, "max_depth": 5, "total_tokens": 12}),
@@ -100,6 +100,16 @@ def test_adaptive_greedy_equals_plain(setup, method, params, batch):
     outs, st = eng.generate(prompts, sp)
     assert [o.tokens for o in outs] == [p.tokens for p in plain]
     assert st.rows.tau >= 1.0
+
+
+@pytest.mark.parametrize("method,params", [m for m in ADAPTIVE if m[0] != "oracle"],
+                         ids=[m for m, _ in ADAPTIVE if m != "oracle"])
+def test_adaptive_sampled_text_equals_plain_alone_and_in_any_batch(setup, method, params):
+    """Batch-dependent trees (AdaEDL's lambda, LDLP depths, batch-max depths) leave a row's sampled text alone: it
+    is `none`'s for its seed (float32). The oracle is greedy-only."""
+    _, d, _ = setup
+    tgt = load_target(str(d / "target"), dtype="float32", device="cpu")
+    assert assert_text_equals_plain(tgt, method, params, draft=d / "head", ldlp=d / "ldlp") > 0
 
 
 def test_adaptive_on_the_shipped_model_beats_a_random_guess():

@@ -15,6 +15,7 @@ from adaspec_worker.decode.sampling import SamplingParams
 from adaspec_worker.decode.trees import DEFAULT_STATIC_TREE, DraftTree, StaticShape, grow_dynamic, grow_static
 from jobs.specs import parse_spec
 from tests import tiny
+from tests.helpers import assert_text_equals_plain
 
 METHODS = [("none", {}), ("eagle", {"k": 3}), ("eagle-tree", {}),
            ("eagle2", {"top_k": 4, "depth": 4, "total_tokens": 12}), ("draft-model", {"k": 3})]
@@ -220,6 +221,19 @@ def test_sampling_reproducible_per_row_whatever_the_batch(setup):
         a, _ = eng.generate(prompts, sp, seeds=[11, 12, 13, 14])
         b, _ = eng.generate(prompts[2:3], sp, seeds=[13])
         assert a[2].tokens == b[0].tokens
+
+
+TREE_METHODS = [("eagle", {"k": 3}), ("eagle-tree", {}), ("eagle2", {"top_k": 4, "depth": 4, "total_tokens": 12}),
+                ("eagle2", {"top_k": 2, "depth": 6, "total_tokens": 10})]
+
+
+@pytest.mark.parametrize("method,params", TREE_METHODS, ids=[f"{m}-{i}" for i, (m, _) in enumerate(TREE_METHODS)])
+def test_sampled_text_equals_plain_alone_and_in_any_batch(setup, method, params):
+    """The coupled tree rule: a row's sampled text is `none`'s for its seed, token for token, whatever the draft
+    tree and whichever rows share its batch (float32). draft-model keeps the chain rule at T > 0: not here."""
+    _, d, _ = setup
+    tgt = load_target(str(d / "target"), dtype="float32", device="cpu")
+    assert assert_text_equals_plain(tgt, method, params, draft=d / "head") > 0, "drafts must be accepted"
 
 
 @pytest.mark.parametrize("method,params", [("none", {}), ("eagle2", {"top_k": 4, "depth": 4, "total_tokens": 12}),

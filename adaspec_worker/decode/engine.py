@@ -161,7 +161,8 @@ class Outputs:
 
 def verify_round(tree: DraftTree, logits: torch.Tensor, sampling: SamplingParams, seeds: torch.Tensor,
                  counter: torch.Tensor) -> Verdict:
-    """The one verification rule that fits: greedy, a sampled chain with draft probabilities, or a sampled tree."""
+    """The one verification rule that fits: greedy, a sampled chain with draft probabilities, or the coupled
+    tree rule for every other sampled tree (`none` included), whose text equals plain sampling's for the seed."""
     if sampling.greedy:
         return verify_greedy(tree, logits)
     probs = target_probs(logits.float() if logits.dtype != torch.float64 else logits, sampling)  # [B, N, V]

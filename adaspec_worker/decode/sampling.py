@@ -65,17 +65,28 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform(seeds: torch.Tensor, counter: torch.Tensor, stream: int, lanes: int) -> torch.Tensor:
-    """Uniforms in (0, 1): seeds [B] int64, counter [B] int64 (e.g. the row's output position) -> [B, lanes].
+def _uniform(seeds: torch.Tensor, counter: torch.Tensor, stream: int, lane: torch.Tensor | int) -> torch.Tensor:
+    """The hash behind `uniform` and `uniform_at`, broadcasting seeds, counter and lane against each other.
 
     Two chained 32-bit hashes give 48 random bits per value."""
-    lane = torch.arange(lanes, device=seeds.device, dtype=torch.long)[None, :]
-    seed_mix = _mix32(seeds[:, None] ^ (seeds[:, None] >> 32))
-    base = _mix32(seed_mix ^ (counter[:, None] * 0x9E3779B1 + stream * 0x85EBCA77))
+    seed_mix = _mix32(seeds ^ (seeds >> 32))
+    base = _mix32(seed_mix ^ (counter * 0x9E3779B1 + stream * 0x85EBCA77))
     hi = _mix32(base ^ (lane * 0xC2B2AE3D + 0x27D4EB2F))
     lo = _mix32(hi ^ 0x165667B1 ^ (lane * 0x61C88647))
     bits = (hi << 16) | (lo >> 16)  # 48 bits
     return (bits.double() + 0.5) / float(1 << 48)
+
+
+def uniform(seeds: torch.Tensor, counter: torch.Tensor, stream: int, lanes: int) -> torch.Tensor:
+    """Uniforms in (0, 1): seeds [B] int64, counter [B] int64 (e.g. the row's output position) -> [B, lanes]."""
+    lane = torch.arange(lanes, device=seeds.device, dtype=torch.long)[None, :]
+    return _uniform(seeds[:, None], counter[:, None], stream, lane)
+
+
+def uniform_at(seeds: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
+    """Lane 0 at several counters: seeds [B], positions [B, P] -> [B, P], equal to
+    `uniform(seeds, positions[:, j], stream, 1)[:, 0]` for every j."""
+    return _uniform(seeds[:, None], positions, stream, 0)
 
 
 def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -86,7 +97,8 @@ def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx.clamp_(max=probs.shape[-1] - 1)
 
 
-# streams: each random decision of a round draws from its own stream
+# streams: each random decision of a round draws from its own stream. STREAM_BONUS at output position t is the
+# uniform every target draw for position t uses (plain decoding, the coupled tree rule, the chain rule's bonus).
 STREAM_BONUS = 1
 STREAM_ACCEPT = 2
 STREAM_DRAFT = 3

@@ -8,11 +8,24 @@ Vocabulary used everywhere in adarun:
 
 Rules (each lossless: the emitted tokens follow the target's distribution exactly):
   - greedy: the deepest node whose path matches the target's argmax at every step;
-  - tree sampling (EAGLE-2/SpecInfer, deterministic drafts): at the current node with target
-    distribution r, try its children in order; accept child x with probability r(x); on
-    rejection set r(x) = 0 and renormalise; if all are rejected, or at a leaf, draw the bonus from r;
-  - sampled chain (independent draft model, Leviathan et al. / Chen et al. 2023): accept draft y_j
-    with probability min(1, p_j(y)/q_j(y)); at the first rejection draw from norm(max(0, p_j - q_j)).
+  - coupled tree sampling (every tree without draft probabilities, `none`'s root-only tree included):
+    at every node n the target draws its own sample y_n = sample(p_n, u) with the uniform plain
+    decoding uses at that output position (row seed, position = counter + depth(n), STREAM_BONUS).
+    A node is accepted when its token equals the target's sample at its parent and so is every
+    ancestor's; the deepest accepted node ends the path and its own sample y is the bonus. It is the
+    greedy rule with argmax replaced by the seeded sample.
+    Why it is exact: every emitted token, accepted or bonus, is y at its parent on the path, i.e.
+    sample(p(prefix), u(seed, position)) on exactly the prefix emitted before it, which is how plain
+    decoding draws that position. The emitted text is therefore not just equal in law to the target's
+    but identical, token for token, to plain sampling with the same seed: it depends on the row's seed
+    and prompt only, never on the draft tree (so never on batch companions or shared proposer state).
+    A position's uniform is used for one emitted token only (rejected nodes' draws are discarded and the
+    next round starts at the first position not yet emitted). A child with token x is accepted with
+    probability p(x), a level with probability sum_x p(x) over its distinct sibling tokens, as under
+    the residual (SpecInfer) rule for deterministic drafts, so tau is the same in expectation;
+  - sampled chain (independent draft model with its draft probabilities q, Leviathan et al. / Chen et
+    al. 2023): accept draft y_j with probability min(1, p_j(y)/q_j(y)); at the first rejection draw the
+    bonus from norm(max(0, p_j - q_j)). Exact in law, but the text then depends on the drafts.
 This module knows nothing about models, caches or batching policy.
 """
 from __future__ import annotations
@@ -21,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import STREAM_ACCEPT, STREAM_BONUS, sample, uniform
+from .sampling import STREAM_ACCEPT, STREAM_BONUS, sample, uniform, uniform_at
 from .trees import DraftTree
 
 
@@ -39,28 +52,13 @@ def path_to(anc_row: torch.Tensor, depth: torch.Tensor, P: int) -> torch.Tensor:
     return onehot.to(torch.uint8).argmax(-1)
 
 
-def verify_greedy(tree: DraftTree, target_logits: torch.Tensor) -> Verdict:
-    """target_logits [B, N, V] at each node."""
-    tgt = target_logits.argmax(-1)  # [B, N]
-    correct = (tree.tokens == torch.gather(tgt, 1, tree.parents)) & tree.valid
+# -- the steps of the rules that tests replace with broken versions to show their power
+
+def matches(tree: DraftTree, target_tokens: torch.Tensor) -> torch.Tensor:
+    """[B, N] a valid node whose token is the target's token (argmax or seeded sample) at its parent; root True."""
+    correct = (tree.tokens == torch.gather(target_tokens, 1, tree.parents)) & tree.valid
     correct[:, 0] = True
-    anc = tree.ancestors()
-    ok = ~(anc & ~correct[:, None, :]).any(-1)  # [B, N]
-    best = torch.where(ok, tree.depth, -1).argmax(-1)  # deepest fully-correct node
-    bi = torch.arange(tree.tokens.shape[0], device=best.device)
-    path = path_to(anc[bi, best], tree.depth, tree.levels + 1)
-    return Verdict(n_accepted=tree.depth[bi, best], path=path, bonus=tgt[bi, best])
-
-
-# -- the two steps of the sampling rules; tests replace them with broken versions to show power
-
-def reject(r: torch.Tensor, x: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """Tree rule: zero r(x) where `rejected` and renormalise. r [B, V]; x, rejected [B] or [B, W]."""
-    if x.dim() == 1:
-        x, rejected = x[:, None], rejected[:, None]
-    keep = torch.ones_like(r).scatter_reduce(1, x, (~rejected).to(r.dtype), reduce="amin")  # [B, V] 0 where rejected
-    r = r * keep
-    return r / r.sum(-1, keepdim=True).clamp_min(1e-30)
+    return correct
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -70,60 +68,38 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(mass > 0, res / mass.clamp_min(1e-30), p)
 
 
-def children_table(tree: DraftTree, width: int) -> torch.Tensor:
-    """[B, N, width] child node indices in node order, -1 padded."""
-    B, N = tree.tokens.shape
-    dev = tree.tokens.device
-    is_child = (tree.parents[:, None, :] == torch.arange(N, device=dev)[None, :, None]) & tree.valid[:, None, :]
-    is_child[:, :, 0] = False  # [B, parent, child]
-    rank = is_child.long().cumsum(-1) - 1
-    table = torch.full((B, N, width + 1), -1, dtype=torch.long, device=dev)
-    slot = torch.where(is_child, rank.clamp(max=width), width)
-    table.scatter_(2, slot, torch.where(is_child, torch.arange(N, device=dev).expand(B, N, N), -1))
-    return table[:, :, :width]
+def accept_deepest(tree: DraftTree, target_tokens: torch.Tensor) -> Verdict:
+    """target_tokens [B, N]: the target's token at each node. Accepts the deepest node whose every ancestor (and
+    itself) `matches`; the bonus is the target's token there. Fixed shapes, no host sync."""
+    correct = matches(tree, target_tokens)
+    anc = tree.ancestors()
+    ok = ~(anc & ~correct[:, None, :]).any(-1)  # [B, N] the whole path from the root matches
+    best = torch.where(ok, tree.depth, -1).argmax(-1)  # deepest fully-correct node (lowest index among equals)
+    bi = torch.arange(tree.tokens.shape[0], device=best.device)
+    path = path_to(anc[bi, best], tree.depth, tree.levels + 1)
+    return Verdict(n_accepted=tree.depth[bi, best], path=path, bonus=target_tokens[bi, best])
+
+
+def verify_greedy(tree: DraftTree, target_logits: torch.Tensor) -> Verdict:
+    """target_logits [B, N, V] at each node."""
+    return accept_deepest(tree, target_logits.argmax(-1))
+
+
+def node_uniforms(tree: DraftTree, seeds: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """[B, N] the uniform plain decoding uses at each node's output position (counter + depth)."""
+    return uniform_at(seeds, tree.positions(counter), STREAM_BONUS)
+
+
+def verify_coupled(tree: DraftTree, probs: torch.Tensor, u: torch.Tensor) -> Verdict:
+    """probs [B, N, V] the target's sampling distribution at each node, u [B, N] each node's uniform."""
+    B, N, V = probs.shape
+    y = sample(probs.reshape(B * N, V), u.reshape(B * N)).view(B, N)  # the target's own sample at every node
+    return accept_deepest(tree, y)
 
 
 def verify_tree_sampling(tree: DraftTree, probs: torch.Tensor, seeds: torch.Tensor, counter: torch.Tensor) -> Verdict:
-    """probs [B, N, V]: the target's sampling distribution at each node.
-
-    The tree rule, vectorised over siblings: with the children x_1..x_w of the current node tried in order,
-    the sequential "accept x_c with probability r_c(x_c), else zero it and renormalise" accepts x_c with
-    probability r(x_c) / (1 - sum_{j<c} r(x_j)) given x_1..x_{c-1} were rejected, so one cumsum, one
-    comparison per sibling against its own uniform and a first-true index decide a level (a repeated
-    token counts once: its second try has r = 0). The bonus is drawn once, from `reject` of every child
-    at the level where the walk stops."""
-    B, N, V = probs.shape
-    levels, width = tree.levels, max(tree.width, 1)
-    dev = probs.device
-    bi = torch.arange(B, device=dev)
-    kids = children_table(tree, width)  # [B, N, W]
-    u_acc = uniform(seeds, counter, STREAM_ACCEPT, (levels + 1) * width).view(B, levels + 1, width)
-    u_bonus = uniform(seeds, counter, STREAM_BONUS, levels + 1)
-    earlier = torch.ones(width, width, dtype=torch.bool, device=dev).tril(-1)  # [c, j]: j < c
-    cur = torch.zeros(B, dtype=torch.long, device=dev)
-    live = torch.ones(B, dtype=torch.bool, device=dev)
-    path = torch.zeros(B, levels + 1, dtype=torch.long, device=dev)
-    r_stop, u_stop = probs[:, 0], u_bonus[:, 0]  # the bonus's distribution and uniform, set where a row stops
-    for d in range(levels + 1):
-        r = probs[bi, cur]  # [B, V]
-        ch = kids[bi, cur]  # [B, W] child nodes, -1 padded
-        x = torch.gather(tree.tokens, 1, ch.clamp(min=0))  # [B, W]
-        dup = ((x[:, :, None] == x[:, None, :]) & (ch >= 0)[:, None, :] & earlier).any(-1)
-        fresh = (ch >= 0) & ~dup
-        rx = torch.gather(r, 1, x) * fresh  # [B, W]
-        left = (1 - (rx.cumsum(-1) - rx)).clamp_min(1e-30)  # mass not yet rejected before sibling c
-        accept = fresh & (u_acc[:, d] < (rx / left).double()) & live[:, None]
-        moved = accept.any(-1)
-        first = accept.to(torch.uint8).argmax(-1)  # [B] first accepted sibling
-        cur = torch.where(moved, ch[bi, first], cur)
-        stop = live & ~moved
-        r_stop = torch.where(stop[:, None], reject(r, x, fresh), r_stop)
-        u_stop = torch.where(stop, u_bonus[:, d], u_stop)
-        live = live & moved
-        if d + 1 <= levels:
-            path[:, d + 1] = torch.where(moved, cur, path[:, d + 1])
-    n_acc = (path[:, 1:] > 0).sum(-1)  # node 0 is the root: every accepted node has index > 0
-    return Verdict(n_accepted=n_acc, path=path, bonus=sample(r_stop, u_stop))
+    """The coupled rule (module docstring): the row's text equals plain sampling's with its seed, whatever the tree."""
+    return verify_coupled(tree, probs, node_uniforms(tree, seeds, counter))
 
 
 def verify_chain_sampling(tree: DraftTree, probs: torch.Tensor, seeds: torch.Tensor, counter: torch.Tensor) -> Verdict:
