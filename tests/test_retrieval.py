@@ -15,7 +15,7 @@ from adaspec_worker.decode.verify import Verdict
 from jobs.specs import RetrievalSpec, SpecError, parse_spec
 from tests import tiny
 from tests.test_engine import hf_greedy
-from tests.test_verify import SP, V, broken_reject, broken_residual, mc, tv  # noqa: F401  (mc: fixture)
+from tests.test_verify import BROKEN_MATCHES, SP, V, mc, tv  # noqa: F401  (mc: fixture)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -118,8 +118,7 @@ def test_monte_carlo_matches_target(exact_repeat):
 
 
 def test_monte_carlo_fails_on_broken_verifier(exact_repeat, monkeypatch):
-    monkeypatch.setattr(verify, "reject", broken_reject)
-    monkeypatch.setattr(verify, "residual", broken_residual)
+    monkeypatch.setattr(verify, "matches", BROKEN_MATCHES["one-past"])
     tgt, exact = exact_repeat
     emp, _ = empirical(tgt)
     assert tv(emp, exact) > 0.03
