@@ -23,10 +23,7 @@ SMALL = {"k": 4, "nodes": 16, "max_depth": 5}
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def setup(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp(request.param)
-    hf = tiny.hf_model(request.param, vocab=24)
-    tiny.save(hf, d / "target")
-    return hf, load_target(str(d / "target"), dtype="float64", device="cpu")
+    return tiny.hf_and_target(request.param, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.mark.parametrize("params", [{}, SMALL], ids=["default", "small"])

@@ -7,7 +7,6 @@ import torch
 
 from adaspec_worker.decode import verify
 from adaspec_worker.decode.build import build_engine
-from adaspec_worker.decode.model import load_target
 from adaspec_worker.decode.proposers.base import BatchInfo, RoundInput
 from adaspec_worker.decode.proposers.retrieval import Retrieval
 from adaspec_worker.decode.sampling import SamplingParams, target_probs
@@ -20,10 +19,7 @@ from tests.test_verify import BROKEN_MATCHES, SP, V, mc, tv  # noqa: F401  (mc: 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def setup(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp(request.param)
-    hf = tiny.hf_model(request.param, vocab=24)
-    tiny.save(hf, d / "target")
-    return hf, load_target(str(d / "target"), dtype="float64", device="cpu")
+    return tiny.hf_and_target(request.param, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.mark.parametrize("params", [{}, {"k": 3, "branches": 3, "max_ngram": 2}], ids=["pld", "branches"])

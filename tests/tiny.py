@@ -59,3 +59,12 @@ def random_eagle3_head(target_dir: Path, out: Path, draft_vocab: int, seed: int 
     (out / "config.json").write_text(json.dumps(cfg))
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / "model.safetensors"))
     return out
+
+
+def hf_and_target(kind: str, d: Path, vocab: int = 24):
+    """A tiny random HF model of `kind` saved under d/target, and the same weights loaded by our loader (float64)."""
+    from adaspec_worker.decode.model import load_target
+
+    hf = hf_model(kind, vocab=vocab)
+    save(hf, d / "target")
+    return hf, load_target(str(d / "target"), dtype="float64", device="cpu")
