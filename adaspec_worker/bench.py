@@ -6,7 +6,8 @@ adarun method given. Columns: batch sizes x temperatures. Per cell: output token
 token, speedup over adarun `none` and over transformers `generate`, tau, the time split
 (`draft_seconds`, `verify_seconds`, `other_seconds`, as `EngineStats` names them), peak GPU memory;
 one warm-up run excluded, then the median of `repeats` runs (`timing.measure`). Every row
-decodes exactly `new_tokens` tokens (EOS ignored) so cells compare equal work.
+decodes exactly `new_tokens` tokens (EOS ignored) so cells compare equal work; `--workload natural`
+(`bench_natural.py`) instead lets rows stop as a job's do and compares continuous batching on and off.
 
 Writes bench.json (cells + provenance: command line, git commit, device, driver, library versions),
 bench.md and PNG plots (speedup vs batch size per method; tau per method).
@@ -25,6 +26,7 @@ import torch
 
 from jobs.specs import parse_spec
 
+from .bench_natural import add_refill_ratios, natural_cells, natural_markdown
 from .decode.build import build_engine
 from .decode.engine import Engine
 from .decode.model import load_target
@@ -56,6 +58,7 @@ class BenchConfig:
     device: str = "auto"
     out: str = "bench/results/run"
     profile: bool = False  # count CUDA kernels per round per adarun cell (torch.profiler)
+    workload: str = "fixed"  # fixed: exactly new_tokens per row, EOS ignored; natural: see bench_natural.py
 
 
 def parse_method(text: str) -> tuple[str, dict, str]:
@@ -167,7 +170,9 @@ def run_bench(cfg: BenchConfig, argv: list[str], log=print) -> dict:
 
     dev = torch.device(resolve_device(cfg.device))
     torch.manual_seed(0)
-    prompts = load_prompts(cfg, AutoTokenizer.from_pretrained(cfg.target))
+    assert cfg.workload in ("fixed", "natural"), f"unknown workload {cfg.workload!r}"
+    tok = AutoTokenizer.from_pretrained(cfg.target)
+    prompts = load_prompts(cfg, tok)
     target = load_target(cfg.target, cfg.dtype, str(dev))
     cells: list[dict] = []
     meta = provenance(argv, dev)
@@ -181,17 +186,26 @@ def run_bench(cfg: BenchConfig, argv: list[str], log=print) -> dict:
         log(f"{label:32s} B={B:<3d} T={T:<4} {res['tokens_per_s']:10.1f} tok/s  {res['ms_per_token']:8.3f} ms/tok  "
             f"tau={tau}")
 
-    if cfg.baselines:
+    if cfg.baselines and cfg.workload == "fixed":
         bench_transformers(cfg, prompts, dev, record)
         if dev.type == "cuda":
             torch.cuda.empty_cache()  # the transformers models are gone with bench_transformers' frame
     for label in ["none"] + [m for m in cfg.methods if m != "none"]:
-        bench_method(cfg, target, label, prompts, dev, record)
+        if cfg.workload == "natural":
+            name, engine = method_engine(cfg, target, label)
+            natural_cells(cfg, engine, name, label, prompts, tok, eos_ids(target, tok), dev, record, timed, cells)
+        else:
+            bench_method(cfg, target, label, prompts, dev, record)
         write_outputs({"meta": meta, "config": {}, "cells": cells, "partial": True}, cfg.out)  # keep what is measured
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}
     result = {"meta": meta, "config": config, "cells": cells}
     write_outputs(result, cfg.out)
     return result
+
+
+def eos_ids(target, tok) -> tuple[int, ...]:
+    """The target's end-of-sequence tokens (its config's, else the tokenizer's)."""
+    return tuple(target.cfg.eos_token_ids or ((tok.eos_token_id,) if tok.eos_token_id is not None else ()))
 
 
 def bench_transformers(cfg: BenchConfig, prompts, dev, record) -> None:
@@ -220,12 +234,17 @@ def bench_transformers(cfg: BenchConfig, prompts, dev, record) -> None:
                 record(name, name, B, T, res, "transformers")
 
 
-def bench_method(cfg: BenchConfig, target, label: str, prompts, dev, record) -> None:
-    """One adarun method (a `parse_method` label) over every batch size and temperature."""
+def method_engine(cfg: BenchConfig, target, label: str) -> tuple[str, Engine]:
+    """The method name of a `parse_method` label, and its engine over `target`."""
     name, params, _ = parse_method(label)
     spec = parse_spec(name, params)
     draft = cfg.draft_model if spec.drafter_kind == "draft-model" else cfg.draft
-    engine = build_engine(target, spec, draft=draft, ldlp=cfg.ldlp)
+    return name, build_engine(target, spec, draft=draft, ldlp=cfg.ldlp)
+
+
+def bench_method(cfg: BenchConfig, target, label: str, prompts, dev, record) -> None:
+    """One adarun method (a `parse_method` label) over every batch size and temperature."""
+    name, engine = method_engine(cfg, target, label)
     for T in cfg.temperatures:
         if name == "oracle" and T > 0:
             continue
@@ -248,7 +267,7 @@ def add_ratios(cells: list[dict]) -> None:
     for c in cells:
         def same(label, c=c):
             return next((x for x in cells if x["label"] == label and x["batch"] == c["batch"]
-                         and x["temperature"] == c["temperature"]), None)
+                         and x["temperature"] == c["temperature"] and x.get("refill") == c.get("refill")), None)
         base, hfg = same("none"), same("hf-generate")
         c["speedup_vs_none"] = c["tokens_per_s"] / base["tokens_per_s"] if base else None
         c["speedup_vs_hf_generate"] = c["tokens_per_s"] / hfg["tokens_per_s"] if hfg else None
@@ -259,6 +278,7 @@ def add_ratios(cells: list[dict]) -> None:
 def write_outputs(result: dict, out: str) -> None:
     os.makedirs(out, exist_ok=True)
     add_ratios(result["cells"])
+    add_refill_ratios(result["cells"])
     with open(os.path.join(out, "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
     with open(os.path.join(out, "bench.md"), "w") as f:
@@ -281,14 +301,14 @@ def markdown(result: dict) -> str:
              "| prefill s | warm-up s | kernels/round | peak MiB | mem vs none |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = lambda c: (c["temperature"], c["batch"], c["kind"] != "transformers", c["label"])
-    for c in sorted(result["cells"], key=order):
+    for c in sorted((c for c in result["cells"] if c["kind"] != "natural"), key=order):
         split = "" if c.get("draft_seconds") is None else "/".join(f"{c[k]:.2f}" for k in SPLIT)
         lines.append(f"| {c['label']} | {c['batch']} | {c['temperature']} | {c['tokens_per_s']:.1f} | "
                      f"{c['ms_per_token']:.3f} | {_f(c['speedup_vs_none'])} | {_f(c['speedup_vs_hf_generate'])} | "
                      f"{_f(c['tau'])} | {split} | {_f(c.get('prefill_seconds'))} | {_f(c.get('warmup_run_seconds'))} | "
                      f"{_f(c.get('kernels_per_round'), '{:.0f}')} | {_f(c['peak_mem_mib'], '{:.0f}')} | "
                      f"{_f(c['mem_vs_none'])} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + natural_markdown(result["cells"])) + "\n"
 
 
 def plots(result: dict, out: str) -> None:
@@ -298,6 +318,8 @@ def plots(result: dict, out: str) -> None:
     import matplotlib.pyplot as plt
 
     cells = [c for c in result["cells"] if c["kind"] == "adarun"]
+    if not cells:  # a natural-workload run: its table says it all
+        return
     temps = sorted({c["temperature"] for c in cells})
     _speedup_plot(plt, cells, temps, os.path.join(out, "speedup.png"))
     _tau_plot(plt, cells, temps, os.path.join(out, "tau.png"))

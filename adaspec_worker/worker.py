@@ -2,7 +2,8 @@
 
 The controller wraps `ShardWorker` in a Ray actor (one per worker, `num_gpus=gpus_per_worker`) and
 hands it one shard at a time. For a shard the worker reads its row range (`jobs.plan.read_rows`),
-tokenizes and rejects bad rows (`rows.RowCodec`), decodes the rest in batches through the engine,
+tokenizes and rejects bad rows (`rows.RowCodec`), decodes the rest through the engine's batch slots
+(continuous batching: a finished row's slot takes the next row at once),
 (rendering chat rows with the target's chat template, n samples per row, per-row settings grouped into
 separate engine batches), times a sample of rows against plain decoding (`tuning.Baseline`), and commits through
 `jobs.layout.ShardFiles.commit`, which writes the files in their exactly-once order.
@@ -195,7 +196,8 @@ class ShardWorker:
         return good, errors
 
     def _decode(self, rows: list) -> tuple[list[OutputRow], ShardStats]:
-        """Decode samples in batches of equal settings and similar prompt length; outputs in input order
+        """Decode samples through `batch_size` slots, one engine call per group of equal settings (with
+        continuous batching a finished row's slot takes the group's next row at once); outputs in input order
         (samples of a row together), engine stats as ShardStats."""
         from .decode.stats import EngineStats
 
@@ -204,26 +206,30 @@ class ShardWorker:
         groups: dict[tuple, list[int]] = {}
         for j, r in enumerate(rows):
             groups.setdefault(r.settings.batch_key, []).append(j)
-        bs = self.m.resources.batch_size
+        res = self.m.resources
         for members in groups.values():
             order = sorted(members, key=lambda j: len(rows[j].tokens))  # similar lengths batch together
-            for i in range(0, len(order), bs):
-                batch = [rows[j] for j in order[i : i + bs]]
-                st = batch[0].settings
-                completions, es = self.engine.generate(
-                    [r.tokens for r in batch], batch[0].sp, [r.seed for r in batch], self.codec.stop_fn(st.stop)
+            group = [rows[j] for j in order]
+            st = group[0].settings
+            completions, es = self.engine.generate(
+                [r.tokens for r in group],
+                group[0].sp,
+                [r.seed for r in group],
+                self.codec.stop_fn(st.stop),
+                slots=res.batch_size,
+                refill=res.continuous_batching,
+            )
+            total = total + es
+            for j, r, c in zip(order, group, completions):
+                done[j] = OutputRow(
+                    r.id,
+                    r.prompt,
+                    self.codec.text(c.tokens, st.stop),
+                    len(r.tokens),
+                    len(c.tokens),
+                    c.finish_reason,
+                    r.sample_index,
                 )
-                total = total + es
-                for j, r, c in zip(order[i : i + bs], batch, completions):
-                    done[j] = OutputRow(
-                        r.id,
-                        r.prompt,
-                        self.codec.text(c.tokens, st.stop),
-                        len(r.tokens),
-                        len(c.tokens),
-                        c.finish_reason,
-                        r.sample_index,
-                    )
         seq = total.rows
         stats = ShardStats(
             rounds=seq.rounds,
@@ -234,6 +240,9 @@ class ShardWorker:
             draft_seconds=total.draft_seconds,
             verify_seconds=total.verify_seconds,
             other_seconds=total.other_seconds + total.prefill_seconds,
+            target_passes=total.target_passes,
+            slot_rounds=total.slot_rounds,
+            busy_slot_rounds=total.busy_slot_rounds,
         )
         return [done[j] for j in range(len(rows))], stats
 

@@ -153,6 +153,9 @@ class ShardStats:
     draft_seconds: float = 0.0  # the time split: proposing,
     verify_seconds: float = 0.0  # the target pass and verification,
     other_seconds: float = 0.0  # and everything else (prefill, host work)
+    target_passes: int = 0  # batch rounds (one target forward each)
+    slot_rounds: int = 0  # batch slots x rounds, idle slots included
+    busy_slot_rounds: int = 0  # of those, slots whose row was still decoding
     baseline: list = field(default_factory=list)  # rows decoded both ways: {id, spec_seconds, spec_tokens, plain_...}
     energy_kwh: float | None = None
     autotune: dict | None = None  # this actor's autotune measurement and choice, when enabled
@@ -168,9 +171,16 @@ class ShardStats:
         """Tokens emitted per target pass, bonus included (plain decoding = 1.0); 0 with no rounds."""
         return (self.accepted_tokens + self.rounds) / self.rounds if self.rounds else 0.0
 
+    @property
+    def occupancy(self) -> float | None:
+        """Share of batch slot-rounds that did useful work (continuous batching keeps it near 1); None when
+        not measured (stats written before it existed)."""
+        return self.busy_slot_rounds / self.slot_rounds if self.slot_rounds else None
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["tau"] = self.tau
+        d["occupancy"] = self.occupancy
         d["accepted_by_depth"] = dict(sorted(self.accepted_by_depth.items()))
         d["draft_lengths"] = dict(sorted(self.draft_lengths.items()))
         return d

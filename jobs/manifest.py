@@ -93,7 +93,8 @@ class ResourcesCfg:
     workers: int = 1
     gpus_per_worker: float = 0
     cpus_per_worker: float = 1
-    batch_size: int = 8
+    batch_size: int = 8  # rows decoded at once per worker (batch slots)
+    continuous_batching: bool = True  # a finished row's slot takes the shard's next row at once
 
 
 @dataclass

@@ -156,6 +156,14 @@ def _csv(kind):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", default="bench/results/run", show_default=True, type=click.Path(file_okay=False))
 @click.option("--profile", is_flag=True, help="Count CUDA kernels per round per adarun cell (torch.profiler).")
+@click.option(
+    "--workload",
+    type=click.Choice(["fixed", "natural"]),
+    default="fixed",
+    show_default=True,
+    help="fixed: exactly --new-tokens per row, EOS ignored; natural: EOS and stop strings on, all --n-prompts "
+    "through --batch-sizes slots with continuous batching on and off (occupancy, output lengths).",
+)
 def bench(**opts):
     """Benchmark methods side by side: JSON, Markdown table and PNG plots in --out.
 

@@ -34,3 +34,26 @@ def test_bench_writes_json_markdown_and_plots(tmp_path):
     for png in ("speedup.png", "tau.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and mpimg.imread(out / png).std() > 0.01
+
+
+def test_bench_natural_workload_compares_refill_on_and_off(tmp_path):
+    out = tmp_path / "natural"
+    r = CliRunner().invoke(cli, ["bench", "--target", str(TINY), "--draft", str(TINY_HEAD),
+                                 "--prompts", str(REPO / "manifests" / "prompts.parquet"), "--workload", "natural",
+                                 "--methods", "eagle:k=3", "--batch-sizes", "4", "--temperatures", "0",
+                                 "--new-tokens", "24", "--n-prompts", "12", "--repeats", "1",
+                                 "--dtype", "float32", "--device", "cpu", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    cells = json.loads((out / "bench.json").read_text())["cells"]
+    assert {c["kind"] for c in cells} == {"natural"}  # no transformers rows: they cannot stop like a job
+    assert {(c["label"], c["refill"]) for c in cells} == {(m, f) for m in ("none", "eagle:k=3") for f in (True, False)}
+    for c in cells:
+        assert c["outputs_equal_on_off"] and 0 < c["occupancy"] <= 1
+        assert c["len_max"] <= 24 and c["len_p10"] <= c["len_p50"] <= c["len_p90"]
+        assert (c["refill_speedup"] is not None) == c["refill"]
+        assert c["speedup_vs_none"] > 0
+    on = next(c for c in cells if c["label"] == "none" and c["refill"])
+    off = next(c for c in cells if c["label"] == "none" and not c["refill"])
+    assert on["tokens"] == off["tokens"] and on["stopped_early"] > 0  # the same rows, some stopping early
+    assert on["occupancy"] >= off["occupancy"] and on["rounds"] <= off["rounds"]
+    assert "Natural workload" in (out / "bench.md").read_text()

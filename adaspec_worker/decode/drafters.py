@@ -80,6 +80,18 @@ class Drafter:
     def select(self, rows: torch.Tensor) -> None:
         self.cache.select(rows)
 
+    def admit(self, rows: torch.Tensor, ids: torch.Tensor, lens: torch.Tensor, feats: torch.Tensor | None):
+        """Continuous batching: prefill new prompts into cache rows `rows` [k] through a scratch cache of the
+        same capacity (so each row's numbers are those of a fresh batch); returns prefill()'s (logits, hidden)."""
+        main = self.cache
+        self.cache = self.new_cache(ids.shape[0], main.capacity)
+        try:
+            out = self.prefill(ids, lens, feats)
+            main.load_rows(rows, self.cache)
+        finally:
+            self.cache = main
+        return out
+
     def prefill(self, ids: torch.Tensor, lens: torch.Tensor, feats: torch.Tensor | None):
         """ids [B, T] right-padded prompts, lens [B]; feats [B, T, F] at every prompt position but the last."""
         s = self.entry_shift

@@ -247,6 +247,11 @@ class KVCache:
         self.full_lens[:n] = self.full_lens[rows]
         self.view(n)
 
+    def load_rows(self, rows: torch.Tensor, src: KVCache) -> None:
+        """Rows `rows` [k] of this cache become a copy of `src` (k rows, capacity at most this one's)."""
+        self.kv[rows, : src.capacity] = src.kv
+        self.lens[rows] = src.lens
+
 
 class CausalLM(nn.Module):
     """Llama-family causal LM. `forward` returns (logits [B,T,V], final-norm hidden [B,T,H], aux features)."""

@@ -6,7 +6,8 @@
     RoundOutcome is laid out in the preallocated int64 buffer that copy reads (a fixed buffer keeps
     CUDA-graph replays valid);
   - `SeqStats`      one row's counters (or their sum over rows), fed by `SeqStats.observe(row)`;
-  - `EngineStats`   one generate() call: target passes, the rows' summed `SeqStats`, the time split;
+  - `EngineStats`   one generate() call: target passes, the rows' summed `SeqStats`, the time split,
+    slot occupancy;
     `a + b` is the one way stats add up;
   - `PhaseClock`    splits wall time into prefill / draft / verify / other.
 
@@ -116,6 +117,13 @@ class EngineStats:
     other_seconds: float = 0.0  # host-side accounting, stop rules, shrinking the batch
     prefill_seconds: float = 0.0
     warmup_seconds: float = 0.0  # first-use (compiling) rounds and CUDA graph captures, inside the phases above
+    slot_rounds: int = 0  # batch slots x rounds (padding and finished-but-frozen slots included)
+    busy_slot_rounds: int = 0  # of those, slots whose row was still decoding
+
+    @property
+    def occupancy(self) -> float:
+        """Share of slot-rounds that did useful work (1.0 = no slot ever idled); 0 with no rounds."""
+        return self.busy_slot_rounds / self.slot_rounds if self.slot_rounds else 0.0
 
     def __add__(self, other: EngineStats) -> EngineStats:
         return EngineStats(target_passes=self.target_passes + other.target_passes, rows=self.rows + other.rows,
@@ -123,7 +131,9 @@ class EngineStats:
                            verify_seconds=self.verify_seconds + other.verify_seconds,
                            other_seconds=self.other_seconds + other.other_seconds,
                            prefill_seconds=self.prefill_seconds + other.prefill_seconds,
-                           warmup_seconds=self.warmup_seconds + other.warmup_seconds)
+                           warmup_seconds=self.warmup_seconds + other.warmup_seconds,
+                           slot_rounds=self.slot_rounds + other.slot_rounds,
+                           busy_slot_rounds=self.busy_slot_rounds + other.busy_slot_rounds)
 
 
 class PhaseClock:

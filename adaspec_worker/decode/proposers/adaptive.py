@@ -206,9 +206,15 @@ class Oracle(Proposer):
         width = batch.sampling.max_new_tokens + self.spec.k_max + 1
         # [B, width] the reference tokens, -1 past the end
         self.ref = torch.full((batch.B, width), -1, dtype=torch.long, device=batch.device)
-        for i, tokens in enumerate(self.reference(batch.prompts, batch.sampling)):
-            self.ref[i, : len(tokens)] = torch.tensor(tokens, device=batch.device)
+        self.sampling = batch.sampling
         self._full = {"ref": self.ref}
+        self.admit(torch.arange(batch.B, device=batch.device), batch.prompts)
+
+    def admit(self, rows, prompts):
+        """New rows' reference continuations."""
+        self.ref[rows] = -1
+        for row, tokens in zip(rows.tolist(), self.reference(prompts, self.sampling)):
+            self.ref[row, : len(tokens)] = torch.tensor(tokens, device=self.ref.device)
 
     def propose(self, r, plan):
         k = self.spec.k_max

@@ -8,7 +8,9 @@ module, so registration happens there, explicitly.
 
 A round, as the engine drives it:
 
-    proposer.begin(BatchInfo(...))              once per generate()
+    proposer.begin(BatchInfo(...))              once per batch (the start of generate(), or of each batch
+                                                when continuous batching is off)
+    proposer.admit(rows, prompts)               continuous batching: new rows took these slots
     plan = proposer.first_plan(round_input)     planning proposers only: [B] device plan, or None
     tree = proposer.propose(round_input, plan)  plan: the host list the engine keeps, or None
     ... one target pass and verification ...
@@ -108,10 +110,17 @@ class Proposer:
         full = self.__dict__.setdefault("_full", {}).get(name)
         if full is None or full.shape[0] < B or full.device != torch.device(device):
             full = self._full[name] = torch.empty(B, dtype=dtype, device=device)
+        self.__dict__.setdefault("_fill", {})[name] = fill  # what admit() resets a row to
         view = full[:B]
         view.fill_(fill)
         setattr(self, name, view)
         return view
+
+    def admit(self, rows: torch.Tensor, prompts: list[list[int]]) -> None:
+        """Continuous batching: new rows (prompts, token ids) took batch slots `rows` [k]. Every `row_state`
+        goes back to its start value there; proposers with prompt-dependent state extend this."""
+        for name, fill in self.__dict__.get("_fill", {}).items():
+            getattr(self, name)[rows] = fill
 
     def select(self, rows: torch.Tensor) -> None:
         """Rows left the batch: keep per-row state aligned, in place."""

@@ -37,14 +37,20 @@ class Retrieval(Proposer):
         full = self.__dict__.setdefault("_full", {}).get("hist")
         if full is None or full.shape[0] < B or full.device != torch.device(batch.device):
             full = self._full["hist"] = torch.empty(B, L + 1, dtype=torch.long, device=batch.device)
-        host = torch.full((B, L + 1), -1, dtype=torch.long)
-        for i, p in enumerate(batch.prompts):
-            host[i, : len(p)] = torch.tensor(p[-L:])
-        full[:B].copy_(host.to(batch.device))
         self.hist = full[:B]
         self.row_state("hist_len", B, 0, torch.long, batch.device)
-        self.hist_len.copy_(torch.tensor([min(len(p), L) for p in batch.prompts], device=batch.device))
         self.row_state("seen_counter", B, 0, torch.long, batch.device)  # the engine's counter at the last observe
+        self.admit(torch.arange(B, device=batch.device), batch.prompts)
+
+    def admit(self, rows: torch.Tensor, prompts: list[list[int]]) -> None:
+        """Rows `rows` [k] start from their prompts' last L tokens."""
+        super().admit(rows, prompts)
+        L = self.L
+        host = torch.full((len(prompts), L + 1), -1, dtype=torch.long)  # [k, L + 1]
+        for i, p in enumerate(prompts):
+            host[i, : min(len(p), L)] = torch.tensor(p[-L:])
+        self.hist[rows] = host.to(rows.device)
+        self.hist_len[rows] = torch.tensor([min(len(p), L) for p in prompts], device=rows.device)
 
     def propose(self, r, plan):
         s = self.spec

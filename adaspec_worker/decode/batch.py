@@ -1,0 +1,159 @@
+"""The engine's per-call state: slot buffers (`Workspace`), what sits in each slot (`Batch`), and the
+per-prompt results with their stop rules (`Outputs`).
+
+A generate() call decodes its prompts through B batch *slots*. The workspace holds every per-slot
+buffer at capacity (rows and cache slots), so shapes and addresses repeat across rounds and calls,
+which is what captured CUDA graphs need. `Batch.origin[i]` says which prompt slot i decodes (a value
+>= the number of prompts marks a padding slot); with continuous batching the engine re-points a slot
+at the next prompt when its row finishes (`Batch.refill`), and without it shrinks the batch to a
+smaller bucket (`Batch.select`).
+
+Knows nothing of models, drafting or verification: the engine fills the buffers.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .drafters import Drafter
+from .model import CausalLM
+from .proposers.base import Proposer
+from .sampling import SamplingParams
+from .stats import OUTCOME_COLUMNS, RowOutcome, SeqStats
+
+StopFn = Callable[[int, list[int]], "int | None"]  # (prompt, tokens so far) -> keep this many tokens, or None
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    finish_reason: str  # "stop" (EOS or stop string) | "length"
+    stats: SeqStats
+
+
+def bucket(n: int) -> int:
+    """Static batch sizes: the next power of two."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class Workspace:
+    """Per-engine buffers every round reads and writes in place, sized (B slots, S cache positions).
+
+    Slot state lives in views of capacity-sized buffers, so shapes and addresses repeat from round to
+    round and from call to call: the condition for replaying captured CUDA graphs."""
+
+    def __init__(self, target: CausalLM, B: int, S: int, max_nodes: int):
+        device, dtype = target.device, target.dtype
+        H, V = target.cfg.hidden_size, target.cfg.vocab_size
+        self.B_cap, self.S = B, S
+        self.cache = target.new_cache(B, S)
+        self.full = {
+            "root": torch.zeros(B, dtype=torch.long, device=device),  # pending token
+            "seed": torch.zeros(B, dtype=torch.long, device=device),
+            "counter": torch.zeros(B, dtype=torch.long, device=device),  # tokens emitted so far
+            "alive": torch.zeros(B, dtype=torch.bool, device=device),
+            "draft_logits": torch.zeros(B, V, dtype=dtype, device=device),  # drafter output at the last entry
+            "draft_hidden": torch.zeros(B, H, dtype=dtype, device=device),
+            "ldlp_feat": torch.zeros(B, 2 * H, dtype=dtype, device=device),  # emb(root) ++ hidden that produced it
+            "outcome": torch.zeros(B, OUTCOME_COLUMNS + max_nodes, dtype=torch.long, device=device),  # see stats.py
+        }
+        self.graphs: dict = {}
+        self.seen: set = set()
+        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        self.view(B)
+
+    def view(self, B: int) -> None:
+        self.B = B
+        for name, buffer in self.full.items():
+            setattr(self, name, buffer[:B])
+        self.cache.view(B)
+
+    def select(self, rows: torch.Tensor) -> None:
+        n = rows.shape[0]
+        for buffer in self.full.values():
+            buffer[:n] = buffer[rows]
+        self.cache.select(rows)
+        self.view(n)
+
+
+class Batch:
+    """Everything aligned by slot during one generate(): `select` re-orders all of it together, `refill`
+    re-points slots at new prompts."""
+
+    def __init__(self, workspace: Workspace, proposer: Proposer, drafter: Drafter | None, origin: list[int]):
+        self.workspace, self.proposer, self.drafter = workspace, proposer, drafter
+        self.origin = origin  # [B] prompt index of each slot (>= the number of prompts: padding)
+        self.plan: list[int] | None = None  # [B] the proposer's plan for the next round, on the host
+
+    def select(self, order: list[int]) -> None:
+        """Keep slots `order`, in that order: workspace, proposer and drafter state, origin and plan."""
+        index = torch.tensor(order, device=self.workspace.root.device)
+        self.workspace.select(index)
+        self.proposer.select(index)
+        if self.drafter is not None:
+            self.drafter.select(index)
+        self.origin = [self.origin[i] for i in order]
+        if self.plan is not None:
+            self.plan = [self.plan[i] for i in order]
+
+    def refill(self, slots: list[int], prompts: list[int], plan: list[int] | None) -> None:
+        """Slots `slots` now decode `prompts` (the buffers were filled by the engine); plan [B]: the proposer's
+        plan for every slot, of which the refilled slots' entries are taken."""
+        for slot, prompt in zip(slots, prompts):
+            self.origin[slot] = prompt
+            if self.plan is not None and plan is not None:
+                self.plan[slot] = plan[slot]
+
+    def live(self, outputs: Outputs) -> list[int]:
+        """Slots whose prompt is still decoding."""
+        return [i for i, prompt in enumerate(self.origin) if outputs.running(prompt)]
+
+
+class Outputs:
+    """Per-prompt tokens, counters and completions of one generate(); applies the stop rules."""
+
+    def __init__(self, n_prompts: int, sampling: SamplingParams, stop_fn: StopFn | None):
+        self.sampling, self.stop_fn = sampling, stop_fn
+        self.eos = set(sampling.eos_token_ids)
+        self.tokens: list[list[int]] = [[] for _ in range(n_prompts)]
+        self.stats = [SeqStats() for _ in range(n_prompts)]
+        self.done: list[Completion | None] = [None] * n_prompts
+        self.live = n_prompts  # prompts not finished (queued ones included)
+
+    def running(self, prompt: int) -> bool:
+        return prompt < len(self.done) and self.done[prompt] is None
+
+    def record(self, origin: list[int], outcomes: list[RowOutcome]) -> list[int]:
+        """Account a round; return the slots whose row finished in it."""
+        finished = []
+        for i, (prompt, row) in enumerate(zip(origin, outcomes)):
+            if not self.running(prompt):
+                continue
+            self.stats[prompt].observe(row)
+            reason = self._append(prompt, row.tokens)
+            if reason:
+                self.done[prompt] = Completion(self.tokens[prompt], reason, self.stats[prompt])
+                finished.append(i)
+        self.live -= len(finished)
+        return finished
+
+    def _append(self, prompt: int, tokens: list[int]) -> str | None:
+        """Add a round's tokens to a row; return a finish reason when the row is done."""
+        out = self.tokens[prompt]
+        for t in tokens:
+            out.append(t)
+            if t in self.eos:
+                return "stop"
+            if len(out) >= self.sampling.max_new_tokens:
+                return "stop" if self._stop_string(prompt, out) else "length"
+        return "stop" if self._stop_string(prompt, out) else None
+
+    def _stop_string(self, prompt: int, out: list[int]) -> bool:
+        """Ask the stop callback; cut the row where it says."""
+        cut = self.stop_fn(prompt, out) if self.stop_fn else None
+        if cut is None:
+            return False
+        del out[cut:]
+        return True
