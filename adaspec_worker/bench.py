@@ -87,7 +87,7 @@ def provenance(argv: list[str], dev) -> dict:
         driver = cmd("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader").splitlines()[:1]
         driver = driver[0] if driver else None
     return {"command": " ".join(["adarun", "bench", *argv]),
-            "git_commit": cmd("git", "rev-parse", "HEAD") or os.environ.get("ADARUN_GIT_COMMIT", "unknown"),
+            "git_commit": os.environ.get("ADARUN_GIT_COMMIT") or cmd("git", "rev-parse", "HEAD") or "unknown",
             "device": str(dev), "gpu": gpu, "driver": driver, "cpu": platform.processor() or platform.machine(),
             "python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -80,3 +80,16 @@ def test_refill_with_one_token_prompts_and_a_single_slot(tgt):
     ref = [eng.generate([p], sp)[0][0].tokens for p in prompts]
     outs, _ = eng.generate(prompts, sp, slots=1)
     assert [c.tokens for c in outs] == ref
+
+
+def test_refill_in_groups_waits_for_free_slots_and_changes_no_tokens(tgt):
+    """refill_every=2 with 4 slots: a refill waits for 2 free slots (one prefill for both), except at the end."""
+    prompts, seeds = prompts_for(len(LENGTHS)), list(range(len(LENGTHS)))
+    eng = engine(tgt, "eagle2")
+    sp = SamplingParams(max_new_tokens=24, temperature=0.8)
+    ref = [c.tokens for c in eng.generate(prompts, sp, seeds, stop_at)[0]]
+    _, each = eng.generate(prompts, sp, seeds, stop_at, slots=4)
+    eng.refill_every = 2
+    outs, grouped = eng.generate(prompts, sp, seeds, stop_at, slots=4)
+    assert [c.tokens for c in outs] == ref
+    assert grouped.busy_slot_rounds == each.busy_slot_rounds and grouped.occupancy <= each.occupancy

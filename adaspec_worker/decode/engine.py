@@ -69,6 +69,9 @@ class Engine:
         self.fast = fast  # static batch buckets, plus CUDA graphs on CUDA
         self.workspace: Workspace | None = None
         self.warmup_seconds = 0.0  # compile + capture, accumulated since the last generate() reported it
+        # continuous batching refills once 1/refill_every of the slots are free: one prefill call serves several
+        # rows (a prefill costs about a round), and occupancy stays above ~1 - 1/(2 * refill_every)
+        self.refill_every = 16
 
     @property
     def spec(self):
@@ -138,13 +141,14 @@ class Engine:
             if not finished:
                 continue
             batch.workspace.alive[torch.tensor(finished, device=self.target.device)] = False  # frozen from now on
-            if refill and queue:
+            room = min(len(queue), width - len(live) + len(finished))  # rows that may start now
+            if refill and queue and room >= min(len(queue), max(1, width // self.refill_every)):  # several per prefill
                 clock.mark("prefill")
                 free = [i for i, prompt in enumerate(batch.origin) if not outputs.running(prompt)]
-                take = [queue.popleft() for _ in range(min(len(queue), len(free), width - len(live) + len(finished)))]
-                self._refill(batch, free[: len(take)], take, prompts, seeds, sampling)
+                take = [queue.popleft() for _ in range(room)]
+                self._refill(batch, free[:room], take, prompts, seeds, sampling)
                 clock.mark("other")
-            else:
+            elif not refill or not queue:
                 self._shrink(batch, outputs)
         clock.mark("other")
         clock.flush(stats)
