@@ -14,7 +14,6 @@ Knows nothing of the engine, Ray or storage.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -94,9 +93,6 @@ class Row:
     sp: object = None  # the engine's sampling parameters for these settings (set by the worker)
 
 
-StopFn = Callable[[int, list[int]], "int | None"]  # (row, tokens so far) -> keep this many tokens, or None
-
-
 class RowCodec:
     def __init__(self, tokenizer, stop: list[str], max_new_tokens: int, context: int, system_prompt: str | None = None):
         self.tok, self.stop = tokenizer, list(stop)
@@ -141,21 +137,43 @@ class RowCodec:
                 text = text[:i]
         return text
 
-    def stop_fn(self, stop: tuple[str, ...] | None = None) -> StopFn | None:
+    def stop_fn(self, stop: tuple[str, ...] | None = None) -> StopStrings | None:
         """The engine's stop rule for stop strings: where to cut a row's tokens once one appears."""
         stops = self.stop if stop is None else list(stop)
-        if not stops:
-            return None
-        tail = max(len(s) for s in stops) + 16  # tokens: each is at least one character
-        decode = lambda toks: self.tok.decode(toks, skip_special_tokens=True)
+        return StopStrings(self.tok, stops) if stops else None
 
-        def fn(_row: int, toks: list[int]) -> int | None:
-            # called every round, so a stop string not in the tail was already caught in an earlier round
-            if not any(s in decode(toks[-tail:]) for s in stops):
-                return None
-            for k in range(1, len(toks) + 1):  # the shortest prefix that already holds a stop string
-                if any(s in decode(toks[:k]) for s in stops):
-                    return k
-            return len(toks)
 
-        return fn
+class StopStrings:
+    """Where to cut a row's tokens once a stop string appears in their text. Called every round, so a stop
+    string not in a row's tail was already caught in an earlier round: only the tail is decoded, and
+    `batch` decodes every row's tail in one tokenizer call (the Rust tokenizer's `decode_batch` where the
+    tokenizer has one)."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tok, self.stops = tokenizer, list(stops)
+        self.tail = max(len(s) for s in stops) + 16  # tokens: each is at least one character
+        rust = getattr(tokenizer, "_tokenizer", None)  # the same text as decode() unless it cleans up spaces
+        same = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._decode_batch = getattr(rust, "decode_batch", None) if same else None
+
+    def _decode(self, toks: list[int]) -> str:
+        return self.tok.decode(toks, skip_special_tokens=True)
+
+    def __call__(self, _row: int, toks: list[int]) -> int | None:
+        return self.batch([_row], [toks])[0]
+
+    def batch(self, _rows: list[int], seqs: list[list[int]]) -> list[int | None]:
+        """For each row's tokens so far: keep this many tokens, or None (no stop string yet)."""
+        tails = [toks[-self.tail :] for toks in seqs]
+        if self._decode_batch is not None:
+            texts = self._decode_batch(tails, skip_special_tokens=True)
+        else:
+            texts = [self._decode(t) for t in tails]
+        return [self._cut(toks) if any(s in text for s in self.stops) else None for toks, text in zip(seqs, texts)]
+
+    def _cut(self, toks: list[int]) -> int | None:
+        """The shortest prefix that already holds a stop string (rare: once per stopped row)."""
+        for k in range(1, len(toks) + 1):
+            if any(s in self._decode(toks[:k]) for s in self.stops):
+                return k
+        return None

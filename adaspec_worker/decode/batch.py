@@ -23,7 +23,8 @@ from .proposers.base import Proposer
 from .sampling import SamplingParams
 from .stats import OUTCOME_COLUMNS, RowOutcome, SeqStats
 
-StopFn = Callable[[int, list[int]], "int | None"]  # (prompt, tokens so far) -> keep this many tokens, or None
+# (prompt, tokens so far) -> keep this many tokens, or None; may also have `.batch(prompts, token lists)` -> [cut]
+StopFn = Callable[[int, list[int]], "int | None"]
 
 
 @dataclass
@@ -126,34 +127,44 @@ class Outputs:
         return prompt < len(self.done) and self.done[prompt] is None
 
     def record(self, origin: list[int], outcomes: list[RowOutcome]) -> list[int]:
-        """Account a round; return the slots whose row finished in it."""
-        finished = []
+        """Account a round; return the slots whose row finished in it. Stop strings are checked for all rows
+        at once (`stop_fn.batch`, when the callback has it: one tokenizer call per round)."""
+        finished, checks = [], []  # checks: (slot, prompt, reason so far) of rows the stop callback must see
         for i, (prompt, row) in enumerate(zip(origin, outcomes)):
             if not self.running(prompt):
                 continue
             self.stats[prompt].observe(row)
             reason = self._append(prompt, row.tokens)
-            if reason:
-                self.done[prompt] = Completion(self.tokens[prompt], reason, self.stats[prompt])
-                finished.append(i)
+            if reason == "stop":
+                finished.append((i, prompt, reason))
+            elif self.stop_fn is not None:
+                checks.append((i, prompt, reason))
+            elif reason:
+                finished.append((i, prompt, reason))
+        if checks:
+            batch = getattr(self.stop_fn, "batch", None)
+            prompts = [prompt for _, prompt, _ in checks]
+            seqs = [self.tokens[prompt] for prompt in prompts]
+            cuts = batch(prompts, seqs) if batch else [self.stop_fn(p, out) for p, out in zip(prompts, seqs)]
+            for (i, prompt, reason), cut in zip(checks, cuts):
+                if cut is not None:
+                    del self.tokens[prompt][cut:]
+                    reason = "stop"
+                if reason:
+                    finished.append((i, prompt, reason))
+        for _, prompt, reason in finished:
+            self.done[prompt] = Completion(self.tokens[prompt], reason, self.stats[prompt])
         self.live -= len(finished)
-        return finished
+        return sorted(i for i, _, _ in finished)
 
     def _append(self, prompt: int, tokens: list[int]) -> str | None:
-        """Add a round's tokens to a row; return a finish reason when the row is done."""
+        """Add a round's tokens to a row: "stop" at EOS, "length" at max_new_tokens (a stop string may still
+        turn it into "stop"), else None."""
         out = self.tokens[prompt]
         for t in tokens:
             out.append(t)
             if t in self.eos:
                 return "stop"
             if len(out) >= self.sampling.max_new_tokens:
-                return "stop" if self._stop_string(prompt, out) else "length"
-        return "stop" if self._stop_string(prompt, out) else None
-
-    def _stop_string(self, prompt: int, out: list[int]) -> bool:
-        """Ask the stop callback; cut the row where it says."""
-        cut = self.stop_fn(prompt, out) if self.stop_fn else None
-        if cut is None:
-            return False
-        del out[cut:]
-        return True
+                return "length"
+        return None

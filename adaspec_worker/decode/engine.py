@@ -71,7 +71,7 @@ class Engine:
         self.warmup_seconds = 0.0  # compile + capture, accumulated since the last generate() reported it
         # continuous batching refills once 1/refill_every of the slots are free: one prefill call serves several
         # rows (a prefill costs about a round), and occupancy stays above ~1 - 1/(2 * refill_every)
-        self.refill_every = 16
+        self.refill_every = 8
 
     @property
     def spec(self):

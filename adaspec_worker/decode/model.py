@@ -256,7 +256,8 @@ class KVCache:
 class CausalLM(nn.Module):
     """Llama-family causal LM. `forward` returns (logits [B,T,V], final-norm hidden [B,T,H], aux features)."""
 
-    compile_max_tokens = 128  # longer passes (prefill) run the plain ops: no compile per prompt length
+    # passes of more tokens per row (long prefills) run the plain ops; ADARUN_COMPILE_MAX_TOKENS overrides
+    compile_max_tokens = int(os.environ.get("ADARUN_COMPILE_MAX_TOKENS", "128"))
 
     def __init__(self, cfg: ModelConfig, aux_layers: tuple[int, ...] = ()):
         super().__init__()
