@@ -151,7 +151,7 @@ class StopStrings:
 
     def __init__(self, tokenizer, stops: list[str]):
         self.tok, self.stops = tokenizer, list(stops)
-        self.tail = max(len(s) for s in stops) + 16  # tokens: each is at least one character
+        self.reach = max(len(s.encode()) for s in stops) + 2  # tokens: each decodes to at least one byte
         rust = getattr(tokenizer, "_tokenizer", None)  # the same text as decode() unless it cleans up spaces
         same = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
         self._decode_batch = getattr(rust, "decode_batch", None) if same else None
@@ -162,9 +162,11 @@ class StopStrings:
     def __call__(self, _row: int, toks: list[int]) -> int | None:
         return self.batch([_row], [toks])[0]
 
-    def batch(self, _rows: list[int], seqs: list[list[int]]) -> list[int | None]:
-        """For each row's tokens so far: keep this many tokens, or None (no stop string yet)."""
-        tails = [toks[-self.tail :] for toks in seqs]
+    def batch(self, _rows: list[int], seqs: list[list[int]], new: list[int] | None = None) -> list[int | None]:
+        """For each row's tokens so far (of which the last new[i] arrived since the last call; default: up to
+        16): keep this many tokens, or None (no stop string yet)."""
+        new = new or [16] * len(seqs)
+        tails = [toks[-(n + self.reach) :] for toks, n in zip(seqs, new)]
         if self._decode_batch is not None:
             texts = self._decode_batch(tails, skip_special_tokens=True)
         else:

@@ -23,7 +23,8 @@ from .proposers.base import Proposer
 from .sampling import SamplingParams
 from .stats import OUTCOME_COLUMNS, RowOutcome, SeqStats
 
-# (prompt, tokens so far) -> keep this many tokens, or None; may also have `.batch(prompts, token lists)` -> [cut]
+# (prompt, tokens so far) -> keep this many tokens, or None; may also have `.batch(prompts, token lists, new
+# tokens per row)` -> [cut]
 StopFn = Callable[[int, list[int]], "int | None"]
 
 
@@ -145,7 +146,10 @@ class Outputs:
             batch = getattr(self.stop_fn, "batch", None)
             prompts = [prompt for _, prompt, _ in checks]
             seqs = [self.tokens[prompt] for prompt in prompts]
-            cuts = batch(prompts, seqs) if batch else [self.stop_fn(p, out) for p, out in zip(prompts, seqs)]
+            if batch:
+                cuts = batch(prompts, seqs, [len(outcomes[i].tokens) for i, _, _ in checks])
+            else:
+                cuts = [self.stop_fn(p, out) for p, out in zip(prompts, seqs)]
             for (i, prompt, reason), cut in zip(checks, cuts):
                 if cut is not None:
                     del self.tokens[prompt][cut:]
