@@ -61,6 +61,11 @@ class Workspace:
             "ldlp_feat": torch.zeros(B, 2 * H, dtype=dtype, device=device),  # emb(root) ++ hidden that produced it
             "outcome": torch.zeros(B, OUTCOME_COLUMNS + max_nodes, dtype=torch.long, device=device),  # see stats.py
         }
+        cuda = device.type == "cuda"
+        # the outcome's host copies: a round lands in one while the next one's copy may be in flight to the other
+        self.landing = [torch.zeros(B, self.full["outcome"].shape[1], dtype=torch.long, pin_memory=cuda)
+                        for _ in range(2)]
+        self.flip = 0
         self.graphs: dict = {}
         self.seen: set = set()
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None

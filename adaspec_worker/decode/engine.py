@@ -36,6 +36,15 @@ RoundHook = Callable[[torch.Tensor, torch.Tensor, DraftTree], None]  # (ldlp_fea
 
 
 @dataclass
+class Flight:
+    """A launched round: its outcome on its way to the host."""
+
+    origin: list[int]  # [B] each slot's prompt when the round was launched (slots may be re-pointed before it lands)
+    host: torch.Tensor  # [B, columns] the outcome's host copy (pinned on CUDA), laid out by stats.py
+    done: torch.cuda.Event | None  # recorded after the copy (CUDA)
+
+
+@dataclass
 class Prefilled:
     """What a prompt prefill hands the slots it fills (all indexed by the prefilled rows)."""
 
@@ -119,29 +128,36 @@ class Engine:
         longest, limit = max(len(p) for p in prompts), self.target.cfg.max_position_embeddings
         assert longest + sampling.max_new_tokens <= limit, (
             f"prompt ({longest}) + max_new_tokens ({sampling.max_new_tokens}) exceeds the model's context {limit}")
-        # a row may commit up to a whole tree past max_new_tokens in its last round, and a finished row
-        # (frozen in its slot) still has the next tree written after it
-        S = longest + sampling.max_new_tokens + 2 * self.proposer.max_nodes + 1
+        # a row may commit up to a whole tree past max_new_tokens in its last round, one more round launched before
+        # its end was seen, and once frozen in its slot still has the next tree written after it
+        S = longest + sampling.max_new_tokens + 3 * self.proposer.max_nodes + 1
         stats, clock = EngineStats(), PhaseClock(self.target.device)
         outputs, queue = Outputs(n_prompts, sampling, stop_fn), deque(range(n_prompts))
+        # the next round is launched before this one's host work when its shapes do not wait on this one's plan
+        overlap = not self.proposer.returns_plan and self.on_round is None
         batch: Batch | None = None
+        flight: Flight | None = None
         while outputs.live:
-            live = batch.live(outputs) if batch is not None else []
-            if not live:  # the first batch, or (refill off) the previous one is done
-                clock.mark("prefill")
-                take = [queue.popleft() for _ in range(min(width, len(queue)))]
-                batch = self._start(prompts, take, seeds, sampling, S)
-                live = take
-            outcomes = self._round(batch, sampling, clock)
+            if flight is None:
+                if batch is None or not batch.live(outputs):  # the first batch, or (refill off) the last one is done
+                    clock.mark("prefill")
+                    take = [queue.popleft() for _ in range(min(width, len(queue)))]
+                    batch = self._start(prompts, take, seeds, sampling, S)
+                flight = self._launch(batch, sampling, clock)
+            outcomes = self._land(flight, batch)
             clock.flush(stats)
+            ahead = self._launch(batch, sampling, clock) if overlap else None  # the GPU works while the host records
             stats.target_passes += 1
-            stats.slot_rounds += batch.workspace.B
-            stats.busy_slot_rounds += len(live)
-            finished = outputs.record(batch.origin, outcomes)
-            if not finished:
+            stats.slot_rounds += len(flight.origin)
+            stats.busy_slot_rounds += sum(outputs.running(prompt) for prompt in flight.origin)
+            ended = {flight.origin[i] for i in outputs.record(flight.origin, outcomes)}
+            flight = ahead
+            if not ended:
                 continue
-            batch.workspace.alive[torch.tensor(finished, device=self.target.device)] = False  # frozen from now on
-            room = min(len(queue), width - len(live) + len(finished))  # rows that may start now
+            slots = [i for i, prompt in enumerate(batch.origin) if prompt in ended]  # where they sit now
+            batch.workspace.alive[torch.tensor(slots, device=self.target.device)] = False  # frozen from now on
+            live = len(batch.live(outputs))
+            room = min(len(queue), width - live)  # rows that may start now
             if refill and queue and room >= min(len(queue), max(1, width // self.refill_every)):  # several per prefill
                 clock.mark("prefill")
                 free = [i for i, prompt in enumerate(batch.origin) if not outputs.running(prompt)]
@@ -150,6 +166,8 @@ class Engine:
                 clock.mark("other")
             elif not refill or not queue:
                 self._shrink(batch, outputs)
+            if not live and not (refill and queue):
+                flight = None  # the round launched ahead has no row left to serve
         clock.mark("other")
         clock.flush(stats)
         stats.rows = sum(outputs.stats, SeqStats())
@@ -245,8 +263,9 @@ class Engine:
         if hidden is not None:
             work.draft_hidden.copy_(hidden)
 
-    def _round(self, batch: Batch, sampling: SamplingParams, clock: PhaseClock) -> list[RowOutcome]:
-        """Draft, one target pass with verification and commit, then the round's one device-to-host copy."""
+    def _launch(self, batch: Batch, sampling: SamplingParams, clock: PhaseClock) -> Flight:
+        """Draft, one target pass with verification and commit, and the outcome's copy to the host, all queued on
+        the device; `_land` waits for it."""
         # the sampling rule is baked into a captured graph (temperature, top-k/p are Python constants there)
         rule = (sampling.temperature, sampling.top_k, sampling.top_p)
         key = (batch.workspace.B, rule, tuple(self.proposer.plan_key(batch.plan)))
@@ -254,8 +273,22 @@ class Engine:
         tree = self._run(("draft", *key), lambda: self.proposer.propose(self._round_input(sampling), batch.plan))
         clock.mark("verify")
         self._run(("verify", *key), lambda: self._verify_commit(tree, sampling))
+        work = batch.workspace
+        host = work.landing[work.flip][: work.B]  # [B, columns] alternating buffers: one landing, one in flight
+        work.flip ^= 1
+        host.copy_(work.outcome, non_blocking=True)
+        done = None
+        if host.is_pinned():
+            done = torch.cuda.Event()
+            done.record()
         clock.mark("other")
-        outcomes = unpack_outcomes(batch.workspace.outcome, self.proposer.returns_plan)  # the one sync
+        return Flight(origin=list(batch.origin), host=host, done=done)
+
+    def _land(self, flight: Flight, batch: Batch) -> list[RowOutcome]:
+        """The round's one device-to-host wait; the outcome per slot, and the proposer's plan into the batch."""
+        if flight.done is not None:
+            flight.done.synchronize()
+        outcomes = unpack_outcomes(flight.host, self.proposer.returns_plan)
         if self.proposer.returns_plan:
             batch.plan = [row.plan for row in outcomes]
         return outcomes
