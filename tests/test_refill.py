@@ -52,11 +52,13 @@ def test_refill_changes_no_tokens(tgt, method):
         whole, _ = eng.generate(prompts, sp, seeds, stop_at)
         ref = [c.tokens for c in whole]
         assert [len(t) for t in ref] == LENGTHS
-        for slots, refill in ((2, True), (3, True), (3, False)):
+        for slots, refill, overlap in ((2, True, False), (3, True, True), (3, False, True), (1, True, True)):
+            eng.overlap = overlap  # the next round launched before this one is recorded (the CUDA default)
             outs, stats = eng.generate(prompts, sp, seeds, stop_at, slots=slots, refill=refill)
-            assert [c.tokens for c in outs] == ref, (method, sp.temperature, slots, refill)
+            assert [c.tokens for c in outs] == ref, (method, sp.temperature, slots, refill, overlap)
             assert stats.rows.rounds == sum(c.stats.rounds for c in outs)
             assert stats.rows.emitted >= sum(LENGTHS)
+        eng.overlap = False
 
 
 def test_refill_keeps_slots_busy(tgt):
@@ -71,6 +73,10 @@ def test_refill_keeps_slots_busy(tgt):
     assert on.slot_rounds >= on.busy_slot_rounds and off.slot_rounds > off.busy_slot_rounds  # idle slots counted
     _, one = eng.generate(prompts, sp, None, stop_at, slots=1)
     assert one.occupancy == 1.0
+    eng.overlap = True  # each row's end is seen one launched round late: at most one idle round per row
+    _, ahead = eng.generate(prompts, sp, None, stop_at, slots=1)
+    assert ahead.busy_slot_rounds == one.busy_slot_rounds
+    assert one.target_passes < ahead.target_passes <= one.target_passes + len(LENGTHS)
 
 
 def test_refill_with_one_token_prompts_and_a_single_slot(tgt):

@@ -81,6 +81,9 @@ class Engine:
         # continuous batching refills once 1/refill_every of the slots are free: one prefill call serves several
         # rows (a prefill costs about a round), and occupancy stays above ~1 - 1/(2 * refill_every)
         self.refill_every = 8
+        # launch round r+1 before the host records round r (CUDA: the host's work hides behind the GPU's; each
+        # row costs one wasted round at its end; on CPU nothing runs concurrently, so off unless a test asks)
+        self.overlap = target.device.type == "cuda"
 
     @property
     def spec(self):
@@ -134,7 +137,7 @@ class Engine:
         stats, clock = EngineStats(), PhaseClock(self.target.device)
         outputs, queue = Outputs(n_prompts, sampling, stop_fn), deque(range(n_prompts))
         # the next round is launched before this one's host work when its shapes do not wait on this one's plan
-        overlap = not self.proposer.returns_plan and self.on_round is None
+        overlap = self.overlap and not self.proposer.returns_plan and self.on_round is None
         batch: Batch | None = None
         flight: Flight | None = None
         while outputs.live:
