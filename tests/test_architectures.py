@@ -1,7 +1,9 @@
-"""Qwen3 (per-head q/k RMSNorm, head_dim != hidden / heads, tied or untied embeddings) and Phi-3 (fused qkv_proj /
-gate_up_proj checkpoint names, partial rotary) on our own model: greedy decoding token-identical to transformers'
-`generate` (float32, CPU) on tiny random checkpoints built here, each feature shown to matter, the fused path equal
-to the plain one, and an EAGLE head (Llama-shaped whatever the target) working on a Qwen3 target."""
+"""Qwen3 (per-head q/k RMSNorm, head_dim != hidden / heads, tied or untied embeddings), Phi-3 (fused qkv_proj /
+gate_up_proj checkpoint names, partial rotary) and Gemma-2 (scaled embeddings, (1 + w) sandwich norms, GELU,
+query_pre_attn_scalar, attention and final soft caps, alternating sliding window) on our own model: logits and
+greedy decoding token-identical to transformers (float32, CPU) on tiny random checkpoints built here, each feature
+shown to matter, the fused path equal to the plain one, and an EAGLE head (Llama-shaped whatever the target)
+working on a Qwen3 target."""
 
 from __future__ import annotations
 
@@ -34,20 +36,25 @@ COMMON = dict(
 
 
 def _hf(kind: str):
-    from transformers import Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
     if kind == "qwen3":  # head_dim 16 with hidden 32 / 4 heads; tied embeddings
         m = Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16, tie_word_embeddings=True))
     elif kind == "qwen3-untied":
         m = Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16, tie_word_embeddings=False))
+    elif kind == "gemma2":  # tied; sliding window 64 on alternate layers; caps low enough to bite
+        caps = dict(attn_logit_softcapping=5.0, final_logit_softcapping=10.0)
+        m = Gemma2ForCausalLM(Gemma2Config(**COMMON, head_dim=16, query_pre_attn_scalar=24, sliding_window=64, **caps))
     else:  # phi3: RoPE on half of each head
         rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
         m = Phi3ForCausalLM(Phi3Config(**COMMON, tie_word_embeddings=False, rope_parameters=rope))
     with torch.no_grad():  # norms away from 1, so q/k norm weights matter
         for name, p in m.named_parameters():
             if "norm" in name:
-                p.normal_(1.0, 0.5)
+                p.normal_(0.0 if kind == "gemma2" else 1.0, 0.5)  # Gemma's norms scale by (1 + w)
+        if kind == "gemma2":  # embeddings times sqrt(hidden): smaller ones, so the text varies
+            m.model.embed_tokens.weight.mul_(0.2)
     return m.float().eval()
 
 
@@ -69,7 +76,7 @@ def _ours(tgt, prompts, n=16, method="none", params=None, draft=None):
     return [o.tokens for o in outs]
 
 
-@pytest.fixture(scope="module", params=["qwen3", "qwen3-untied", "phi3"])
+@pytest.fixture(scope="module", params=["qwen3", "qwen3-untied", "phi3", "gemma2"])
 def arch(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     hf = _hf(request.param)
@@ -82,6 +89,9 @@ def test_greedy_equals_transformers(arch):
     tgt = load_target(str(d / "target"), dtype="float32", device="cpu")
     assert tgt.cfg.architecture == type(hf).__name__
     prompts = _prompts()
+    ids = torch.tensor([prompts[2]])
+    logits, _, _ = tgt(ids, torch.arange(ids.shape[1])[None], tgt.new_cache(1, 64))  # [1, T, V]
+    torch.testing.assert_close(logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
     ref = _hf_greedy(hf, prompts)
     assert len({t for r in ref for t in r}) > 3  # the text varies: the comparison bites
     assert _ours(tgt, prompts) == ref
@@ -92,9 +102,17 @@ def test_greedy_equals_transformers(arch):
             for layer in broken.layers:
                 layer.self_attn.q_norm.weight.fill_(1.0)
                 layer.self_attn.k_norm.weight.fill_(1.0)
-        else:
+        elif kind == "phi3":
             assert tgt.cfg.rotary_dim == 4 and tgt.cfg.fused_checkpoint
             broken.cfg = dataclasses.replace(tgt.cfg, partial_rotary_factor=1.0)
+        else:
+            assert tgt.cfg.max_position_embeddings == 64 and tgt.cfg.tie_word_embeddings  # capped at the window
+            no_cap = copy.deepcopy(tgt)
+            for layer in no_cap.layers:
+                layer.self_attn.softcap = None
+            assert _ours(no_cap, prompts) != ref
+            for layer in broken.layers:
+                layer.self_attn.scale = None  # head_dim^-0.5 instead of query_pre_attn_scalar^-0.5
     assert _ours(broken, prompts) != ref
 
 

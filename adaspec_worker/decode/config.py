@@ -4,7 +4,8 @@ Torch-free, so the controller's preflight (`adaspec_worker.preflight`) can check
 architecture, sizes and context before any actor starts. `model.py` builds the network from it.
 `RopeScaling` is the parsed rope_scaling block (default, linear, dynamic, llama3, yarn); the math
 that turns it into frequencies is in `rope.py`. The per-architecture differences our model implements are
-fields here (Qwen3's q/k norm, Phi-3's partial rotary, bias placement); `layers.py` reads them.
+fields here (Qwen3's q/k norm, Phi-3's partial rotary, Gemma-2's norms, scales and soft caps, bias
+placement); `layers.py` reads them.
 A checkpoint outside that set raises `UnsupportedModel`: plain decoding (`method: none`) then falls back to
 transformers (`hf_engine.py`), every other method refuses it. `fallback_context` reads such a config's context.
 """
@@ -21,8 +22,16 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3ForCausalLM",
     "MistralForCausalLM",
     "Phi3ForCausalLM",
+    "Gemma2ForCausalLM",
 )
-SLIDING_WINDOW_ARCHITECTURES = ("MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM")
+SLIDING_WINDOW_ARCHITECTURES = (
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Phi3ForCausalLM",
+    "Gemma2ForCausalLM",
+)
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}  # HF name -> ours
 
 
 class ModelLoadError(ValueError):
@@ -120,6 +129,14 @@ class ModelConfig:
     o_proj_bias: bool = False  # Qwen3: o_proj has a bias when attention_bias does
     partial_rotary_factor: float = 1.0  # Phi-3: RoPE turns the first head_dim * factor dims only
     fused_checkpoint: bool = False  # Phi-3: checkpoint stores qkv_proj and gate_up_proj (split on load)
+    # Gemma-2: (1 + w) RMSNorms, norms before and after attention and MLP, GELU(tanh) MLP, embeddings times
+    # sqrt(hidden), attention scaled by query_pre_attn_scalar^-0.5, tanh soft caps on attention and final logits
+    gemma_norms: bool = False
+    hidden_act: str = "silu"  # "silu" | "gelu_tanh"
+    embed_scale: float = 1.0
+    attn_scale: float | None = None  # None: head_dim^-0.5
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
 
     @property
     def rotary_dim(self) -> int:
@@ -127,7 +144,7 @@ class ModelConfig:
 
     def llama_shaped(self) -> ModelConfig:
         """The same sizes as a plain Llama layer: what EAGLE heads are, whatever their target."""
-        return replace(self, architecture="LlamaForCausalLM", qk_norm=False, o_proj_bias=False, fused_checkpoint=False)
+        return replace(self, architecture="LlamaForCausalLM", **{k: getattr(LLAMA, k) for k in ARCHITECTURE_FIELDS})
 
     @classmethod
     def from_hf(cls, cfg: dict, where: str = "config.json") -> ModelConfig:
@@ -149,6 +166,10 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         bias = bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM"))
+        gemma = arch == "Gemma2ForCausalLM"
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+        if act not in ACTIVATIONS or (act != "silu" and not gemma):
+            raise UnsupportedModel(f"{where}: unsupported activation {act!r} for {arch}")
         max_pos = cfg.get("max_position_embeddings", 2048)
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
         if window and arch in SLIDING_WINDOW_ARCHITECTURES and window < max_pos:
@@ -165,15 +186,36 @@ class ModelConfig:
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
             max_position_embeddings=max_pos,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
             attention_bias=bias,
             eos_token_ids=eos,
             rope_scaling=scaling,
             qk_norm=arch == "Qwen3ForCausalLM",
-            o_proj_bias=bias and arch == "Qwen3ForCausalLM",
+            o_proj_bias=bias and arch in ("Qwen3ForCausalLM", "Gemma2ForCausalLM"),
             partial_rotary_factor=float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))),
             fused_checkpoint=arch == "Phi3ForCausalLM",
+            gemma_norms=gemma,
+            hidden_act=ACTIVATIONS[act],
+            embed_scale=cfg["hidden_size"] ** 0.5 if gemma else 1.0,
+            attn_scale=cfg.get("query_pre_attn_scalar", 256) ** -0.5 if gemma else None,
+            attn_softcap=cfg.get("attn_logit_softcapping") if gemma else None,
+            final_softcap=cfg.get("final_logit_softcapping") if gemma else None,
         )
+
+
+# the fields that differ between architectures (what `llama_shaped` resets), and their Llama values
+ARCHITECTURE_FIELDS = (
+    "qk_norm",
+    "o_proj_bias",
+    "fused_checkpoint",
+    "gemma_norms",
+    "hidden_act",
+    "embed_scale",
+    "attn_scale",
+    "attn_softcap",
+    "final_softcap",
+)
+LLAMA = ModelConfig("LlamaForCausalLM", 1, 1, 1, 1, 1, 1, 1, 1e-6, 1e4, 1, False, False)
 
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")

@@ -1,9 +1,10 @@
 """The target model: a small Llama-family transformer of our own, run over a static KV cache.
 
 What it does: loads `LlamaForCausalLM`, `Qwen2ForCausalLM` (q/k/v biases), `Qwen3ForCausalLM` (q/k norm),
-`MistralForCausalLM` and `Phi3ForCausalLM` (fused `qkv_proj` / `gate_up_proj` checkpoint names, split on load;
-partial rotary) checkpoints from a local Hugging Face directory (safetensors first; a pickled `.bin` only
-through `torch.load(weights_only=True)`), and runs a forward pass over new tokens that sit at explicit
+`MistralForCausalLM`, `Phi3ForCausalLM` (fused `qkv_proj` / `gate_up_proj` checkpoint names, split on load;
+partial rotary) and `Gemma2ForCausalLM` (scaled embeddings, (1 + w) sandwich norms, soft caps) checkpoints
+from a local Hugging Face directory (safetensors first; a pickled `.bin` only through
+`torch.load(weights_only=True)`), and runs a forward pass over new tokens that sit at explicit
 positions, attend to a per-row prefix of the cache plus an arbitrary (tree) mask among themselves,
 and returns logits, the final-norm hidden state and, on request, intermediate layer features.
 
@@ -137,7 +138,7 @@ class CausalLM(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma_norms)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -183,8 +184,10 @@ class CausalLM(nn.Module):
         """The pass itself over the cache tensors kv [B, S, L, 2, Hkv, D] and lens [B] (what torch.compile sees)."""
         T = ids.shape[1]
         slots, mask = slots_and_mask(lens, kv.shape[1], T, tree_mask, offset)
-        h = self.embed_tokens(ids)
-        if self.fused:
+        h = self.embed_tokens(ids)  # [B, T, H]
+        if self.cfg.embed_scale != 1.0:  # Gemma-2: sqrt(hidden), rounded to the weights' dtype first
+            h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype, device=h.device)
+        if self.fused or self.cfg.attn_softcap is not None:  # the grouped attention's additive mask
             mask = gqa_mask(mask, self.cfg.num_heads // self.cfg.num_kv_heads, h.dtype)
         cos, sin = rope.cos_sin(positions, self.cfg, h.dtype)  # RoPE scaling: rope.py
         outs = {}
@@ -194,7 +197,10 @@ class CausalLM(nn.Module):
                 outs[i] = h
         hidden = self.norm(h)
         aux = torch.cat([outs[i] for i in self.aux_layers], -1) if self.aux_layers else None
-        return self.lm_head(hidden), hidden, aux
+        logits = self.lm_head(hidden)  # [B, T, V]
+        if self.cfg.final_softcap is not None:  # Gemma-2
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits, hidden, aux
 
 
 # ---------------------------------------------------------------- loading
