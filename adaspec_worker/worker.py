@@ -38,8 +38,7 @@ class ShardWorker:
         import transformers
         from transformers import AutoTokenizer
 
-        from .decode.build import build_engine
-        from .decode.model import load_target
+        from .decode.build import build_engine, load_model
         from .decode.sampling import SamplingParams
         from .rows import RowCodec
         from .timing import EnergyMeter
@@ -54,7 +53,8 @@ class ShardWorker:
         torch.manual_seed(0)
         tok = AutoTokenizer.from_pretrained(m.model.target)
         clock.mark("tokenizer")
-        self.target = load_target(m.model.target, m.model.dtype, m.model.device)
+        # our own model; for `method: none` on an architecture it lacks, transformers' (the slower fallback)
+        self.target = load_model(m.model.target, m.speculative.spec(), m.model.dtype, m.model.device)
         clock.mark("model_load")
         self.engine = build_engine(self.target, m.speculative.spec(), draft=m.model.draft, ldlp=m.model.ldlp)
         plain = build_engine(self.target, parse_spec("none", {}))

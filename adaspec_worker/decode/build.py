@@ -7,6 +7,10 @@ loads the drafter the spec needs (`spec.needs["draft"]`, a kind in `drafters.DRA
 built parts to the engine. `draft` and `ldlp` may also be already-loaded objects (autotune reuses
 them: `build_engine(target, candidate, draft=engine.drafter, ldlp=engine.ldlp)`).
 
+`load_model(dir, spec, dtype, device)` loads the target: our own model, or, when it does not implement the
+checkpoint's architecture (or RoPE) and the method is `none`, transformers' (`hf_engine.HFTarget`, the slower
+fallback); `build_engine` on such a target gives an `hf_engine.HFEngine`.
+
 Importing this module registers every proposer (fixed and adaptive), explicitly. Knows nothing of
 manifests, Ray or Parquet: the spec arrives parsed.
 """
@@ -16,23 +20,39 @@ import os
 
 from jobs.specs import MethodSpec, NoneSpec, OracleSpec, RetrievalSpec, TokenRecyclingSpec
 
+from .config import UnsupportedModel
 from .drafters import DRAFTERS, Drafter
 from .engine import Engine, RoundHook
+from .hf_engine import HFEngine, HFTarget, load_hf_target
 from .ldlp import LDLP, load_ldlp
-from .model import CausalLM, ModelLoadError
+from .model import CausalLM, ModelLoadError, load_target
 from .proposers import adaptive, fixed, recycling, retrieval  # noqa: F401  (importing them registers every proposer in PROPOSERS)
 from .proposers.base import PROPOSERS, Proposer
 from .sampling import SamplingParams
 
-__all__ = ["build_engine", "build_proposer", "greedy_reference", "load_drafter"]
+__all__ = ["build_engine", "build_proposer", "greedy_reference", "load_drafter", "load_model"]
 
 
-def build_engine(target: CausalLM, spec: MethodSpec, draft: str | os.PathLike | Drafter | None = None,
+def load_model(model_dir: str, spec: MethodSpec, dtype: str = "auto", device: str = "auto") -> CausalLM | HFTarget:
+    """The target `spec` decodes with: our own model, else (method `none` only) transformers' for an architecture
+    or RoPE type ours does not implement. Any other method keeps the UnsupportedModel error, which says so."""
+    try:
+        return load_target(model_dir, dtype, device)
+    except UnsupportedModel as e:
+        if not isinstance(spec, NoneSpec):
+            raise UnsupportedModel(f"{e} (speculative.method none decodes it through transformers)") from None
+        return load_hf_target(model_dir, dtype, device)
+
+
+def build_engine(target: CausalLM | HFTarget, spec: MethodSpec, draft: str | os.PathLike | Drafter | None = None,
                  ldlp: str | os.PathLike | LDLP | None = None, fast: bool = True, *,
-                 on_round: RoundHook | None = None) -> Engine:
+                 on_round: RoundHook | None = None) -> Engine | HFEngine:
     """An engine running `spec` on `target`. draft / ldlp: a path or a loaded object; ignored when the
     spec does not need it; ModelLoadError naming model.draft / model.ldlp when it does and is missing.
-    fast on CUDA also fuses target and drafter weights in place and compiles their decode passes."""
+    fast on CUDA also fuses target and drafter weights in place and compiles their decode passes.
+    A transformers target (`load_model`'s fallback) gets an HFEngine, which runs `none` only."""
+    if isinstance(target, HFTarget):
+        return HFEngine(target, spec)
     drafter = load_drafter(target, spec, draft)
     if fast and target.device.type == "cuda":  # fused weights, compiled decode passes (plain ops on CPU)
         target.fuse()

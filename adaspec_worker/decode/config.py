@@ -3,20 +3,43 @@
 Torch-free, so the controller's preflight (`adaspec_worker.preflight`) can check a checkpoint's
 architecture, sizes and context before any actor starts. `model.py` builds the network from it.
 `RopeScaling` is the parsed rope_scaling block (default, linear, dynamic, llama3, yarn); the math
-that turns it into frequencies is in `rope.py`.
+that turns it into frequencies is in `rope.py`. The per-architecture differences our model implements are
+fields here (Qwen3's q/k norm, Phi-3's partial rotary, Gemma-2's norms, scales and soft caps, bias
+placement); `layers.py` reads them.
+A checkpoint outside that set raises `UnsupportedModel`: plain decoding (`method: none`) then falls back to
+transformers (`hf_engine.py`), every other method refuses it. `fallback_context` reads such a config's context.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "MistralForCausalLM",
+    "Phi3ForCausalLM",
+    "Gemma2ForCausalLM",
+)
+SLIDING_WINDOW_ARCHITECTURES = (
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Phi3ForCausalLM",
+    "Gemma2ForCausalLM",
+)
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}  # HF name -> ours
 
 
 class ModelLoadError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file, key or field at fault."""
+
+
+class UnsupportedModel(ModelLoadError):
+    """An architecture or RoPE type our own model does not implement (transformers may: `hf_engine.py`)."""
 
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -24,6 +47,10 @@ ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 class RopeError(ValueError):
     """A rope_scaling block we cannot use; the message names the key."""
+
+
+class UnsupportedRope(RopeError):
+    """A rope type outside ROPE_TYPES (as opposed to a malformed block of a known type)."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +72,7 @@ class RopeScaling:
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         kind = rope.get("rope_type", rope.get("type", "default")) or "default"
         if kind not in ROPE_TYPES:
-            raise RopeError(f"unsupported rope_type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
+            raise UnsupportedRope(f"unsupported rope_type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
         if kind == "default":
             return cls()
         max_pos = cfg.get("max_position_embeddings", 2048)
@@ -98,18 +125,40 @@ class ModelConfig:
     attention_bias: bool
     eos_token_ids: tuple[int, ...] = field(default=())
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)  # rope.py: linear, dynamic, llama3, yarn
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before RoPE
+    o_proj_bias: bool = False  # Qwen3: o_proj has a bias when attention_bias does
+    partial_rotary_factor: float = 1.0  # Phi-3: RoPE turns the first head_dim * factor dims only
+    fused_checkpoint: bool = False  # Phi-3: checkpoint stores qkv_proj and gate_up_proj (split on load)
+    # Gemma-2: (1 + w) RMSNorms, norms before and after attention and MLP, GELU(tanh) MLP, embeddings times
+    # sqrt(hidden), attention scaled by query_pre_attn_scalar^-0.5, tanh soft caps on attention and final logits
+    gemma_norms: bool = False
+    hidden_act: str = "silu"  # "silu" | "gelu_tanh"
+    embed_scale: float = 1.0
+    attn_scale: float | None = None  # None: head_dim^-0.5
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def llama_shaped(self) -> ModelConfig:
+        """The same sizes as a plain Llama layer: what EAGLE heads are, whatever their target."""
+        return replace(self, architecture="LlamaForCausalLM", **{k: getattr(LLAMA, k) for k in ARCHITECTURE_FIELDS})
 
     @classmethod
     def from_hf(cls, cfg: dict, where: str = "config.json") -> ModelConfig:
         archs = cfg.get("architectures") or []
         arch = archs[0] if archs else cfg.get("model_type", "?")
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise ModelLoadError(
+            raise UnsupportedModel(
                 f"{where}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         try:
             scaling = RopeScaling.from_hf(cfg)
+        except UnsupportedRope as e:
+            raise UnsupportedModel(f"{where}: {e}") from None
         except RopeError as e:
             raise ModelLoadError(f"{where}: {e}") from None
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
@@ -117,9 +166,13 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         bias = bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM"))
+        gemma = arch == "Gemma2ForCausalLM"
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+        if act not in ACTIVATIONS or (act != "silu" and not gemma):
+            raise UnsupportedModel(f"{where}: unsupported activation {act!r} for {arch}")
         max_pos = cfg.get("max_position_embeddings", 2048)
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
-        if window and arch in ("MistralForCausalLM", "Qwen2ForCausalLM") and window < max_pos:
+        if window and arch in SLIDING_WINDOW_ARCHITECTURES and window < max_pos:
             max_pos = window  # full attention equals sliding attention within the window: cap the usable context
         return cls(
             architecture=arch,
@@ -133,11 +186,49 @@ class ModelConfig:
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
             max_position_embeddings=max_pos,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
             attention_bias=bias,
             eos_token_ids=eos,
             rope_scaling=scaling,
+            qk_norm=arch == "Qwen3ForCausalLM",
+            o_proj_bias=bias and arch in ("Qwen3ForCausalLM", "Gemma2ForCausalLM"),
+            partial_rotary_factor=float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))),
+            fused_checkpoint=arch == "Phi3ForCausalLM",
+            gemma_norms=gemma,
+            hidden_act=ACTIVATIONS[act],
+            embed_scale=cfg["hidden_size"] ** 0.5 if gemma else 1.0,
+            attn_scale=cfg.get("query_pre_attn_scalar", 256) ** -0.5 if gemma else None,
+            attn_softcap=cfg.get("attn_logit_softcapping") if gemma else None,
+            final_softcap=cfg.get("final_logit_softcapping") if gemma else None,
         )
+
+
+# the fields that differ between architectures (what `llama_shaped` resets), and their Llama values
+ARCHITECTURE_FIELDS = (
+    "qk_norm",
+    "o_proj_bias",
+    "fused_checkpoint",
+    "gemma_norms",
+    "hidden_act",
+    "embed_scale",
+    "attn_scale",
+    "attn_softcap",
+    "final_softcap",
+)
+LLAMA = ModelConfig("LlamaForCausalLM", 1, 1, 1, 1, 1, 1, 1, 1e-6, 1e4, 1, False, False)
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def fallback_context(cfg: dict) -> int | None:
+    """The context of a config our model does not implement, from the first key transformers configs use for it
+    (None when the config names none: a model without a position limit)."""
+    for key in CONTEXT_KEYS:
+        v = cfg.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
 
 
 def read_json(path: str) -> dict:

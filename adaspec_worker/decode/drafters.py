@@ -146,7 +146,7 @@ class EagleHead(nn.Module, Drafter):
 
     def __init__(self, cfg: ModelConfig, fc_bias: bool):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = cfg.llama_shaped()  # a Llama layer whatever the target (no Qwen3 q/k norm, ...)
         H = cfg.hidden_size
         self.fc = nn.Linear(2 * H, H, bias=fc_bias)
         self.layers = nn.ModuleList([DecoderLayer(cfg, input_norm=False)])
@@ -222,7 +222,7 @@ class Eagle3Head(nn.Module, Drafter):
 
     def __init__(self, cfg: ModelConfig, draft_vocab: int, target_vocab: int):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = cfg.llama_shaped()
         H = cfg.hidden_size
         self.fc = nn.Linear(3 * H, H, bias=False)
         self.midlayer = Eagle3Layer(cfg)

@@ -69,10 +69,11 @@ def _inv_freq(head_dim: int, theta: float, s: RopeScaling, device: str):
 
 
 def cos_sin(positions, cfg, dtype):
-    """positions [B, T] -> cos, sin [B, T, D] for a `ModelConfig` (HF's half-rotation convention)."""
+    """positions [B, T] -> cos, sin [B, T, R] for a `ModelConfig` (HF's half-rotation convention); R = the
+    config's `rotary_dim` (head_dim unless a partial rotary factor turns fewer dims)."""
     import torch
 
-    inv, att = _inv_freq(cfg.head_dim, float(cfg.rope_theta), cfg.rope_scaling, str(positions.device))
+    inv, att = _inv_freq(cfg.rotary_dim, float(cfg.rope_theta), cfg.rope_scaling, str(positions.device))
     freqs = positions[..., None].float() * inv  # [B, T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     if att == 1.0:
