@@ -9,7 +9,7 @@ prefill of left-padded prompts (attention mask, position ids counted from each r
 one forward per token over the model's own KV cache. Each row's token is drawn by `sampling.py` from the row's
 seed and output position (the uniform plain decoding uses: `STREAM_BONUS`), so a row's text depends only on its
 seed, never on its batch companions, and greedy is the argmax, as transformers' greedy `generate`. Stop rules
-(EOS, stop strings, max_new_tokens) are `engine.Outputs`'. Finished rows leave the batch (the cache's
+(EOS, stop strings, max_new_tokens) are `batch.Outputs`'. Finished rows leave the batch (the cache's
 `reorder_cache`).
 
 What it does not know: drafting (any method but `none` is refused), CUDA graphs or compilation, our own model
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .batch import Completion, Outputs, StopFn
 from .config import ModelLoadError, fallback_context, read_json
-from .engine import Completion, Outputs, StopFn
 from .model import resolve_device, resolve_dtype
 from .sampling import STREAM_BONUS, SamplingParams, sample, target_probs, uniform
 from .stats import EngineStats, PhaseClock, RowOutcome, SeqStats
@@ -114,15 +114,32 @@ class HFEngine:
         self.target, self.spec = target, spec
         self.warmup_seconds = 0.0  # nothing compiled or captured
 
-    @torch.inference_mode()
     def generate(
         self,
         prompts: list[list[int]],
         sampling: SamplingParams,
         seeds: list[int] | None = None,
         stop_fn: StopFn | None = None,
+        slots: int | None = None,
+        refill: bool = True,
     ) -> tuple[list[Completion], EngineStats]:
-        """Decode every prompt to completion; one Completion per prompt, in order, and the call's stats."""
+        """Decode every prompt to completion, `slots` prompts at a time (no continuous batching here: `refill` is
+        accepted for the engine's interface); one Completion per prompt, in order, and the call's stats."""
+        seeds = list(seeds) if seeds is not None else [0] * len(prompts)
+        width = slots or len(prompts)
+        done, stats = [], EngineStats()
+        for i in range(0, len(prompts), width):
+            chunk = range(i, min(i + width, len(prompts)))
+            stop = None if stop_fn is None else (lambda p, toks, i=i: stop_fn(p + i, toks))
+            out, st = self._generate_batch([prompts[j] for j in chunk], sampling, [seeds[j] for j in chunk], stop)
+            done += out
+            stats = stats + st
+        return done, stats
+
+    @torch.inference_mode()
+    def _generate_batch(
+        self, prompts: list[list[int]], sampling: SamplingParams, seeds: list[int], stop_fn: StopFn | None
+    ) -> tuple[list[Completion], EngineStats]:
         n = len(prompts)
         assert n > 0 and all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
         device, stats = self.target.device, EngineStats()
