@@ -40,6 +40,7 @@ class BenchConfig:
     target: str
     draft: str | None = None  # EAGLE head
     draft_model: str | None = None  # small LM: transformers' assistant and adarun's draft-model method
+    early_exit_head: str | None = None  # early-exit head (train-draft --early-exit N) for eesd
     ldlp: str | None = None
     prompts: str = ""
     prompt_column: str = "prompt"
@@ -224,7 +225,7 @@ def bench_method(cfg: BenchConfig, target, label: str, prompts, dev, record) -> 
     """One adarun method (a `parse_method` label) over every batch size and temperature."""
     name, params, _ = parse_method(label)
     spec = parse_spec(name, params)
-    draft = cfg.draft_model if spec.drafter_kind == "draft-model" else cfg.draft
+    draft = {"draft-model": cfg.draft_model, "early-exit": cfg.early_exit_head}.get(spec.drafter_kind, cfg.draft)
     engine = build_engine(target, spec, draft=draft, ldlp=cfg.ldlp)
     for T in cfg.temperatures:
         if name == "oracle" and T > 0:

@@ -119,6 +119,7 @@ class ShardWorker:
             )
         outputs, stats = self._decode(good)
         stats.baseline = self.baseline.run([r for r in good if r.sample_index == 0], self.engine)
+        self.engine.proposer.persist()  # state the method keeps with the job (token-recycling matrix, datastore)
         res = m.resources
         wall = time.perf_counter() - t0
         stats = dataclasses.replace(
