@@ -153,9 +153,8 @@ class Manifest:
         for (section, name), default in _ADDED_SINCE_HASH.items():
             if keep[section].get(name) == default:
                 keep[section].pop(name, None)
-        spec = keep["speculative"]
-        spec["params"] = hashed_params(spec["method"], spec["params"])
-        tune = spec.pop("autotune")
+        keep["speculative"]["params"] = hashed_params(keep["speculative"]["method"], keep["speculative"]["params"])
+        tune = keep["speculative"].pop("autotune")
         if tune["enabled"]:
             keep["speculative"]["params"] = {
                 **keep["speculative"]["params"],

@@ -13,6 +13,8 @@ Each spec class declares, as class attributes (not parameters):
     `{"draft": "eagle", "ldlp": "ldlp"}` (`draft` kinds: "eagle" head, independent "draft-model",
     or "early-exit" head);
   - `autotune_grid`: the settings per-job autotune measures, each merged over the given parameters.
+  - `since_hash`: parameters added after the method shipped, with their defaults: at the default they stay
+    out of the config hash (`method_spec.hashed_params`), so outputs written before them still resume.
 """
 
 from __future__ import annotations

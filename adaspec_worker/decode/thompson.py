@@ -82,6 +82,7 @@ class ThompsonLength:
         self.cfg = cfg
         self.lengths = sorted(set(cfg.lengths))
         self.k_max = self.lengths[-1]
+        self._lengths: dict[torch.device, torch.Tensor] = {}  # the lengths as a tensor, per device
 
     def reset(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Every row back to the prior."""
@@ -91,7 +92,9 @@ class ThompsonLength:
     def choose(self, a: torch.Tensor, b: torch.Tensor, seeds: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
         """[B] the chain length each row drafts next: theta ~ Beta(a, b), then the best of `lengths` under it."""
         theta = beta_from_uniforms(a, b, uniform(seeds, counter, STREAM_THOMPSON, LANES))
-        lengths = torch.tensor(self.lengths, device=a.device)
+        lengths = self._lengths.get(a.device)
+        if lengths is None:  # made once per device, outside any captured graph (first_plan runs eagerly)
+            lengths = self._lengths[a.device] = torch.tensor(self.lengths, device=a.device)
         return lengths[expected_rate(theta, lengths, self.cfg.draft_cost).argmax(-1)]
 
     def update(self, a: torch.Tensor, b: torch.Tensor, n_accepted: torch.Tensor, n_drafted: torch.Tensor) -> None:

@@ -19,6 +19,7 @@ buffers keep their address across generate() calls. Without a datastore a row's 
 text only; with one, on rows finished before it; sampled text is plain sampling's either way (the coupled
 rule). Parameters and sources: `RetrievalSpec`; `rasd.py` fuses these candidates with an EAGLE-2 tree.
 """
+
 from __future__ import annotations
 
 import torch
@@ -147,8 +148,11 @@ def chains_tree(root: torch.Tensor, toks: torch.Tensor, valid: torch.Tensor) -> 
     parent = torch.where(j[None, :] == 0, 0, node - 1).flatten()
     valid = valid & (valid.long().cumprod(-1) > 0)  # a node after an invalid one is invalid
     zero = torch.zeros(1, dtype=torch.long, device=dev)
-    return DraftTree(tokens=torch.cat([root[:, None], toks.flatten(1)], 1),
-                     parents=torch.cat([zero, parent]).expand(B, -1),
-                     depth=torch.cat([zero, (j + 1).repeat(b)]).expand(B, -1),
-                     valid=torch.cat([torch.ones(B, 1, dtype=torch.bool, device=dev), valid.flatten(1)], 1),
-                     levels=k, width=b)
+    return DraftTree(
+        tokens=torch.cat([root[:, None], toks.flatten(1)], 1),
+        parents=torch.cat([zero, parent]).expand(B, -1),
+        depth=torch.cat([zero, (j + 1).repeat(b)]).expand(B, -1),
+        valid=torch.cat([torch.ones(B, 1, dtype=torch.bool, device=dev), valid.flatten(1)], 1),
+        levels=k,
+        width=b,
+    )
