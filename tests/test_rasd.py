@@ -152,3 +152,22 @@ def test_finished_rows_join_the_datastore_once(setup):
         assert len(rows) == 4, (fast, tokens[:40])
         text = ",".join(map(str, tokens))
         assert all(",".join(map(str, p)) in text for p in prompts + [[9]])
+
+
+def test_new_parameters_leave_old_config_hashes_alone():
+    """`datastore_tokens`/`datastore` (retrieval) and `matrix` (token-recycling) came after outputs were written:
+    at their defaults the config hash is the one computed before they existed (values from commit 245ba26)."""
+    from jobs.manifest import manifest_from_dict
+
+    base = {
+        "name": "a",
+        "input": {"path": "/data/x.parquet"},
+        "output": {"path": "/out/o"},
+        "model": {"target": "/m/t"},
+    }
+    old = {"retrieval": "6e3aa0c28bc5d7c5", "token-recycling": "ee2467a8f476e5d5"}
+    for method, want in old.items():
+        m = manifest_from_dict({**base, "speculative": {"method": method, "params": {"k": 4}}})
+        assert m.config_hash() == want and "k" in m.speculative.params
+    on = manifest_from_dict({**base, "speculative": {"method": "retrieval", "params": {"k": 4, "datastore_tokens": 8}}})
+    assert on.config_hash() != old["retrieval"]
