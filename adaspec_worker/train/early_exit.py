@@ -94,9 +94,11 @@ def train_early_exit(
     losses: list[float] = []
     t_train = time.time()
     while step < cfg.steps:
-        if cfg.max_seconds and time.time() - t_train > cfg.max_seconds:
+        spent = time.time() - t_train
+        if cfg.max_seconds and spent > cfg.max_seconds:
             break
-        frac = step / max(cfg.steps, 1)  # linear warm-up, then cosine decay to 0
+        # linear warm-up, then cosine decay to 0, by steps or by the time budget, whichever is further
+        frac = max(step / max(cfg.steps, 1), spent / cfg.max_seconds if cfg.max_seconds else 0.0)
         lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * frac))
         for grp in opt.param_groups:
             grp["lr"] = lr
