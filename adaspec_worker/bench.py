@@ -42,6 +42,7 @@ class BenchConfig:
     target: str
     draft: str | None = None  # EAGLE head
     draft_model: str | None = None  # small LM: transformers' assistant and adarun's draft-model method
+    early_exit_head: str | None = None  # early-exit head (train-draft --early-exit N) for eesd
     ldlp: str | None = None
     prompts: str = ""
     prompt_column: str = "prompt"
@@ -238,7 +239,7 @@ def method_engine(cfg: BenchConfig, target, label: str) -> tuple[str, Engine]:
     """The method name of a `parse_method` label, and its engine over `target`."""
     name, params, _ = parse_method(label)
     spec = parse_spec(name, params)
-    draft = cfg.draft_model if spec.drafter_kind == "draft-model" else cfg.draft
+    draft = {"draft-model": cfg.draft_model, "early-exit": cfg.early_exit_head}.get(spec.drafter_kind, cfg.draft)
     return name, build_engine(target, spec, draft=draft, ldlp=cfg.ldlp)
 
 

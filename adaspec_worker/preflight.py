@@ -5,7 +5,8 @@ Checked: a local directory with config.json, weights and (for the target) a toke
 and RoPE our model implements (`decode.config.ModelConfig`, the same parser the loader uses), or, with
 `speculative.method: none`, any config with a `model_type` (decoded through transformers: the slower
 fallback, said in a one-line warning; its context from `decode.config.fallback_context`); the
-draft's hidden size (EAGLE head) or vocabulary (draft model) against the target's; the LDLP's input
+draft's hidden size (EAGLE head), vocabulary (draft model) or exit layer (early-exit head) against the
+target's; the LDLP's input
 size; `decoding.max_new_tokens` within the target's context; a chat template when the input
 has chat rows. Each failure is a `ModelLoadError` whose
 message starts with the manifest field at fault (exit 2).
@@ -105,6 +106,18 @@ def _fallback(m: Manifest, error: UnsupportedModel) -> int | None:
     return fallback_context(raw)
 
 
+def _early_exit(raw: dict, head: ModelConfig, target: ModelConfig) -> None:
+    """An early-exit head (train-draft --early-exit N) made for this target: shapes and N within its layers."""
+    n = raw.get("early_exit_layer")
+    if not isinstance(n, int) or not 1 <= n <= target.num_layers:
+        raise ModelLoadError(
+            f"model.draft: early_exit_layer {n!r} is not a layer of the target (1..{target.num_layers}); "
+            "method eesd needs a head from adarun train-draft --early-exit N"
+        )
+    if (head.hidden_size, head.vocab_size) != (target.hidden_size, target.vocab_size):
+        raise ModelLoadError("model.draft: the early-exit head was trained for another target (hidden or vocab size)")
+
+
 def check_models(m: Manifest) -> ModelConfig | None:
     """Raise ModelLoadError naming the field at fault; return the target's config (None: the transformers
     fallback decodes it)."""
@@ -137,6 +150,8 @@ def check_models(m: Manifest) -> ModelConfig | None:
                 f"model.draft: hidden_size {draft.hidden_size} does not match the target's "
                 f"{target.hidden_size} (a head trained for another target?)"
             )
+        if kind == "early-exit":
+            _early_exit(raw, draft, target)
         if kind == "draft-model" and draft.vocab_size != target.vocab_size:
             raise ModelLoadError(
                 f"model.draft: vocab_size {draft.vocab_size} differs from the target's "

@@ -120,6 +120,9 @@ class ShardWorker:
             )
         outputs, stats = self._decode(good)
         stats.baseline = self.baseline.run([r for r in good if r.sample_index == 0], self.engine)
+        proposer = getattr(self.engine, "proposer", None)  # the transformers fallback has none
+        if proposer is not None:
+            proposer.persist()  # state the method keeps with the job (token-recycling matrix, datastore)
         res = m.resources
         wall = time.perf_counter() - t0
         stats = dataclasses.replace(

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 import yaml
 
 from .credentials import mask_secrets
-from .specs import MethodSpec, SpecError, parse_spec
+from .specs import MethodSpec, SpecError, hashed_params, parse_spec
 
 
 class ManifestError(ValueError):
@@ -154,6 +154,7 @@ class Manifest:
         for (section, name), default in _ADDED_SINCE_HASH.items():
             if keep[section].get(name) == default:
                 keep[section].pop(name, None)
+        keep["speculative"]["params"] = hashed_params(keep["speculative"]["method"], keep["speculative"]["params"])
         tune = keep["speculative"].pop("autotune")
         if tune["enabled"]:
             keep["speculative"]["params"] = {
@@ -312,6 +313,7 @@ def _check_limits(m: Manifest, need) -> None:
 _NEEDS = {
     "eagle": "a draft head (an EAGLE head: adarun train-draft)",
     "draft-model": "a draft model (a small LM)",
+    "early-exit": "an early-exit head (adarun train-draft --early-exit N)",
     "ldlp": "an LDLP (adarun fit-ldlp)",
 }
 

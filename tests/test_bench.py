@@ -13,7 +13,8 @@ def test_bench_writes_json_markdown_and_plots(tmp_path):
     r = CliRunner().invoke(cli, ["bench", "--target", str(TINY), "--draft", str(TINY_HEAD), "--draft-model", str(TINY),
                                  "--ldlp", str(REPO / "models" / "pycoder-tiny-ldlp"),
                                  "--prompts", str(REPO / "manifests" / "prompts.parquet"),
-                                 "--methods", "eagle2:depth=3:total_tokens=10,adaeagle", "--batch-sizes", "1,2",
+                                 "--methods", "eagle2:depth=3:total_tokens=10,adaeagle,eagle-thompson:lengths=[2,4]",
+                                 "--batch-sizes", "1,2",
                                  "--temperatures", "0,0.7",
                                  "--new-tokens", "6", "--n-prompts", "2", "--repeats", "3", "--hf-prompts", "1",
                                  "--dtype", "float32", "--device", "cpu", "--out", str(out)])
@@ -23,7 +24,8 @@ def test_bench_writes_json_markdown_and_plots(tmp_path):
     for k in ("command", "git_commit", "device", "torch", "transformers", "python"):
         assert meta[k], k
     labels = {c["label"] for c in res["cells"]}
-    want = {"none", "eagle2:depth=3:total_tokens=10", "adaeagle", "hf-generate", "hf-prompt-lookup", "hf-assisted"}
+    want = {"none", "eagle2:depth=3:total_tokens=10", "adaeagle", "eagle-thompson:lengths=[2,4]", "hf-generate",
+            "hf-prompt-lookup", "hf-assisted"}
     assert want <= labels
     cell = next(c for c in res["cells"] if c["label"] == "adaeagle" and c["batch"] == 2 and c["temperature"] == 0.7)
     assert cell["tokens"] == 2 * 6 and len(cell["all_seconds"]) == 3 and cell["tau"] >= 1

@@ -11,22 +11,40 @@ them: `build_engine(target, candidate, draft=engine.drafter, ldlp=engine.ldlp)`)
 checkpoint's architecture (or RoPE) and the method is `none`, transformers' (`hf_engine.HFTarget`, the slower
 fallback); `build_engine` on such a target gives an `hf_engine.HFEngine`.
 
-Importing this module registers every proposer (fixed and adaptive), explicitly. Knows nothing of
+Importing this module registers every proposer (fixed, adaptive, training-free, retrieval-fused and
+Thompson-sampled) and the early-exit drafter kind, explicitly. Knows nothing of
 manifests, Ray or Parquet: the spec arrives parsed.
 """
 from __future__ import annotations
 
 import os
 
-from jobs.specs import MethodSpec, NoneSpec, OracleSpec, RetrievalSpec, TokenRecyclingSpec
+from jobs.specs import (
+    EagleThompsonSpec,
+    EESDSpec,
+    MethodSpec,
+    NoneSpec,
+    OracleSpec,
+    RASDSpec,
+    RetrievalSpec,
+    TokenRecyclingSpec,
+)
 
+from . import early_exit  # noqa: F401  (importing it registers the "early-exit" drafter kind)
 from .config import UnsupportedModel
 from .drafters import DRAFTERS, Drafter
 from .engine import Engine, RoundHook
 from .hf_engine import HFEngine, HFTarget, load_hf_target
 from .ldlp import LDLP, load_ldlp
 from .model import CausalLM, ModelLoadError, load_target
-from .proposers import adaptive, fixed, recycling, retrieval  # noqa: F401  (importing them registers every proposer in PROPOSERS)
+from .proposers import (  # noqa: F401  (importing them registers every proposer in PROPOSERS)
+    adaptive,
+    fixed,
+    rasd,
+    recycling,
+    retrieval,
+    thompson_chain,
+)
 from .proposers.base import PROPOSERS, Proposer
 from .sampling import SamplingParams
 
@@ -58,7 +76,7 @@ def build_engine(target: CausalLM | HFTarget, spec: MethodSpec, draft: str | os.
         target.fuse()
         if drafter is not None:
             drafter.fuse()
-    return Engine(target, build_proposer(target, spec, ldlp), drafter, on_round=on_round, fast=fast)
+    return Engine(target, build_proposer(target, spec, ldlp, drafter), drafter, on_round=on_round, fast=fast)
 
 
 def load_drafter(target: CausalLM, spec: MethodSpec, draft) -> Drafter | None:
@@ -72,7 +90,7 @@ def load_drafter(target: CausalLM, spec: MethodSpec, draft) -> Drafter | None:
     return draft
 
 
-def build_proposer(target: CausalLM, spec: MethodSpec, ldlp=None) -> Proposer:
+def build_proposer(target: CausalLM, spec: MethodSpec, ldlp=None, drafter: Drafter | None = None) -> Proposer:
     cls = PROPOSERS.get(type(spec))
     if cls is None:
         raise ValueError(f"no proposer implements {type(spec).__name__} (method {spec.name!r})")
@@ -82,8 +100,13 @@ def build_proposer(target: CausalLM, spec: MethodSpec, ldlp=None) -> Proposer:
         return cls(spec, load_ldlp(os.fspath(ldlp), target) if isinstance(ldlp, (str, os.PathLike)) else ldlp)
     if isinstance(spec, TokenRecyclingSpec):
         return cls(spec, vocab_size=target.cfg.vocab_size)
-    if isinstance(spec, RetrievalSpec):
+    if isinstance(spec, (RetrievalSpec, RASDSpec)):
         return cls(spec, context=target.cfg.max_position_embeddings)
+    if isinstance(spec, (EESDSpec, EagleThompsonSpec)):
+        cost = spec.draft_cost
+        if not cost and isinstance(spec, EESDSpec) and drafter is not None:  # 0: the head's share of the layers
+            cost = len(drafter.stack()) / target.cfg.num_layers
+        return cls(spec, draft_cost=cost)
     if isinstance(spec, OracleSpec):
         return cls(spec, reference=greedy_reference(target))
     return cls(spec)

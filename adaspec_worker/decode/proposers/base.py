@@ -15,6 +15,7 @@ A round, as the engine drives it:
     tree = proposer.propose(round_input, plan)  plan: the host list the engine keeps, or None
     ... one target pass and verification ...
     plan = proposer.observe(verdict, tree, round_input)   [B] next plan (rides the round's one sync), or None
+    proposer.persist()                          the worker, after a shard: state the spec keeps with the job
 
 The engine owns the plan; `plan_key(plan)` says what of it changes the round's shapes (part of the
 CUDA-graph key). Proposers know nothing about the target's cache, verification or batching.
@@ -104,6 +105,10 @@ class Proposer:
     def observe(self, verdict, tree: DraftTree, r: RoundInput) -> torch.Tensor | None:
         """Feedback after verification; may return the next round's [B] plan."""
         return None
+
+    def persist(self) -> None:
+        """Write what the spec asks to keep with the job (token-recycling's matrix, a retrieval datastore) to its
+        path; called by the worker after each shard, outside generate(). Most proposers keep nothing."""
 
     def row_state(self, name: str, B: int, fill, dtype, device) -> torch.Tensor:
         """A per-row state tensor that keeps its address across calls (a view of a capacity buffer)."""
