@@ -10,6 +10,7 @@ from adaspec_worker.decode.build import build_engine
 from adaspec_worker.decode.model import load_target
 from adaspec_worker.decode.sampling import SamplingParams
 from jobs.specs import METHOD_SPECS, parse_spec
+from tests import tiny
 from tests.helpers import TINY, TINY_HEAD, TINY_LDLP
 
 SMALL = {  # small shapes keep the test quick; every registered method runs
@@ -20,13 +21,15 @@ LENGTHS = [3, 14, 1, 9, 20, 2, 6, 11]  # each row's own stopping point: rows fin
 
 
 @pytest.fixture(scope="module")
-def tgt():
-    return load_target(str(TINY), dtype="float32", device="cpu")
+def tgt(tmp_path_factory):
+    target = load_target(str(TINY), dtype="float32", device="cpu")
+    target.early_exit_dir = tiny.early_exit_head(TINY, tmp_path_factory.mktemp("ee") / "ee", exit_layer=1, noise=0.05)
+    return target
 
 
 def engine(tgt, method):
     needs = METHOD_SPECS[method].needs
-    draft = {"eagle": TINY_HEAD, "draft-model": TINY}.get(needs.get("draft"))
+    draft = {"eagle": TINY_HEAD, "draft-model": TINY, "early-exit": tgt.early_exit_dir}.get(needs.get("draft"))
     return build_engine(tgt, parse_spec(method, SMALL.get(method, {})), draft=str(draft) if draft else None,
                         ldlp=str(TINY_LDLP) if "ldlp" in needs else None)
 
