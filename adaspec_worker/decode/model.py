@@ -139,7 +139,7 @@ class CausalLM(nn.Module):
     # passes of more tokens per row (very long prefills) run the plain ops; ADARUN_COMPILE_MAX_TOKENS overrides.
     # Dynamic shapes: one compiled graph serves every prompt length below (measured: compiled refill prefills
     # made continuous batching 1.29x instead of 1.19x on an H100, bench/results/h100-continuous-batching)
-    compile_max_tokens = int(os.environ.get("ADARUN_COMPILE_MAX_TOKENS", "1024"))
+    compile_max_tokens = int(os.environ.get("ADARUN_COMPILE_MAX_TOKENS", "128"))
 
     def __init__(self, cfg: ModelConfig, aux_layers: tuple[int, ...] = ()):
         super().__init__()
