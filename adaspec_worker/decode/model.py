@@ -136,9 +136,9 @@ class KVCache:
 class CausalLM(nn.Module):
     """Llama-family causal LM. `forward` returns (logits [B,T,V], final-norm hidden [B,T,H], aux features)."""
 
-    # passes of more tokens per row (very long prefills) run the plain ops; ADARUN_COMPILE_MAX_TOKENS overrides.
-    # Dynamic shapes: one compiled graph serves every prompt length below (measured: compiled refill prefills
-    # made continuous batching 1.29x instead of 1.19x on an H100, bench/results/h100-continuous-batching)
+    # passes of more tokens per row (prefills) run the plain ops; ADARUN_COMPILE_MAX_TOKENS overrides. Compiled
+    # prefills (1024) made continuous batching 1.29x instead of 1.19x on an H100 before the Qwen3/Phi-3/Gemma-2
+    # layers landed; since then refill prefills recompile per shape on CUDA (bench/results/h100-continuous-batching)
     compile_max_tokens = int(os.environ.get("ADARUN_COMPILE_MAX_TOKENS", "128"))
 
     def __init__(self, cfg: ModelConfig, aux_layers: tuple[int, ...] = ()):
