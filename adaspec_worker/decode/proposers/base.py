@@ -28,7 +28,7 @@ import torch
 
 from jobs.specs import MethodSpec
 
-from ..sampling import SamplingParams
+from ..sampling import STREAM_DRAFT, SamplingParams, sample, target_probs, uniform
 from ..trees import DraftTree
 
 PROPOSERS: dict[type[MethodSpec], type[Proposer]] = {}
@@ -152,6 +152,25 @@ def draft_chain(r: RoundInput, k: int) -> tuple[torch.Tensor, torch.Tensor, torc
             out, hid = r.drafter.step(t[:, None], None if hidden is None else hidden[:, None], j + 1, j, chain)
             logits, hidden = out[:, 0], (None if hid is None else hid[:, 0])
     return torch.stack(toks, 1), torch.stack(lps, 1), torch.stack(ents, 1)
+
+
+def sampled_chain(r: RoundInput, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K drafts, each drawn from the drafter's processed distribution q (the row's own draft stream):
+    tokens [B, K] and q at every node [B, K + 1, V] (the last row zero: no draft follows the chain)."""
+    B = r.root.shape[0]
+    u = uniform(r.seeds, r.counter, STREAM_DRAFT, K)  # [B, K]
+    logits, toks, qs = r.root_logits, [], []
+    for j in range(K):
+        q = target_probs(logits.float(), r.sampling)  # [B, V]
+        y = sample(q, u[:, j])
+        toks.append(y)
+        qs.append(q)
+        if j + 1 < K:
+            chain = torch.ones(B, 1, j + 1, dtype=torch.bool, device=y.device)  # sees every earlier draft
+            out, _ = r.drafter.step(y[:, None], None, j + 1, j, chain)
+            logits = out[:, 0]
+    qs.append(torch.zeros_like(qs[0]))
+    return torch.stack(toks, 1), torch.stack(qs, 1)
 
 
 def eagle2_max_nodes(top_k: int, depth: int, total_tokens: int) -> int:

@@ -16,10 +16,9 @@ import torch
 
 from jobs.specs import EagleThompsonSpec, EESDSpec, MethodSpec
 
-from ..sampling import STREAM_DRAFT, sample, target_probs, uniform
 from ..thompson import ThompsonConfig, ThompsonLength
 from ..trees import DraftTree, chain_tree
-from .base import BatchInfo, Proposer, RoundInput, draft_chain, implements
+from .base import BatchInfo, Proposer, RoundInput, draft_chain, implements, sampled_chain
 
 
 class ThompsonChain(Proposer):
@@ -60,25 +59,6 @@ class ThompsonChain(Proposer):
         self.control.update(self.a, self.b, verdict.n_accepted, tree.valid[:, 1:].sum(1))
         self.k.copy_(self.control.choose(self.a, self.b, r.seeds, r.counter))
         return self.k
-
-
-def sampled_chain(r: RoundInput, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K drafts, each drawn from the drafter's processed distribution q (the row's own draft stream):
-    tokens [B, K] and q at every node [B, K + 1, V] (the last row zero: no draft follows the chain)."""
-    B = r.root.shape[0]
-    u = uniform(r.seeds, r.counter, STREAM_DRAFT, K)  # [B, K]
-    logits, toks, qs = r.root_logits, [], []
-    for j in range(K):
-        q = target_probs(logits.float(), r.sampling)  # [B, V]
-        y = sample(q, u[:, j])
-        toks.append(y)
-        qs.append(q)
-        if j + 1 < K:
-            chain = torch.ones(B, 1, j + 1, dtype=torch.bool, device=y.device)  # sees every earlier draft
-            out, _ = r.drafter.step(y[:, None], None, j + 1, j, chain)
-            logits = out[:, 0]
-    qs.append(torch.zeros_like(qs[0]))
-    return torch.stack(toks, 1), torch.stack(qs, 1)
 
 
 @implements(EESDSpec)
