@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .tree_attention import TreeSpan, tree_attention
 
 
 class RMSNorm(nn.Module):
@@ -85,7 +86,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv_layer, slots, mask):
         """x [B, T, Fin]; kv_layer [B, S, 2, Hkv, D] (a view into the cache); slots [B, T];
-        mask [B, T, S] bool (plain) or, once fused or soft-capped, [B, 1, T*G, S] additive (see `gqa_mask`)."""
+        mask [B, T, S] bool (plain) or, once fused or soft-capped, [B, 1, T*G, S] additive (see `gqa_mask`), or
+        a `TreeSpan` for the Triton kernel (`tree_attention.py`), which reads the cache up to each row's length."""
         B, T, _ = x.shape
         h, hk, d = self.h, self.hk, self.d
         if self.qkv is not None:
@@ -99,6 +101,8 @@ class Attention(nn.Module):
         v = v.view(B, T, hk, d)
         bi = torch.arange(B, device=x.device)[:, None]
         kv_layer[bi, slots] = torch.stack((k, v), dim=2).to(kv_layer.dtype)  # write [B, T, 2, Hkv, D]
+        if isinstance(mask, TreeSpan):
+            return self.o_proj(tree_attention(q, kv_layer, mask, self.scale).reshape(B, T, h * d))
         keys = kv_layer[:, :, 0].transpose(1, 2)  # [B, Hkv, S, D]
         vals = kv_layer[:, :, 1].transpose(1, 2)
         if mask.dtype == torch.bool and self.softcap is None:  # plain path (unfused, no cap)
