@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent('''
     import torch
     from adaspec_worker.decode.model import attention_mask, load_target
     from adaspec_worker.decode.tree_attention import available, span, tree_attention
-    from adaspec_worker.decode.build import build_engine
+    from adaspec_worker.decode.build import build_engine, load_drafter
     from adaspec_worker.decode.sampling import SamplingParams
     from jobs.specs import parse_spec
     assert available()
@@ -54,8 +54,14 @@ SCRIPT = textwrap.dedent('''
         spec = parse_spec(method, {"depth": 3, "total_tokens": 8} if method == "eagle2" else {})
         for temperature in (0.0, 0.8):
             s = SamplingParams(max_new_tokens=12, temperature=temperature)
-            runs = [build_engine(m, spec, draft=sys.argv[2]).generate(prompts, s, seeds=[1, 2, 3, 4], slots=2)[0]
-                    for m in (plain, fast)]
+            runs = []
+            for m in (plain, fast):
+                drafter = load_drafter(m, spec, sys.argv[2])
+                if drafter is not None and m is fast:  # the head's attention through the kernel too
+                    drafter.fuse(compile=False)
+                    assert drafter.kernel_attention
+                engine = build_engine(m, spec, draft=drafter)
+                runs.append(engine.generate(prompts, s, seeds=[1, 2, 3, 4], slots=2)[0])
             a, b = ([c.tokens for c in run] for run in runs)
             assert a == b, (method, temperature, a, b)
     print("ok")
