@@ -46,9 +46,23 @@ SCRIPT = textwrap.dedent('''
             wrong = tree_attention(q, kv, span(lens, torch.ones_like(tm)), None)
             assert (wrong - reference(q, kv, lens, tm)).abs().max().item() > 1e-3
 
+    from adaspec_worker.decode.layers import apply_rope
+    from adaspec_worker.decode import rope_kernel
+    from adaspec_worker.decode.rope_kernel import rope_qkv
+    assert rope_kernel.available()
+    for H, Hkv, D, R in [(6, 2, 64, 64), (4, 4, 16, 8)]:  # R < D: partial rotary
+        B, T = 2, 3
+        x = torch.randn(B, T, (H + 2 * Hkv) * D)
+        cos, sin = torch.randn(B, T, R), torch.randn(B, T, R)
+        q, kv = rope_qkv(x, cos, sin, H, Hkv, D)
+        qr, kr, vr = x.split((H * D, Hkv * D, Hkv * D), -1)
+        assert torch.allclose(q, apply_rope(qr.view(B, T, H, D), cos, sin), atol=1e-5)
+        assert torch.allclose(kv[:, :, 0], apply_rope(kr.view(B, T, Hkv, D), cos, sin), atol=1e-5)
+        assert torch.equal(kv[:, :, 1], vr.view(B, T, Hkv, D))
+
     plain = load_target(sys.argv[1], dtype="float32", device="cpu").fuse(compile=False, kernel=False)
     fast = load_target(sys.argv[1], dtype="float32", device="cpu").fuse(compile=False, kernel=True)
-    assert fast.kernel_attention and not plain.kernel_attention
+    assert fast.kernel_attention and not plain.kernel_attention and fast.layers[0].self_attn.rope_kernel
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [1, 2, 3, 4, 5, 6, 7, 8, 9], [7]]
     for method in ("none", "eagle2"):
         spec = parse_spec(method, {"depth": 3, "total_tokens": 8} if method == "eagle2" else {})

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from . import tree_attention
+from . import rope_kernel, tree_attention
 from .model import (
     MLP,
     Attention,
@@ -175,6 +175,7 @@ class EagleHead(nn.Module, Drafter):
             self._compiled = compiled(self._body)
         tgt = getattr(self, "target", [None])[0]
         self.kernel_attention = bool(tgt is not None and tgt.kernel_attention and self.cfg.head_dim == tgt.cfg.head_dim)
+        self.layers[0].self_attn.rope_kernel = self.kernel_attention and rope_kernel.available()
 
     def forward(self, toks, feats, pos, mask, offset):
         if self._compiled is not None and toks.shape[1] <= CausalLM.compile_max_tokens:  # strides fixed: no recompiles

@@ -34,7 +34,7 @@ import os
 import torch
 import torch.nn as nn
 
-from . import rope, tree_attention
+from . import rope, rope_kernel, tree_attention
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig, ModelLoadError, read_json  # noqa: F401  (re-exported)
 from .layers import (  # noqa: F401  (re-exported: drafters build their layers from the same blocks)
     MLP,
@@ -192,6 +192,9 @@ class CausalLM(nn.Module):
             kernel = self.device.type == "cuda" and os.environ.get("ADARUN_TREE_KERNEL", "1") != "0"
         fits = self.cfg.attn_softcap is None and self.cfg.head_dim in (16, 32, 64, 128, 256)
         self.kernel_attention = bool(kernel and fits and tree_attention.available())
+        rope_fits = self.kernel_attention and not self.cfg.qk_norm and rope_kernel.available()
+        for layer in self.layers:
+            layer.self_attn.rope_kernel = rope_fits
         if compile is None:
             compile = compile_wanted(self.device)
         if compile and self._compiled is None:
