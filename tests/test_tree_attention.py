@@ -50,14 +50,18 @@ SCRIPT = textwrap.dedent('''
     from adaspec_worker.decode import rope_kernel
     from adaspec_worker.decode.rope_kernel import rope_qkv
     assert rope_kernel.available()
-    for H, Hkv, D, R in [(6, 2, 64, 64), (4, 4, 16, 8)]:  # R < D: partial rotary
+    for H, Hkv, D, R, att in [(6, 2, 64, 64, 1.0), (4, 4, 16, 8, 1.3)]:  # R < D: partial rotary; att: YaRN-like
         B, T = 2, 3
         x = torch.randn(B, T, (H + 2 * Hkv) * D)
-        cos, sin = torch.randn(B, T, R), torch.randn(B, T, R)
-        q, kv = rope_qkv(x, cos, sin, H, Hkv, D)
+        positions = torch.randint(0, 500, (B, T))
+        inv = 1.0 / (10000.0 ** (torch.arange(0, R, 2, dtype=torch.float32) / R))
+        freqs = positions[..., None].float() * inv
+        emb = torch.cat((freqs, freqs), -1)
+        cos, sin = emb.cos() * att, emb.sin() * att
+        q, kv = rope_qkv(x, rope_kernel.Angles(positions, inv, att), H, Hkv, D)
         qr, kr, vr = x.split((H * D, Hkv * D, Hkv * D), -1)
-        assert torch.allclose(q, apply_rope(qr.view(B, T, H, D), cos, sin), atol=1e-5)
-        assert torch.allclose(kv[:, :, 0], apply_rope(kr.view(B, T, Hkv, D), cos, sin), atol=1e-5)
+        assert torch.allclose(q, apply_rope(qr.view(B, T, H, D), cos, sin), atol=1e-4)
+        assert torch.allclose(kv[:, :, 0], apply_rope(kr.view(B, T, Hkv, D), cos, sin), atol=1e-4)
         assert torch.equal(kv[:, :, 1], vr.view(B, T, Hkv, D))
 
     plain = load_target(sys.argv[1], dtype="float32", device="cpu").fuse(compile=False, kernel=False)

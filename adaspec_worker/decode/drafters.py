@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from . import rope_kernel, tree_attention
+from .layers import default_inv_freq
 from .model import (
     MLP,
     Attention,
@@ -194,7 +195,11 @@ class EagleHead(nn.Module, Drafter):
             slots, full_mask = slots_and_mask(lens, kv.shape[1], toks.shape[1], mask, offset)
         if self.fused and not self.kernel_attention:
             full_mask = gqa_mask(full_mask, self.cfg.num_heads // self.cfg.num_kv_heads, h.dtype)
-        cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        if self.layers[0].self_attn.rope_kernel:
+            inv = default_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, pos.device)
+            cos, sin = rope_kernel.Angles(positions=pos, inv_freq=inv), None
+        else:
+            cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         h = self.layers[0](h, cos, sin, kv[:, :, 0], slots, full_mask)
         return tgt.lm_head(h), h
 

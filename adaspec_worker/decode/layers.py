@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .rope_kernel import rope_qkv
+from .rope_kernel import Angles, rope_qkv
 from .tree_attention import TreeSpan, tree_attention
 
 
@@ -44,9 +44,14 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def default_inv_freq(head_dim: int, theta: float, device) -> torch.Tensor:
+    """[D / 2] float32: RoPE's inverse frequencies without scaling."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+
+
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [B, T] -> cos, sin [B, T, D] (HF's half-rotation convention)."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    inv = default_inv_freq(head_dim, theta, positions.device)
     freqs = positions[..., None].float() * inv  # [B, T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -87,14 +92,15 @@ class Attention(nn.Module):
         object.__setattr__(self, "qkv", fuse_linears(self.q_proj, self.k_proj, self.v_proj))  # not a submodule
 
     def forward(self, x, cos, sin, kv_layer, slots, mask):
-        """x [B, T, Fin]; kv_layer [B, S, 2, Hkv, D] (a view into the cache); slots [B, T];
+        """x [B, T, Fin]; cos, sin [B, T, R] (or, with `rope_kernel` set, `Angles` and None); kv_layer [B, S, 2, Hkv, D]
+        (a view into the cache); slots [B, T];
         mask [B, T, S] bool (plain) or, once fused or soft-capped, [B, 1, T*G, S] additive (see `gqa_mask`), or
         a `TreeSpan` for the Triton kernel (`tree_attention.py`), which reads the cache up to each row's length."""
         B, T, _ = x.shape
         h, hk, d = self.h, self.hk, self.d
         bi = torch.arange(B, device=x.device)[:, None]
-        if self.rope_kernel and isinstance(mask, TreeSpan):  # the fast path: 1 GEMM + 3 kernels (+ the KV write)
-            q, kv_new = rope_qkv(self.qkv(x), cos, sin, h, hk, d)  # [B, T, H, D], [B, T, 2, Hkv, D]
+        if isinstance(cos, Angles):  # the fast path (`rope_kernel`): 1 GEMM + 2 kernels (+ the KV write); sin unused
+            q, kv_new = rope_qkv(self.qkv(x), cos, h, hk, d)  # [B, T, H, D], [B, T, 2, Hkv, D]
             kv_layer[bi, slots] = kv_new.to(kv_layer.dtype)
             return self.o_proj(tree_attention(q, kv_layer, mask, self.scale).reshape(B, T, h * d))
         if self.qkv is not None:

@@ -225,7 +225,11 @@ class CausalLM(nn.Module):
             h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype, device=h.device)
         if not self.kernel_attention and (self.fused or self.cfg.attn_softcap is not None):  # grouped additive mask
             mask = gqa_mask(mask, self.cfg.num_heads // self.cfg.num_kv_heads, h.dtype)
-        cos, sin = rope.cos_sin(positions, self.cfg, h.dtype)  # RoPE scaling: rope.py
+        if self.layers[0].self_attn.rope_kernel:  # the kernel computes cos/sin itself (no per-layer tables)
+            inv, att = rope.frequencies(self.cfg, positions.device)
+            cos, sin = rope_kernel.Angles(positions=positions, inv_freq=inv, scale=att), None
+        else:
+            cos, sin = rope.cos_sin(positions, self.cfg, h.dtype)  # RoPE scaling: rope.py
         outs = {}
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, kv[:, :, i], slots, mask)

@@ -79,3 +79,9 @@ def cos_sin(positions, cfg, dtype):
     if att == 1.0:
         return emb.cos().to(dtype), emb.sin().to(dtype)
     return (emb.cos() * att).to(dtype), (emb.sin() * att).to(dtype)
+
+
+def frequencies(cfg, device):
+    """The config's inverse frequencies [R / 2] (float32, scaling applied) and attention factor: what the RoPE
+    kernel (`rope_kernel.Angles`) turns by."""
+    return _inv_freq(cfg.rotary_dim, float(cfg.rope_theta), cfg.rope_scaling, str(device))

@@ -4,7 +4,8 @@ What it does: reads each new token's fused projection [q heads | k heads | v hea
 once, turns the first R dims of every q and k head (HF's half-rotation convention, R = the rotary dim, so
 partial rotary works), and writes the turned q as [B, T, H, D] and k with v as [B, T, 2, Hkv, D], the layout of
 a cache slot, ready for one index write. The plain path is three kernels per layer under inductor (the split,
-q's RoPE, k's RoPE, each recomputing cos/sin); this is one, with cos/sin computed once per forward. Arithmetic in
+q's RoPE, k's RoPE, and cos/sin tables inductor recomputes per layer); this is one, computing cos/sin itself
+from the positions and the inverse frequencies (`Angles`). Arithmetic in
 float32, rounded once to the model's dtype.
 
 Where it runs: the fast path on CUDA, with the tree-attention kernel (`tree_attention.py`), for architectures
@@ -17,8 +18,18 @@ What it does not know: the cache, masks, positions (cos/sin arrive made) or whic
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class Angles:
+    """What the kernel turns by, in place of cos/sin tables: it computes cos/sin itself, so no per-layer tables."""
+
+    positions: torch.Tensor  # [B, T] each new token's position
+    inv_freq: torch.Tensor  # [R / 2] float32 inverse frequencies (RoPE scaling applied)
+    scale: float = 1.0  # attention factor cos and sin are multiplied by (YaRN, longrope); 1.0 otherwise
 
 _KERNEL = None  # the jitted kernel once `available()` defined it (a global, so torch.compile traces the launch)
 
@@ -38,7 +49,7 @@ def _define():
     import triton.language as tl
 
     @triton.jit
-    def rope_qkv_kernel(x_ptr, cos_ptr, sin_ptr, q_ptr, kv_ptr,
+    def rope_qkv_kernel(x_ptr, pos_ptr, inv_ptr, q_ptr, kv_ptr, att,
                         H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, R: tl.constexpr, NH: tl.constexpr):
         bt = tl.program_id(0)  # one program per (row, token)
         heads = tl.arange(0, NH)[:, None]  # [NH, 1] q heads, k heads, v heads (padded to a power of two)
@@ -50,8 +61,10 @@ def _define():
         turned = (heads < H + HKV) & (dims < R)  # q and k heads, rotary dims
         xp = tl.load(x_ptr + bt * (H + 2 * HKV) * D + heads * D + partner, mask=real & turned, other=0.0)
         xp = xp.to(tl.float32)
-        c = tl.load(cos_ptr + bt * R + dims, mask=dims < R, other=1.0).to(tl.float32)  # [1, D]
-        s = tl.load(sin_ptr + bt * R + dims, mask=dims < R, other=0.0).to(tl.float32)
+        angle = tl.load(pos_ptr + bt).to(tl.float32) * tl.load(inv_ptr + tl.where(dims < half, dims, dims - half),
+                                                                mask=dims < R, other=0.0)  # [1, D]
+        c = tl.cos(angle) * att
+        s = tl.sin(angle) * att
         y = tl.where(turned, x * c + tl.where(dims < half, -xp, xp) * s, x)
         tl.store(q_ptr + bt * H * D + heads * D + dims, y.to(q_ptr.dtype.element_ty), mask=heads < H)
         # k and v heads in slot order: [2, HKV, D] flat is (heads - H) * D + d
@@ -61,16 +74,16 @@ def _define():
     return rope_qkv_kernel
 
 
-def rope_qkv(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, H: int, HKV: int, D: int):
-    """x [B, T, (H + 2 Hkv) * D] (contiguous), cos/sin [B, T, R] -> q [B, T, H, D], kv [B, T, 2, Hkv, D]."""
+def rope_qkv(x: torch.Tensor, angles: Angles, H: int, HKV: int, D: int):
+    """x [B, T, (H + 2 Hkv) * D] (contiguous) turned by `angles` -> q [B, T, H, D], kv [B, T, 2, Hkv, D]."""
     assert _KERNEL is not None, "rope_qkv needs Triton: check available() first"
     B, T, F = x.shape
-    R = cos.shape[-1]
+    R = 2 * angles.inv_freq.shape[0]
     assert F == (H + 2 * HKV) * D and x.is_contiguous(), "x must be the fused projection, contiguous"
     assert D in (16, 32, 64, 128, 256) and R % 2 == 0 and R <= D, f"head_dim {D} / rotary dim {R} unsupported"
-    cos, sin = cos.contiguous(), sin.contiguous()
+    positions = angles.positions.contiguous()
     q = torch.empty(B, T, H, D, dtype=x.dtype, device=x.device)
     kv = torch.empty(B, T, 2, HKV, D, dtype=x.dtype, device=x.device)
     nh = 1 << (H + 2 * HKV - 1).bit_length()  # heads padded to a power of two
-    _KERNEL[(B * T,)](x, cos, sin, q, kv, H=H, HKV=HKV, D=D, R=R, NH=nh)
+    _KERNEL[(B * T,)](x, positions, angles.inv_freq, q, kv, float(angles.scale), H=H, HKV=HKV, D=D, R=R, NH=nh)
     return q, kv
