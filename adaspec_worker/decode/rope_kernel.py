@@ -31,7 +31,7 @@ class Angles:
     inv_freq: torch.Tensor  # [R / 2] float32 inverse frequencies (RoPE scaling applied)
     scale: float = 1.0  # attention factor cos and sin are multiplied by (YaRN, longrope); 1.0 otherwise
 
-_KERNEL = None  # the jitted kernel once `available()` defined it (a global, so torch.compile traces the launch)
+_KERNEL = None  # the jitted kernel once `available()` defined it
 
 
 @functools.cache
@@ -77,13 +77,25 @@ def _define():
 def rope_qkv(x: torch.Tensor, angles: Angles, H: int, HKV: int, D: int):
     """x [B, T, (H + 2 Hkv) * D] (contiguous) turned by `angles` -> q [B, T, H, D], kv [B, T, 2, Hkv, D]."""
     assert _KERNEL is not None, "rope_qkv needs Triton: check available() first"
-    B, T, F = x.shape
     R = 2 * angles.inv_freq.shape[0]
-    assert F == (H + 2 * HKV) * D and x.is_contiguous(), "x must be the fused projection, contiguous"
+    assert x.shape[-1] == (H + 2 * HKV) * D and x.is_contiguous(), "x must be the fused projection, contiguous"
     assert D in (16, 32, 64, 128, 256) and R % 2 == 0 and R <= D, f"head_dim {D} / rotary dim {R} unsupported"
-    positions = angles.positions.contiguous()
+    return _rope_qkv_op(x, angles.positions.contiguous(), angles.inv_freq, float(angles.scale), H, HKV, D)
+
+
+# an opaque custom op (see tree_attention.py: inductor clones the inputs of user kernels it cannot analyse)
+@torch.library.custom_op("adarun::rope_qkv", mutates_args=())
+def _rope_qkv_op(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scale: float, H: int, HKV: int,
+                 D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    B, T, _ = x.shape
     q = torch.empty(B, T, H, D, dtype=x.dtype, device=x.device)
     kv = torch.empty(B, T, 2, HKV, D, dtype=x.dtype, device=x.device)
     nh = 1 << (H + 2 * HKV - 1).bit_length()  # heads padded to a power of two
-    _KERNEL[(B * T,)](x, positions, angles.inv_freq, q, kv, float(angles.scale), H=H, HKV=HKV, D=D, R=R, NH=nh)
+    _KERNEL[(B * T,)](x, positions, inv_freq, q, kv, scale, H=H, HKV=HKV, D=D, R=2 * inv_freq.shape[0], NH=nh)
     return q, kv
+
+
+@_rope_qkv_op.register_fake
+def _(x, positions, inv_freq, scale, H, HKV, D):
+    B, T, _ = x.shape
+    return x.new_empty(B, T, H, D), x.new_empty(B, T, 2, HKV, D)
