@@ -22,6 +22,7 @@ import platform
 import socket
 import time
 
+from jobs.inputs import is_jsonl
 from jobs.layout import Commit, ErrorRow, OutputRow, ShardFiles, ShardStats
 from jobs.manifest import manifest_from_dict
 from jobs.plan import Shard, input_storage_options, read_rows
@@ -163,6 +164,9 @@ class ShardWorker:
             ),
             carried=carried,
             metadata=meta,
+            # the log-probability columns: when the job asks, and always for OpenAI batch lines (null where a line
+            # did not ask), so every shard of one file has one schema
+            logprobs=bool(m.decoding.logprobs or m.decoding.top_logprobs or is_jsonl(sh.file)),
         )
         return {
             "shard": sh.index,
@@ -193,7 +197,7 @@ class ShardWorker:
             if err:
                 errors.append(ErrorRow(rid, err))
                 continue
-            sp = SamplingParams(st.max_new_tokens, st.temperature, st.top_p, st.top_k, self.eos)
+            sp = SamplingParams(st.max_new_tokens, st.temperature, st.top_p, st.top_k, self.eos, st.scored)
             for k in range(st.n):
                 good.append(Row(rid, prompt, toks, row_seed(st.seed, rid, k), k, st, i, sp))
         return good, errors
@@ -232,6 +236,8 @@ class ShardWorker:
                     len(c.tokens),
                     c.finish_reason,
                     r.sample_index,
+                    c.logprobs,
+                    self.codec.top_logprobs(c.top_logprobs) if st.top_logprobs else None,
                 )
         seq = total.rows
         stats = ShardStats(

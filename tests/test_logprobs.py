@@ -113,3 +113,111 @@ def test_transformers_fallback_reports_the_same_logprobs(tgt, hf):
             torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=2e-4, rtol=0)
     off, _ = eng.generate(prompts, SamplingParams(max_new_tokens=4), seeds)
     assert all(c.logprobs is None and c.top_logprobs is None for c in off)
+
+
+# ---------------------------------------------------------------------------------------------- through a job
+
+
+def test_job_writes_typed_logprob_columns(ray_cluster, tmp_path, hf):
+    """decoding.logprobs + top_logprobs on an eagle2 job (continuous batching): typed columns, one entry per
+    completion token, greedy's chosen token is its own top-1, and the values equal a plain forward's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from jobs.layout import LOGPROBS, TOP_LOGPROBS
+    from jobs.manifest import manifest_from_dict
+    from tests.helpers import job_dict, run_job
+
+    rows = [{"id": f"r{i}", "prompt": f"def add{i}(a, b):\n    return"} for i in range(5)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    d = job_dict(tmp_path / "in.parquet", str(tmp_path / "out"),
+                 decoding={"max_new_tokens": 8, "seed": 1, "logprobs": True, "top_logprobs": 2},
+                 resources={"workers": 1, "batch_size": 2, "cpus_per_worker": 1})
+    state = run_job(manifest_from_dict(d))
+    assert not state.failed
+    table = pq.read_table(tmp_path / "out" / "shards" / "shard-00000.parquet")
+    assert table.schema.field("completion_logprobs").type == LOGPROBS
+    assert table.schema.field("top_logprobs").type == TOP_LOGPROBS
+    tok = AutoTokenizer.from_pretrained(str(TINY))
+    for r in table.to_pylist():
+        assert len(r["completion_logprobs"]) == len(r["top_logprobs"]) == r["num_completion_tokens"] > 0
+        ids = [top[0]["token_id"] for top in r["top_logprobs"]]  # greedy: the emitted token is the top-1
+        assert all(len(top) == 2 and top[0]["logprob"] >= top[1]["logprob"] for top in r["top_logprobs"])
+        assert all(top[0]["token"] == tok.decode([top[0]["token_id"]]) for top in r["top_logprobs"])
+        assert [top[0]["logprob"] for top in r["top_logprobs"]] == r["completion_logprobs"]
+        ref = _reference(hf, tok(r["prompt"], add_special_tokens=False)["input_ids"], ids)
+        want = ref.gather(1, torch.tensor(ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(r["completion_logprobs"]), want, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("k", [-1, 21])
+def test_top_logprobs_out_of_range_exits_2(tmp_path, k):
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+    from tests.helpers import job_dict, write_manifest
+
+    d = job_dict(tmp_path / "x.parquet", str(tmp_path / "out"), decoding={"top_logprobs": k})
+    r = CliRunner().invoke(cli, ["submit", str(write_manifest(tmp_path, d)), "--dry-run"])
+    assert r.exit_code == 2 and "decoding.top_logprobs: must be in [0, 20]" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_top_logprobs_beyond_the_vocabulary_is_refused(tmp_path):
+    import json
+
+    from adaspec_worker.decode.config import ModelLoadError
+    from adaspec_worker.preflight import check_models
+    from jobs.manifest import manifest_from_dict
+    from tests.helpers import job_dict
+
+    model = tmp_path / "m"
+    model.mkdir()
+    cfg = json.loads((TINY / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "vocab_size": 16}))
+    (model / "model.safetensors").write_bytes(b"")  # preflight reads listings and JSON only
+    (model / "tokenizer.json").write_text("{}")
+    d = job_dict(tmp_path / "x.parquet", str(tmp_path / "out"), decoding={"top_logprobs": 20},
+                 speculative={"method": "none"})
+    d["model"] = {"target": str(model)}
+    with pytest.raises(ModelLoadError, match=r"decoding\.top_logprobs: 20 exceeds the target's vocabulary of 16"):
+        check_models(manifest_from_dict(d))
+    check_models(manifest_from_dict({**d, "decoding": {"top_logprobs": 16}}))
+
+
+def test_openai_lines_and_row_settings_carry_logprobs():
+    import json
+
+    from adaspec_worker.rows import row_settings
+    from jobs.inputs import _parse_line
+    from jobs.manifest import DecodingCfg
+
+    chat = {"custom_id": "a", "body": {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                                       "top_logprobs": 4}}
+    legacy = {"custom_id": "b", "body": {"prompt": "x", "logprobs": 3}}  # /v1/completions: an integer k
+    assert _parse_line(json.dumps(chat))[2] == {"logprobs": True, "top_logprobs": 4}
+    assert _parse_line(json.dumps(legacy))[2] == {"logprobs": True, "top_logprobs": 3}
+    job = DecodingCfg()
+    assert row_settings(job, {})[0].scored is None  # off unless asked
+    assert row_settings(job, {"logprobs": True})[0].scored == 0
+    assert row_settings(job, {"top_logprobs": 2})[0].scored == 2  # top_logprobs implies logprobs
+    assert row_settings(DecodingCfg(logprobs=True, top_logprobs=5), {"logprobs": False, "top_logprobs": 0})[0].scored \
+        is None  # a line may turn the job's logprobs off
+    assert "top_logprobs: must be in [0, 20]" in row_settings(job, {"top_logprobs": 50})[1]
+    assert "logprobs: must be true or false" in row_settings(job, {"logprobs": "yes"})[1]
+    a, b = row_settings(job, {"logprobs": True})[0], row_settings(job, {})[0]
+    assert a.batch_key != b.batch_key  # one engine call per logprobs setting
+
+
+def test_config_hash_unchanged_unless_logprobs_are_asked():
+    from jobs.manifest import manifest_from_dict
+    from tests.helpers import job_dict
+
+    d = job_dict("x.parquet", "out")
+    base = manifest_from_dict(d).config_hash()
+    explicit_off = {**d, "decoding": {**d["decoding"], "logprobs": False, "top_logprobs": 0}}
+    assert manifest_from_dict(explicit_off).config_hash() == base
+    on = {**d, "decoding": {**d["decoding"], "logprobs": True}}
+    top = {**d, "decoding": {**d["decoding"], "top_logprobs": 3}}
+    assert len({base, manifest_from_dict(on).config_hash(), manifest_from_dict(top).config_hash()}) == 3
