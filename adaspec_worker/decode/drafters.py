@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from . import rope_kernel, tree_attention
 from .model import (
     MLP,
     Attention,
@@ -39,6 +40,7 @@ from .model import (
     causal_tree,
     compile_wanted,
     compiled,
+    dense,
     gqa_mask,
     load_state_dict,
     load_strict,
@@ -152,6 +154,7 @@ class EagleHead(nn.Module, Drafter):
         self.layers = nn.ModuleList([DecoderLayer(cfg, input_norm=False)])
         self.fused = False
         self._compiled = None
+        self.kernel_attention = False  # attention through the target's Triton kernel (set by fuse(), as the target's)
 
     def attach(self, target: CausalLM) -> EagleHead:
         self.target = [target]  # a list keeps the target out of this module's parameters
@@ -170,18 +173,26 @@ class EagleHead(nn.Module, Drafter):
             compile = compile_wanted(self.fc.weight.device)
         if compile and self._compiled is None:
             self._compiled = compiled(self._body)
+        tgt = getattr(self, "target", [None])[0]
+        self.kernel_attention = bool(tgt is not None and tgt.kernel_attention and self.cfg.head_dim == tgt.cfg.head_dim)
+        self.layers[0].self_attn.rope_kernel = self.kernel_attention and rope_kernel.available()
 
     def forward(self, toks, feats, pos, mask, offset):
-        small = self._compiled is not None and toks.shape[1] <= CausalLM.compile_max_tokens
-        return (self._compiled if small else self._body)(toks, feats, pos, self.cache.kv, self.cache.lens, mask,
-                                                          offset)
+        if self._compiled is not None and toks.shape[1] <= CausalLM.compile_max_tokens:  # strides fixed: no recompiles
+            return self._compiled(dense(toks), dense(feats), dense(pos), self.cache.kv, self.cache.lens, dense(mask),
+                                  offset)
+        return self._body(toks, feats, pos, self.cache.kv, self.cache.lens, mask, offset)
 
     def _body(self, toks, feats, pos, kv, lens, mask, offset: int):
         """toks, pos [B, T]; feats [B, T, H]; kv [B, S, 1, 2, Hkv, D]; lens [B] -> (logits [B, T, V], hidden)."""
         tgt = self.target[0]
         h = self.fc(torch.cat((tgt.embed_tokens(toks), feats.to(self.fc.weight.dtype)), -1))
-        slots, full_mask = slots_and_mask(lens, kv.shape[1], toks.shape[1], mask, offset)
-        if self.fused:
+        if self.kernel_attention:  # the kernel reads lens and the tree mask itself
+            slots = lens[:, None] + offset + torch.arange(toks.shape[1], device=lens.device)[None, :]  # [B, T]
+            full_mask = tree_attention.span(lens, mask)
+        else:
+            slots, full_mask = slots_and_mask(lens, kv.shape[1], toks.shape[1], mask, offset)
+        if self.fused and not self.kernel_attention:
             full_mask = gqa_mask(full_mask, self.cfg.num_heads // self.cfg.num_kv_heads, h.dtype)
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         h = self.layers[0](h, cos, sin, kv[:, :, 0], slots, full_mask)

@@ -81,8 +81,9 @@ class Engine:
         self.workspace: Workspace | None = None
         self.warmup_seconds = 0.0  # compile + capture, accumulated since the last generate() reported it
         # continuous batching refills once 1/refill_every of the slots are free: one prefill call serves several
-        # rows (a prefill costs about a round), and occupancy stays above ~1 - 1/(2 * refill_every)
-        self.refill_every = 8
+        # rows (a prefill costs about a round), and occupancy stays above ~1 - 1/(2 * refill_every). 16 since prefills
+        # are compiled (at 8, 64 slots ran at occupancy 0.88-0.90 on an H100: bench/results/h100-fast-attention)
+        self.refill_every = 16
         # launch round r+1 before the host records round r (CUDA: the host's work hides behind the GPU's; each
         # row costs one wasted round at its end; on CPU nothing runs concurrently, so off unless a test asks)
         self.overlap = target.device.type == "cuda"

@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .rope_kernel import rope_qkv
+from .tree_attention import TreeSpan, tree_attention
 
 
 class RMSNorm(nn.Module):
@@ -79,15 +81,22 @@ class Attention(nn.Module):
         self.scale, self.softcap = cfg.attn_scale, cfg.attn_softcap  # Gemma-2; None: SDPA's default, no cap
         self.h, self.hk, self.d = h, hk, d
         self.qkv: nn.Linear | None = None  # set by fuse(): [q; k; v] in one GEMM
+        self.rope_kernel = False  # RoPE and the [k; v] block in one Triton kernel (`rope_kernel.py`; set by the model)
 
     def fuse(self) -> None:
         object.__setattr__(self, "qkv", fuse_linears(self.q_proj, self.k_proj, self.v_proj))  # not a submodule
 
     def forward(self, x, cos, sin, kv_layer, slots, mask):
         """x [B, T, Fin]; kv_layer [B, S, 2, Hkv, D] (a view into the cache); slots [B, T];
-        mask [B, T, S] bool (plain) or, once fused or soft-capped, [B, 1, T*G, S] additive (see `gqa_mask`)."""
+        mask [B, T, S] bool (plain) or, once fused or soft-capped, [B, 1, T*G, S] additive (see `gqa_mask`), or
+        a `TreeSpan` for the Triton kernel (`tree_attention.py`), which reads the cache up to each row's length."""
         B, T, _ = x.shape
         h, hk, d = self.h, self.hk, self.d
+        bi = torch.arange(B, device=x.device)[:, None]
+        if self.rope_kernel and isinstance(mask, TreeSpan):  # the fast path: 1 GEMM + 3 kernels (+ the KV write)
+            q, kv_new = rope_qkv(self.qkv(x), cos, sin, h, hk, d)  # [B, T, H, D], [B, T, 2, Hkv, D]
+            kv_layer[bi, slots] = kv_new.to(kv_layer.dtype)
+            return self.o_proj(tree_attention(q, kv_layer, mask, self.scale).reshape(B, T, h * d))
         if self.qkv is not None:
             q, k, v = self.qkv(x).split((h * d, hk * d, hk * d), -1)
         else:
@@ -97,8 +106,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(B, T, hk, d)
-        bi = torch.arange(B, device=x.device)[:, None]
         kv_layer[bi, slots] = torch.stack((k, v), dim=2).to(kv_layer.dtype)  # write [B, T, 2, Hkv, D]
+        if isinstance(mask, TreeSpan):
+            return self.o_proj(tree_attention(q, kv_layer, mask, self.scale).reshape(B, T, h * d))
         keys = kv_layer[:, :, 0].transpose(1, 2)  # [B, Hkv, S, D]
         vals = kv_layer[:, :, 1].transpose(1, 2)
         if mask.dtype == torch.bool and self.softcap is None:  # plain path (unfused, no cap)

@@ -18,7 +18,9 @@ concatenated once (the separate projections become views of the fused weight, so
 load and save by their usual names), grouped-query attention runs as one SDPA call over
 [B, Hkv, T*G, D] with an additive mask built once per forward, and on CUDA every forward of at most
 `compile_max_tokens` tokens per row (prompt prefills included) runs through `torch.compile` (inductor,
-dynamic shapes) so RMSNorm, RoPE, the KV write and SiLU*mul fuse. CPU stays on the plain PyTorch ops.
+dynamic shapes) so RMSNorm, RoPE, the KV write and SiLU*mul fuse. On CUDA attention is one Triton kernel
+(`tree_attention.py`) reading the cache up to each row's live length with the tree mask over the new slots
+only, in place of SDPA over a dense mask of the whole capacity. CPU stays on the plain PyTorch ops.
 
 Cache layout: one tensor `kv` of shape [B, S, L, 2, Hkv, D]. Slot s of row b holds the rotated key
 and the value of the token at sequence position s. Keeping the layer axis inside the slot lets
@@ -32,7 +34,7 @@ import os
 import torch
 import torch.nn as nn
 
-from . import rope
+from . import rope, rope_kernel, tree_attention
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig, ModelLoadError, read_json  # noqa: F401  (re-exported)
 from .layers import (  # noqa: F401  (re-exported: drafters build their layers from the same blocks)
     MLP,
@@ -68,7 +70,9 @@ def compiled(fn):
     """torch.compile (inductor, dynamic shapes: one graph serves every batch and tree size) with room for
     the few specialisations decoding meets (B or T of 1, offsets)."""
     import torch._dynamo
+    import torch.fx.experimental._config
 
+    torch.fx.experimental._config.use_duck_shape = False  # equal sizes (heads, rows) need not stay equal: no guard
     cfg = torch._dynamo.config
     for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(cfg, name):
@@ -79,6 +83,16 @@ def compiled(fn):
 def compile_wanted(device: torch.device) -> bool:
     """Compile on CUDA unless ADARUN_COMPILE=0."""
     return device.type == "cuda" and os.environ.get("ADARUN_COMPILE", "1") != "0"
+
+
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """t with row-major strides for every dim (size-1 dims included, which `.contiguous()` leaves as they are):
+    the compiled pass guards on strides, so an expanded or sliced input would recompile it."""
+    want, step = [], 1
+    for n in reversed(t.shape):
+        want.append(step)
+        step *= n
+    return t if t.stride() == tuple(reversed(want)) else t.clone(memory_format=torch.contiguous_format)
 
 
 def causal_tree(B: int, T: int, device) -> torch.Tensor:
@@ -136,10 +150,10 @@ class KVCache:
 class CausalLM(nn.Module):
     """Llama-family causal LM. `forward` returns (logits [B,T,V], final-norm hidden [B,T,H], aux features)."""
 
-    # passes of more tokens per row (prefills) run the plain ops; ADARUN_COMPILE_MAX_TOKENS overrides. Compiled
-    # prefills (1024) made continuous batching 1.29x instead of 1.19x on an H100 before the Qwen3/Phi-3/Gemma-2
-    # layers landed; since then refill prefills recompile per shape on CUDA (bench/results/h100-continuous-batching)
-    compile_max_tokens = int(os.environ.get("ADARUN_COMPILE_MAX_TOKENS", "128"))
+    # passes of more tokens per row run the plain ops; ADARUN_COMPILE_MAX_TOKENS overrides. Prefills are compiled
+    # too (refills are frequent under continuous batching: 1.29x instead of 1.19x on an H100). The recompiles once
+    # met there were stride guards (an expanded `positions`): `forward` hands the compiled pass contiguous inputs.
+    compile_max_tokens = int(os.environ.get("ADARUN_COMPILE_MAX_TOKENS", "8192"))
 
     def __init__(self, cfg: ModelConfig, aux_layers: tuple[int, ...] = ()):
         super().__init__()
@@ -152,6 +166,7 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.aux_layers = aux_layers  # layer outputs EAGLE-3 heads read (set by the drafter)
         self.fused = False
+        self.kernel_attention = False  # attention through tree_attention.py's Triton kernel (set by fuse())
         self._compiled = None
 
     @property
@@ -166,12 +181,20 @@ class CausalLM(nn.Module):
         c = self.cfg
         return KVCache(B, S, c.num_layers, c.num_kv_heads, c.head_dim, self.dtype, self.device)
 
-    def fuse(self, compile: bool | None = None) -> CausalLM:
-        """Fused QKV and gate|up weights (idempotent); compile (default: on CUDA) the decode-shaped forward."""
+    def fuse(self, compile: bool | None = None, kernel: bool | None = None) -> CausalLM:
+        """Fused QKV and gate|up weights (idempotent); compile (default: on CUDA) the decode-shaped forward; the
+        Triton tree-attention kernel (default: on CUDA unless ADARUN_TREE_KERNEL=0; never with a soft cap)."""
         if not self.fused:
             for layer in self.layers:
                 layer.fuse()
             self.fused = True
+        if kernel is None:
+            kernel = self.device.type == "cuda" and os.environ.get("ADARUN_TREE_KERNEL", "1") != "0"
+        fits = self.cfg.attn_softcap is None and self.cfg.head_dim in (16, 32, 64, 128, 256)
+        self.kernel_attention = bool(kernel and fits and tree_attention.available())
+        rope_fits = self.kernel_attention and not self.cfg.qk_norm and rope_kernel.available()
+        for layer in self.layers:
+            layer.self_attn.rope_kernel = rope_fits
         if compile is None:
             compile = compile_wanted(self.device)
         if compile and self._compiled is None:
@@ -185,17 +208,22 @@ class CausalLM(nn.Module):
         B, T = ids.shape
         if tree_mask is None:
             tree_mask = causal_tree(B, T, ids.device)
-        body = self._compiled if self._compiled is not None and T <= self.compile_max_tokens else self._body
-        return body(ids, positions, cache.kv, cache.lens, tree_mask, offset)
+        if self._compiled is not None and T <= self.compile_max_tokens:  # one layout per input: no stride recompiles
+            return self._compiled(dense(ids), dense(positions), cache.kv, cache.lens, dense(tree_mask), offset)
+        return self._body(ids, positions, cache.kv, cache.lens, tree_mask, offset)
 
     def _body(self, ids, positions, kv, lens, tree_mask, offset: int):
         """The pass itself over the cache tensors kv [B, S, L, 2, Hkv, D] and lens [B] (what torch.compile sees)."""
         T = ids.shape[1]
-        slots, mask = slots_and_mask(lens, kv.shape[1], T, tree_mask, offset)
+        if self.kernel_attention:  # the kernel reads lens and the tree mask itself: no [B, T, S] mask
+            slots = lens[:, None] + offset + torch.arange(T, device=lens.device)[None, :]  # [B, T]
+            mask = tree_attention.span(lens, tree_mask)
+        else:
+            slots, mask = slots_and_mask(lens, kv.shape[1], T, tree_mask, offset)
         h = self.embed_tokens(ids)  # [B, T, H]
         if self.cfg.embed_scale != 1.0:  # Gemma-2: sqrt(hidden), rounded to the weights' dtype first
             h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype, device=h.device)
-        if self.fused or self.cfg.attn_softcap is not None:  # the grouped attention's additive mask
+        if not self.kernel_attention and (self.fused or self.cfg.attn_softcap is not None):  # grouped additive mask
             mask = gqa_mask(mask, self.cfg.num_heads // self.cfg.num_kv_heads, h.dtype)
         cos, sin = rope.cos_sin(positions, self.cfg, h.dtype)  # RoPE scaling: rope.py
         outs = {}
