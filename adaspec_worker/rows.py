@@ -43,12 +43,27 @@ class RowSettings:
 
     @property
     def batch_key(self) -> tuple:
-        return (self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.stop, self.scored)
+        """Rows with equal keys decode in one engine call. Log-probability settings are not part of it: a group
+        asks the engine for its largest k (`group_logprobs`) and each row keeps its own (`trim_logprobs`)."""
+        return (self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.stop)
 
     @property
     def scored(self) -> int | None:
         """The engine's `SamplingParams.logprobs`: None (not asked) or k, the top alternatives per token."""
         return self.top_logprobs if self.logprobs or self.top_logprobs else None
+
+    def trim_logprobs(self, logprobs: list[float] | None, top: list[list] | None) -> tuple[list | None, list | None]:
+        """A completion decoded for its group's largest k -> this row's own columns: (None, None) when the row did
+        not ask, its top lists cut to its own k (None when k is 0)."""
+        if self.scored is None or logprobs is None:
+            return None, None
+        return logprobs, [t[: self.top_logprobs] for t in top] if self.top_logprobs else None
+
+
+def group_logprobs(settings: list[RowSettings]) -> int | None:
+    """The engine's `SamplingParams.logprobs` for rows decoded together: None when none asked, else the largest k."""
+    ks = [st.scored for st in settings if st.scored is not None]
+    return max(ks) if ks else None
 
 
 _BOUNDS = {  # name -> (type check, low, high, inclusive low)

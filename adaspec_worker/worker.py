@@ -203,10 +203,12 @@ class ShardWorker:
         return good, errors
 
     def _decode(self, rows: list) -> tuple[list[OutputRow], ShardStats]:
-        """Decode samples through `batch_size` slots, one engine call per group of equal settings (with
-        continuous batching a finished row's slot takes the group's next row at once); outputs in input order
-        (samples of a row together), engine stats as ShardStats."""
+        """Decode samples through `batch_size` slots, one engine call per group of equal settings (logprobs aside:
+        the group asks for its largest k, each row keeps its own; with continuous batching a finished row's slot
+        takes the group's next row at once); outputs in input order (samples of a row together), engine stats as
+        ShardStats."""
         from .decode.stats import EngineStats
+        from .rows import group_logprobs
 
         done: dict[int, OutputRow] = {}
         total = EngineStats()
@@ -218,9 +220,10 @@ class ShardWorker:
             order = sorted(members, key=lambda j: len(rows[j].tokens))  # similar lengths batch together
             group = [rows[j] for j in order]
             st = group[0].settings
+            sp = dataclasses.replace(group[0].sp, logprobs=group_logprobs([r.settings for r in group]))
             completions, es = self.engine.generate(
                 [r.tokens for r in group],
-                group[0].sp,
+                sp,
                 [r.seed for r in group],
                 self.codec.stop_fn(st.stop),
                 slots=res.batch_size,
@@ -228,6 +231,7 @@ class ShardWorker:
             )
             total = total + es
             for j, r, c in zip(order, group, completions):
+                logprobs, top = r.settings.trim_logprobs(c.logprobs, c.top_logprobs)
                 done[j] = OutputRow(
                     r.id,
                     r.prompt,
@@ -236,8 +240,8 @@ class ShardWorker:
                     len(c.tokens),
                     c.finish_reason,
                     r.sample_index,
-                    c.logprobs,
-                    self.codec.top_logprobs(c.top_logprobs) if st.top_logprobs else None,
+                    logprobs,
+                    None if top is None else self.codec.top_logprobs(top),
                 )
         seq = total.rows
         stats = ShardStats(

@@ -189,7 +189,7 @@ def test_top_logprobs_beyond_the_vocabulary_is_refused(tmp_path):
 def test_openai_lines_and_row_settings_carry_logprobs():
     import json
 
-    from adaspec_worker.rows import row_settings
+    from adaspec_worker.rows import group_logprobs, row_settings
     from jobs.inputs import _parse_line
     from jobs.manifest import DecodingCfg
 
@@ -206,8 +206,14 @@ def test_openai_lines_and_row_settings_carry_logprobs():
         is None  # a line may turn the job's logprobs off
     assert "top_logprobs: must be in [0, 20]" in row_settings(job, {"top_logprobs": 50})[1]
     assert "logprobs: must be true or false" in row_settings(job, {"logprobs": "yes"})[1]
-    a, b = row_settings(job, {"logprobs": True})[0], row_settings(job, {})[0]
-    assert a.batch_key != b.batch_key  # one engine call per logprobs setting
+    a, b, c = (row_settings(job, own)[0] for own in ({"logprobs": True}, {}, {"top_logprobs": 3}))
+    assert a.batch_key == b.batch_key == c.batch_key  # rows differing only in logprobs decode together ...
+    assert group_logprobs([a, b, c]) == 3 and group_logprobs([a, b]) == 0 and group_logprobs([b]) is None
+    top = [[(7, -0.1), (2, -2.5), (9, -3.0)]]  # ... at the group's largest k, each row trimmed to its own
+    assert a.trim_logprobs([-0.1], top) == ([-0.1], None)
+    assert b.trim_logprobs([-0.1], top) == (None, None)
+    assert c.trim_logprobs([-0.1], top) == ([-0.1], top)
+    assert row_settings(job, {"top_logprobs": 2})[0].trim_logprobs([-0.1], top) == ([-0.1], [top[0][:2]])
 
 
 def test_config_hash_unchanged_unless_logprobs_are_asked():

@@ -58,7 +58,9 @@ def _inputs(d: Path) -> Path:
         {"custom_id": "j0", "method": "POST", "url": "/v1/chat/completions",
          "body": {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3, "n": 3, "temperature": 0.7,
                   "logprobs": True}},
-        {"custom_id": "j1", "body": {"prompt": "import os\n", "max_tokens": 4, "seed": 5, "logprobs": 2}},
+        # j0's settings but top-2 logprobs: one engine call asks for k=2, j0 keeps its own (no top lists)
+        {"custom_id": "j1", "body": {"prompt": "import os\n", "max_tokens": 3, "temperature": 0.7, "seed": 5,
+                                     "logprobs": 2}},
         "not json",
     ]
     (d / "c_batch.jsonl").write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
