@@ -62,11 +62,13 @@ def test_bad_rope_blocks_name_the_key():
             "num_hidden_layers": 1, "num_attention_heads": 2}
     with pytest.raises(ModelLoadError, match="rope_scaling.low_freq_factor"):
         ModelConfig.from_hf({**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
-    with pytest.raises(ModelLoadError, match="unsupported rope_type 'su'"):
-        ModelConfig.from_hf({**base, "rope_scaling": {"rope_type": "su", "factor": 2.0}})
+    with pytest.raises(ModelLoadError, match="unsupported rope_type 'dynamic-ntk'"):
+        ModelConfig.from_hf({**base, "rope_scaling": {"rope_type": "dynamic-ntk", "factor": 2.0}})
     longrope = {"rope_type": "longrope", "short_factor": [1.0, 2.0], "long_factor": [1.0, 2.0],
                 "original_max_position_embeddings": 16}
     assert ModelConfig.from_hf({**base, "rope_scaling": longrope}).rope_scaling.long_factor == (1.0, 2.0)
+    su = {**{k: v for k, v in longrope.items() if k != "rope_type"}, "type": "su"}  # early Phi-3 checkpoints' name
+    assert ModelConfig.from_hf({**base, "rope_scaling": su}).rope_scaling.rope_type == "longrope"
     with pytest.raises(ModelLoadError, match="rope_scaling.long_factor: must be 2 positive numbers"):
         ModelConfig.from_hf({**base, "rope_scaling": {**longrope, "long_factor": [1.0]}})
     with pytest.raises(ModelLoadError, match="rope_scaling.original_max_position_embeddings: required"):
@@ -132,3 +134,34 @@ def test_phi3_longrope_equals_transformers(tmp_path):
         tgt.cfg = dataclasses.replace(tgt.cfg, rope_scaling=dataclasses.replace(s, **change))
         outs, _ = build_engine(tgt, parse_spec("none", {})).generate(prompts, SamplingParams(max_new_tokens=30))
         assert [o.tokens for o in outs] != ref, change
+
+
+def test_longrope_picks_factors_per_position(tmp_path):
+    """Short generation (every position inside the original 16) uses only the short factors; the choice is per
+    position, so a 20-token pass rotates positions 0..15 with the short factors and 16..19 with the long ones
+    (transformers would rotate the whole pass with the long ones: documented in rope.py)."""
+    import dataclasses
+
+    from adaspec_worker.decode import rope
+
+    longrope = {"rope_type": "longrope", "short_factor": [1.0, 1.7, 3.0], "long_factor": [2.0, 6.0, 30.0]}
+    hf = _phi3(longrope)
+    hf.save_pretrained(tmp_path / "t")
+    tgt = load_target(str(tmp_path / "t"), dtype="float64", device="cpu")
+    s = tgt.cfg.rope_scaling
+    prompts = [[3, 9, 27], [5, 1, 4, 1, 5, 9]]
+    ref = [hf.generate(torch.tensor([p]), max_new_tokens=10, min_new_tokens=10, do_sample=False)[0, len(p):].tolist()
+           for p in prompts]  # last position 15: never past the original context
+    eng = build_engine(tgt, parse_spec("none", {}))
+    assert [o.tokens for o in eng.generate(prompts, SamplingParams(max_new_tokens=10))[0]] == ref
+    tgt.cfg = dataclasses.replace(tgt.cfg, rope_scaling=dataclasses.replace(s, long_factor=(9.0, 9.0, 9.0)))
+    eng = build_engine(tgt, parse_spec("none", {}))
+    assert [o.tokens for o in eng.generate(prompts, SamplingParams(max_new_tokens=10))[0]] == ref  # long unused
+    cfg = dataclasses.replace(tgt.cfg, rope_scaling=s)
+    cos, _ = rope.cos_sin(torch.arange(20)[None], cfg, torch.float64)  # [1, 20, R]
+    short = dataclasses.replace(cfg, rope_scaling=dataclasses.replace(s, long_factor=s.short_factor))
+    long = dataclasses.replace(cfg, rope_scaling=dataclasses.replace(s, short_factor=s.long_factor))
+    cos_short, _ = rope.cos_sin(torch.arange(20)[None], short, torch.float64)
+    cos_long, _ = rope.cos_sin(torch.arange(20)[None], long, torch.float64)
+    assert torch.equal(cos[:, :16], cos_short[:, :16]) and torch.equal(cos[:, 16:], cos_long[:, 16:])
+    assert not torch.equal(cos[:, 16:], cos_short[:, 16:]) and not torch.equal(cos[:, 1:16], cos_long[:, 1:16])

@@ -73,6 +73,7 @@ class RopeScaling:
     def from_hf(cls, cfg: dict) -> RopeScaling:
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         kind = rope.get("rope_type", rope.get("type", "default")) or "default"
+        kind = "longrope" if kind == "su" else kind  # Phi-3's first name for it, as transformers' Phi3Config reads it
         if kind not in ROPE_TYPES:
             raise UnsupportedRope(f"unsupported rope_type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
         if kind == "default":
