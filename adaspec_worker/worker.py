@@ -5,7 +5,8 @@ hands it one shard at a time. For a shard the worker reads its row range (`jobs.
 tokenizes and rejects bad rows (`rows.RowCodec`), decodes the rest through the engine's batch slots
 (continuous batching: a finished row's slot takes the next row at once),
 (rendering chat rows with the target's chat template, n samples per row, per-row settings grouped into
-separate engine batches), times a sample of rows against plain decoding (`tuning.Baseline`), and commits through
+separate engine batches, log-probabilities when asked), times a sample of rows against plain decoding
+(`tuning.Baseline`), and commits through
 `jobs.layout.ShardFiles.commit`, which writes the files in their exactly-once order.
 
 This is the one module that imports both sides: `jobs` (manifest, plan, layout) and the decoder.

@@ -90,20 +90,22 @@ def pack_outcome(outcome: RoundOutcome, buffer: torch.Tensor) -> None:
 
 def unpack_outcomes(buffer: torch.Tensor, has_plan: bool) -> list[RowOutcome]:
     """The round's one device-to-host copy: the buffer to one RowOutcome per batch row."""
+    k1 = int(buffer[0, LOGPROB_K]) if buffer.shape[0] else 0  # the same for every row of a round
+    at = int(buffer[0, LOGPROB_AT]) if k1 else buffer.shape[1]
     rows = []
-    table = buffer.tolist()
-    floats = buffer.view(torch.float64).tolist() if any(v[LOGPROB_K] for v in table) else None
-    for r, values in enumerate(table):
+    for values in buffer[:, :at].tolist():
         n_accepted = values[N_ACCEPTED]
-        row = RowOutcome(n_accepted=n_accepted, n_drafted=values[N_DRAFTED], draft_depth=values[DRAFT_DEPTH],
-                         tokens=values[EMITTED: EMITTED + n_accepted + 1], plan=values[PLAN] if has_plan else None)
-        if values[LOGPROB_K]:
-            k, at, n = values[LOGPROB_K] - 1, values[LOGPROB_AT], n_accepted + 1
-            P = (len(values) - at) // (1 + 2 * k)
-            row.logprobs = floats[r][at: at + n]
-            ids, top = values[at + P: at + P * (1 + k)], floats[r][at + P * (1 + k):]
-            row.top_logprobs = [list(zip(ids[j * k: (j + 1) * k], top[j * k: (j + 1) * k])) for j in range(n)]
-        rows.append(row)
+        rows.append(RowOutcome(n_accepted=n_accepted, n_drafted=values[N_DRAFTED], draft_depth=values[DRAFT_DEPTH],
+                               tokens=values[EMITTED: EMITTED + n_accepted + 1],
+                               plan=values[PLAN] if has_plan else None))
+    if k1:  # only the region at the end is read as floats (the buffer may be wider than this round's k needs)
+        k, region = k1 - 1, buffer[:, at:]
+        P = region.shape[1] // (1 + 2 * k)
+        for row, ids, floats in zip(rows, region.tolist(), region.view(torch.float64).tolist()):
+            n = row.n_accepted + 1
+            row.logprobs = floats[:n]
+            top_ids, top = ids[P: P * (1 + k)], floats[P * (1 + k):]
+            row.top_logprobs = [list(zip(top_ids[j * k: (j + 1) * k], top[j * k: (j + 1) * k])) for j in range(n)]
     return rows
 
 
