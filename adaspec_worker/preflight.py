@@ -7,7 +7,8 @@ and RoPE our model implements (`decode.config.ModelConfig`, the same parser the 
 fallback, said in a one-line warning; its context from `decode.config.fallback_context`); the
 draft's hidden size (EAGLE head), vocabulary (draft model) or exit layer (early-exit head) against the
 target's; the LDLP's input
-size; `decoding.max_new_tokens` within the target's context; a chat template when the input
+size; `decoding.max_new_tokens` within the target's context; `decoding.top_logprobs` within its
+vocabulary; a chat template when the input
 has chat rows. Each failure is a `ModelLoadError` whose
 message starts with the manifest field at fault (exit 2).
 
@@ -134,6 +135,11 @@ def check_models(m: Manifest) -> ModelConfig | None:
         raise ModelLoadError(
             f"decoding.max_new_tokens: {m.decoding.max_new_tokens} plus a prompt exceeds the "
             f"target's context of {context} tokens"
+        )
+    vocab = target.vocab_size if target is not None else _json("model.target", m.model.target).get("vocab_size")
+    if isinstance(vocab, int) and m.decoding.top_logprobs > vocab:
+        raise ModelLoadError(
+            f"decoding.top_logprobs: {m.decoding.top_logprobs} exceeds the target's vocabulary of {vocab} tokens"
         )
     if _uses_chat(m) and not _has_chat_template(m.model.target):
         raise ModelLoadError(

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from jobs.manifest import MAX_TOP_LOGPROBS
+
 
 def row_seed(seed: int, row_id: str, sample_index: int = 0) -> int:
     """Each sample's sampling seed: a pure function of (seed, row id, sample index); sample 0 hashes as
@@ -36,10 +38,32 @@ class RowSettings:
     stop: tuple[str, ...]
     seed: int
     n: int
+    logprobs: bool = False
+    top_logprobs: int = 0  # > 0 implies logprobs
 
     @property
     def batch_key(self) -> tuple:
+        """Rows with equal keys decode in one engine call. Log-probability settings are not part of it: a group
+        asks the engine for its largest k (`group_logprobs`) and each row keeps its own (`trim_logprobs`)."""
         return (self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.stop)
+
+    @property
+    def scored(self) -> int | None:
+        """The engine's `SamplingParams.logprobs`: None (not asked) or k, the top alternatives per token."""
+        return self.top_logprobs if self.logprobs or self.top_logprobs else None
+
+    def trim_logprobs(self, logprobs: list[float] | None, top: list[list] | None) -> tuple[list | None, list | None]:
+        """A completion decoded for its group's largest k -> this row's own columns: (None, None) when the row did
+        not ask, its top lists cut to its own k (None when k is 0)."""
+        if self.scored is None or logprobs is None:
+            return None, None
+        return logprobs, [t[: self.top_logprobs] for t in top] if self.top_logprobs else None
+
+
+def group_logprobs(settings: list[RowSettings]) -> int | None:
+    """The engine's `SamplingParams.logprobs` for rows decoded together: None when none asked, else the largest k."""
+    ks = [st.scored for st in settings if st.scored is not None]
+    return max(ks) if ks else None
 
 
 _BOUNDS = {  # name -> (type check, low, high, inclusive low)
@@ -49,14 +73,21 @@ _BOUNDS = {  # name -> (type check, low, high, inclusive low)
     "top_k": (int, 0, 1_000_000, True),
     "seed": (int, 0, 2**63 - 1, True),
     "n": (int, 1, 1024, True),
+    "top_logprobs": (int, 0, MAX_TOP_LOGPROBS, True),
 }
 
 
 def row_settings(decoding, own: dict) -> tuple[RowSettings | None, str | None]:
     """(settings, None), or (None, a one-line reason naming the column) when a row's value is unusable."""
-    values = {k: getattr(decoding, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "n")}
+    names = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "n", "logprobs", "top_logprobs")
+    values = {k: getattr(decoding, k) for k in names}
     values["stop"] = tuple(decoding.stop)
     for k, v in own.items():
+        if k == "logprobs":
+            if not isinstance(v, bool):
+                return None, f"logprobs: must be true or false, got {v!r}"
+            values[k] = v
+            continue
         if k == "stop":
             if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) and x for x in v):
                 return None, f"stop: must be a list of non-empty strings, got {v!r}"
@@ -98,6 +129,7 @@ class RowCodec:
         self.tok, self.stop = tokenizer, list(stop)
         self.max_new_tokens, self.context = max_new_tokens, context
         self.system_prompt = system_prompt
+        self._token_texts: dict[int, str] = {}
 
     def render(self, messages) -> tuple[str | None, str | None]:
         """A chat row (list of {role, content}) as text through the tokenizer's chat template, with the
@@ -127,6 +159,16 @@ class RowCodec:
         if len(toks) + max_new > self.context:
             return None, f"prompt too long: {len(toks)} tokens + max_new_tokens {max_new} > context {self.context}"
         return toks, None
+
+    def top_logprobs(self, per_token: list[list[tuple[int, float]]]) -> list[list[dict]]:
+        """The engine's (token id, logprob) alternatives per completion token as the output column's structs,
+        each token's text decoded alone (cached: a vocabulary is finite)."""
+        texts = self._token_texts
+        for top in per_token:
+            for tid, _ in top:
+                if tid not in texts:
+                    texts[tid] = self.tok.decode([tid])
+        return [[{"token_id": t, "token": texts[t], "logprob": v} for t, v in top] for top in per_token]
 
     def text(self, tokens: list[int], stop: tuple[str, ...] | None = None) -> str:
         """A completion's text, cut before the first stop string."""

@@ -5,7 +5,8 @@ hands it one shard at a time. For a shard the worker reads its row range (`jobs.
 tokenizes and rejects bad rows (`rows.RowCodec`), decodes the rest through the engine's batch slots
 (continuous batching: a finished row's slot takes the next row at once),
 (rendering chat rows with the target's chat template, n samples per row, per-row settings grouped into
-separate engine batches), times a sample of rows against plain decoding (`tuning.Baseline`), and commits through
+separate engine batches, log-probabilities when asked), times a sample of rows against plain decoding
+(`tuning.Baseline`), and commits through
 `jobs.layout.ShardFiles.commit`, which writes the files in their exactly-once order.
 
 This is the one module that imports both sides: `jobs` (manifest, plan, layout) and the decoder.
@@ -22,6 +23,7 @@ import platform
 import socket
 import time
 
+from jobs.inputs import is_jsonl
 from jobs.layout import Commit, ErrorRow, OutputRow, ShardFiles, ShardStats
 from jobs.manifest import manifest_from_dict
 from jobs.plan import Shard, input_storage_options, read_rows
@@ -163,6 +165,9 @@ class ShardWorker:
             ),
             carried=carried,
             metadata=meta,
+            # the log-probability columns: when the job asks, and always for OpenAI batch lines (null where a line
+            # did not ask), so every shard of one file has one schema
+            logprobs=bool(m.decoding.logprobs or m.decoding.top_logprobs or is_jsonl(sh.file)),
         )
         return {
             "shard": sh.index,
@@ -193,16 +198,18 @@ class ShardWorker:
             if err:
                 errors.append(ErrorRow(rid, err))
                 continue
-            sp = SamplingParams(st.max_new_tokens, st.temperature, st.top_p, st.top_k, self.eos)
+            sp = SamplingParams(st.max_new_tokens, st.temperature, st.top_p, st.top_k, self.eos, st.scored)
             for k in range(st.n):
                 good.append(Row(rid, prompt, toks, row_seed(st.seed, rid, k), k, st, i, sp))
         return good, errors
 
     def _decode(self, rows: list) -> tuple[list[OutputRow], ShardStats]:
-        """Decode samples through `batch_size` slots, one engine call per group of equal settings (with
-        continuous batching a finished row's slot takes the group's next row at once); outputs in input order
-        (samples of a row together), engine stats as ShardStats."""
+        """Decode samples through `batch_size` slots, one engine call per group of equal settings (logprobs aside:
+        the group asks for its largest k, each row keeps its own; with continuous batching a finished row's slot
+        takes the group's next row at once); outputs in input order (samples of a row together), engine stats as
+        ShardStats."""
         from .decode.stats import EngineStats
+        from .rows import group_logprobs
 
         done: dict[int, OutputRow] = {}
         total = EngineStats()
@@ -214,9 +221,10 @@ class ShardWorker:
             order = sorted(members, key=lambda j: len(rows[j].tokens))  # similar lengths batch together
             group = [rows[j] for j in order]
             st = group[0].settings
+            sp = dataclasses.replace(group[0].sp, logprobs=group_logprobs([r.settings for r in group]))
             completions, es = self.engine.generate(
                 [r.tokens for r in group],
-                group[0].sp,
+                sp,
                 [r.seed for r in group],
                 self.codec.stop_fn(st.stop),
                 slots=res.batch_size,
@@ -224,6 +232,7 @@ class ShardWorker:
             )
             total = total + es
             for j, r, c in zip(order, group, completions):
+                logprobs, top = r.settings.trim_logprobs(c.logprobs, c.top_logprobs)
                 done[j] = OutputRow(
                     r.id,
                     r.prompt,
@@ -232,6 +241,8 @@ class ShardWorker:
                     len(c.tokens),
                     c.finish_reason,
                     r.sample_index,
+                    logprobs,
+                    None if top is None else self.codec.top_logprobs(top),
                 )
         seq = total.rows
         stats = ShardStats(

@@ -69,6 +69,10 @@ class DecodingCfg:
     seed: int = 0
     stop: list = field(default_factory=list)
     n: int = 1  # samples per input row (output column sample_index); sample 0 keeps the n=1 seed
+    # columns completion_logprobs (each completion token's log-probability under the target's raw distribution,
+    # before temperature/top-k/top-p) and, with top_logprobs k > 0 (implies logprobs), each token's k most likely
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 @dataclass
@@ -179,7 +183,10 @@ _ADDED_SINCE_HASH = {
     ("input", "keep_columns"): None,
     ("input", "row_settings"): True,
     ("decoding", "n"): 1,
+    ("decoding", "logprobs"): False,
+    ("decoding", "top_logprobs"): 0,
 }
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound for top_logprobs; larger k would multiply the output's size
 
 # -------------------------------------------------------------- building from plain data
 
@@ -261,6 +268,8 @@ def _check(m: Manifest) -> None:
     need(0 <= d.seed < 2**63, "decoding.seed", f"must be in [0, 2^63), got {d.seed}")
     need(all(isinstance(s, str) and s for s in d.stop), "decoding.stop", "must be a list of non-empty strings")
     need(1 <= d.n <= 1024, "decoding.n", f"must be in [1, 1024], got {d.n}")
+    top = d.top_logprobs
+    need(0 <= top <= MAX_TOP_LOGPROBS, "decoding.top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {top}")
     kc = m.input.keep_columns
     need(kc is None or all(isinstance(c, str) and c for c in kc), "input.keep_columns", "must be a list of names")
     need(m.input.messages_column != "", "input.messages_column", "must not be empty (leave it out to auto-detect)")

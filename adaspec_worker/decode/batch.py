@@ -21,7 +21,7 @@ from .drafters import Drafter
 from .model import CausalLM
 from .proposers.base import Proposer
 from .sampling import SamplingParams
-from .stats import OUTCOME_COLUMNS, RowOutcome, SeqStats
+from .stats import RowOutcome, SeqStats, outcome_width
 
 # (prompt, tokens so far) -> keep this many tokens, or None; may also have `.batch(prompts, token lists, new
 # tokens per row)` -> [cut]
@@ -33,6 +33,8 @@ class Completion:
     tokens: list[int]
     finish_reason: str  # "stop" (EOS or stop string) | "length"
     stats: SeqStats
+    logprobs: list[float] | None = None  # per token, when SamplingParams.logprobs asked (logprobs.py)
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: its k most likely (id, logprob)
 
 
 def bucket(n: int) -> int:
@@ -49,7 +51,7 @@ class Workspace:
     def __init__(self, target: CausalLM, B: int, S: int, max_nodes: int):
         device, dtype = target.device, target.dtype
         H, V = target.cfg.hidden_size, target.cfg.vocab_size
-        self.B_cap, self.S = B, S
+        self.B_cap, self.S, self.max_nodes = B, S, max_nodes
         self.cache = target.new_cache(B, S)
         self.full = {
             "root": torch.zeros(B, dtype=torch.long, device=device),  # pending token
@@ -59,17 +61,30 @@ class Workspace:
             "draft_logits": torch.zeros(B, V, dtype=dtype, device=device),  # drafter output at the last entry
             "draft_hidden": torch.zeros(B, H, dtype=dtype, device=device),
             "ldlp_feat": torch.zeros(B, 2 * H, dtype=dtype, device=device),  # emb(root) ++ hidden that produced it
-            "outcome": torch.zeros(B, OUTCOME_COLUMNS + max_nodes, dtype=torch.long, device=device),  # see stats.py
         }
-        cuda = device.type == "cuda"
-        # the outcome's host copies: a round lands in one while the next one's copy may be in flight to the other
-        self.landing = [torch.zeros(B, self.full["outcome"].shape[1], dtype=torch.long, pin_memory=cuda)
-                        for _ in range(2)]
-        self.flip = 0
         self.graphs: dict = {}
         self.seen: set = set()
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        self.fit_outcome(None)
         self.view(B)
+
+    def fit_outcome(self, logprobs: int | None) -> None:
+        """The outcome buffer (see stats.py) and its two host copies (a round lands in one while the next one's
+        copy may be in flight to the other) wide enough for `logprobs` (None or k). Grown only; growing drops
+        the captured graphs, which wrote into the old buffer."""
+        width = outcome_width(self.max_nodes, logprobs)
+        old = self.full.get("outcome")
+        if old is not None and old.shape[1] >= width:
+            return
+        device = self.full["root"].device
+        self.full["outcome"] = torch.zeros(self.B_cap, width, dtype=torch.long, device=device)
+        self.landing = [torch.zeros(self.B_cap, width, dtype=torch.long, pin_memory=device.type == "cuda")
+                        for _ in range(2)]
+        self.flip = 0
+        self.graphs.clear()
+        self.seen.clear()
+        if old is not None:
+            self.view(self.B)
 
     def view(self, B: int) -> None:
         self.B = B
@@ -125,6 +140,9 @@ class Outputs:
         self.sampling, self.stop_fn = sampling, stop_fn
         self.eos = set(sampling.eos_token_ids)
         self.tokens: list[list[int]] = [[] for _ in range(n_prompts)]
+        scored = sampling.logprobs is not None
+        self.logprobs: list[list[float]] | None = [[] for _ in range(n_prompts)] if scored else None
+        self.top: list[list] | None = [[] for _ in range(n_prompts)] if scored else None
         self.stats = [SeqStats() for _ in range(n_prompts)]
         self.done: list[Completion | None] = [None] * n_prompts
         self.live = n_prompts  # prompts not finished (queued ones included)
@@ -140,7 +158,7 @@ class Outputs:
             if not self.running(prompt):
                 continue
             self.stats[prompt].observe(row)
-            reason = self._append(prompt, row.tokens)
+            reason = self._append(prompt, row)
             if reason == "stop":
                 finished.append((i, prompt, reason))
             elif self.stop_fn is not None:
@@ -157,23 +175,35 @@ class Outputs:
                 cuts = [self.stop_fn(p, out) for p, out in zip(prompts, seqs)]
             for (i, prompt, reason), cut in zip(checks, cuts):
                 if cut is not None:
-                    del self.tokens[prompt][cut:]
+                    self._cut(prompt, cut)
                     reason = "stop"
                 if reason:
                     finished.append((i, prompt, reason))
         for _, prompt, reason in finished:
-            self.done[prompt] = Completion(self.tokens[prompt], reason, self.stats[prompt])
+            self.done[prompt] = Completion(self.tokens[prompt], reason, self.stats[prompt],
+                                           None if self.logprobs is None else self.logprobs[prompt],
+                                           None if self.top is None else self.top[prompt])
         self.live -= len(finished)
         return sorted(i for i, _, _ in finished)
 
-    def _append(self, prompt: int, tokens: list[int]) -> str | None:
-        """Add a round's tokens to a row: "stop" at EOS, "length" at max_new_tokens (a stop string may still
-        turn it into "stop"), else None."""
+    def _append(self, prompt: int, row: RowOutcome) -> str | None:
+        """Add a round's tokens (and their log-probabilities, when asked) to a row: "stop" at EOS, "length" at
+        max_new_tokens (a stop string may still turn it into "stop"), else None."""
         out = self.tokens[prompt]
-        for t in tokens:
+        for j, t in enumerate(row.tokens):
             out.append(t)
+            if self.logprobs is not None:
+                self.logprobs[prompt].append(row.logprobs[j])
+                self.top[prompt].append(row.top_logprobs[j])
             if t in self.eos:
                 return "stop"
             if len(out) >= self.sampling.max_new_tokens:
                 return "length"
         return None
+
+    def _cut(self, prompt: int, keep: int) -> None:
+        """A stop string ends the row after `keep` tokens."""
+        del self.tokens[prompt][keep:]
+        if self.logprobs is not None:
+            del self.logprobs[prompt][keep:]
+            del self.top[prompt][keep:]

@@ -2,7 +2,7 @@
 
 Torch-free, so the controller's preflight (`adaspec_worker.preflight`) can check a checkpoint's
 architecture, sizes and context before any actor starts. `model.py` builds the network from it.
-`RopeScaling` is the parsed rope_scaling block (default, linear, dynamic, llama3, yarn); the math
+`RopeScaling` is the parsed rope_scaling block (default, linear, dynamic, llama3, yarn, longrope); the math
 that turns it into frequencies is in `rope.py`. The per-architecture differences our model implements are
 fields here (Qwen3's q/k norm, Phi-3's partial rotary, Gemma-2's norms, scales and soft caps, bias
 placement); `layers.py` reads them.
@@ -42,7 +42,7 @@ class UnsupportedModel(ModelLoadError):
     """An architecture or RoPE type our own model does not implement (transformers may: `hf_engine.py`)."""
 
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 class RopeError(ValueError):
@@ -59,18 +59,21 @@ class RopeScaling:
     factor: float = 1.0
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
-    original_max_position_embeddings: int = 0  # llama3, yarn
-    attention_factor: float | None = None  # yarn (None: from factor and mscale)
+    original_max_position_embeddings: int = 0  # llama3, yarn, longrope
+    attention_factor: float | None = None  # yarn (None: from factor and mscale), longrope (None: from factor)
     beta_fast: float = 32.0  # yarn
     beta_slow: float = 1.0  # yarn
     mscale: float | None = None  # yarn
     mscale_all_dim: float | None = None  # yarn
     truncate: bool = True  # yarn
+    short_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors at positions < original_max_...
+    long_factor: tuple[float, ...] = ()  # longrope: ... and at positions from there on
 
     @classmethod
     def from_hf(cls, cfg: dict) -> RopeScaling:
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         kind = rope.get("rope_type", rope.get("type", "default")) or "default"
+        kind = "longrope" if kind == "su" else kind  # Phi-3's first name for it, as transformers' Phi3Config reads it
         if kind not in ROPE_TYPES:
             raise UnsupportedRope(f"unsupported rope_type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
         if kind == "default":
@@ -85,9 +88,9 @@ class RopeScaling:
                 raise RopeError(f"rope_scaling.{key}: must be a number, got {v!r}")
             return v
 
-        orig = int(num("original_max_position_embeddings", max_pos))
-        factor = num("factor", None, required=kind != "yarn")
-        if kind == "yarn" and factor is None:
+        orig = int(num("original_max_position_embeddings", cfg.get("original_max_position_embeddings", max_pos)))
+        factor = num("factor", None, required=kind not in ("yarn", "longrope"))
+        if kind in ("yarn", "longrope") and factor is None:
             factor = max_pos / orig
         if factor <= 0:
             raise RopeError(f"rope_scaling.factor: must be > 0, got {factor}")
@@ -105,7 +108,26 @@ class RopeScaling:
             mscale=num("mscale"),
             mscale_all_dim=num("mscale_all_dim"),
             truncate=bool(rope.get("truncate", True)),
+            **(_longrope(cfg, rope) if kind == "longrope" else {}),
         )
+
+
+def _longrope(cfg: dict, rope: dict) -> dict:
+    """Phi-3's short and long factors: one number per rotated frequency (half the rotary dims)."""
+    heads = cfg.get("num_attention_heads") or 1
+    head_dim = cfg.get("head_dim") or cfg.get("hidden_size", 0) // heads
+    half = int(head_dim * rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))) // 2
+    out = {}
+    for key in ("short_factor", "long_factor"):
+        v = rope.get(key)
+        ok = isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        if not ok or len(v) != half or not all(math.isfinite(x) and x > 0 for x in v):
+            raise RopeError(f"rope_scaling.{key}: must be {half} positive numbers (one per rotated frequency), "
+                            f"got {v!r}")
+        out[key] = tuple(float(x) for x in v)
+    if "original_max_position_embeddings" not in rope and "original_max_position_embeddings" not in cfg:
+        raise RopeError("rope_scaling.original_max_position_embeddings: required for rope_type 'longrope'")
+    return out
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ prefilled with the next queued prompt at once while the other slots keep decodin
 slots are filled batch by batch and a finished row only leaves the batch (which shrinks by power-of-two
 buckets). Either way a row's tokens depend only on its prompt and seed. Plain autoregressive decoding
 is the same loop with an empty draft (the `none` method), so every speedup is measured against the
-same code. Each round ends with one device-to-host copy (a `RoundOutcome`, laid out by `stats.py`).
+same code. Each round ends with one device-to-host copy (a `RoundOutcome`, laid out by `stats.py`; with
+the emitted tokens' log-probabilities when `SamplingParams.logprobs` asks, `logprobs.py`).
 
 The engine receives built parts: a target, a proposer and, when the method drafts, a drafter
 (`build.py` makes them from a method spec and model paths). It knows nothing of method names, file
@@ -25,6 +26,7 @@ import torch
 
 from .batch import Batch, Completion, Outputs, StopFn, Workspace, bucket
 from .drafters import Drafter
+from .logprobs import path_logprobs
 from .model import CausalLM
 from .proposers.base import BatchInfo, Proposer, RoundInput
 from .sampling import SamplingParams, target_probs
@@ -186,6 +188,7 @@ class Engine:
         chosen = [prompts[i] for i in take]
         padded = chosen + [chosen[0]] * (B - n)  # padding slots start dead
         work = self._workspace(B, S)
+        work.fit_outcome(sampling.logprobs)
         ids, lens = self._right_padded(padded)
         pre = self._prefill_target(ids, lens, work.cache)
         work.root.copy_(pre.root)
@@ -271,7 +274,7 @@ class Engine:
         """Draft, one target pass with verification and commit, and the outcome's copy to the host, all queued on
         the device; `_land` waits for it."""
         # the sampling rule is baked into a captured graph (temperature, top-k/p are Python constants there)
-        rule = (sampling.temperature, sampling.top_k, sampling.top_p)
+        rule = (sampling.temperature, sampling.top_k, sampling.top_p, sampling.logprobs)
         key = (batch.workspace.B, rule, tuple(self.proposer.plan_key(batch.plan)))
         clock.mark("draft")
         tree = self._run(("draft", *key), lambda: self.proposer.propose(self._round_input(sampling), batch.plan))
@@ -358,8 +361,10 @@ class Engine:
         work.root.copy_(new_root)
         work.counter.add_(keep)
         plan = self.proposer.observe(verdict, tree, self._round_input(sampling, target_logits=logits))
+        scores = None if sampling.logprobs is None else path_logprobs(logits, path, emitted, sampling.logprobs)
         outcome = RoundOutcome(n_accepted=n_accepted, n_drafted=tree.valid.sum(1) - 1,
-                               draft_depth=(tree.depth * tree.valid).amax(1), emitted=emitted, plan=plan)
+                               draft_depth=(tree.depth * tree.valid).amax(1), emitted=emitted, plan=plan,
+                               logprobs=scores)
         pack_outcome(outcome, work.outcome)
 
     def _extend_drafter(self, emitted: torch.Tensor, features: torch.Tensor, path: torch.Tensor,

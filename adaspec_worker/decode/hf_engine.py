@@ -8,7 +8,8 @@ facts the worker reads: `cfg.eos_token_ids`, `cfg.max_position_embeddings`, `cfg
 prefill of left-padded prompts (attention mask, position ids counted from each row's first real token), then
 one forward per token over the model's own KV cache. Each row's token is drawn by `sampling.py` from the row's
 seed and output position (the uniform plain decoding uses: `STREAM_BONUS`), so a row's text depends only on its
-seed, never on its batch companions, and greedy is the argmax, as transformers' greedy `generate`. Stop rules
+seed, never on its batch companions, and greedy is the argmax, as transformers' greedy `generate`. Requested
+log-probabilities come from the same logits (`logprobs.py`: the raw distribution). Stop rules
 (EOS, stop strings, max_new_tokens) are `batch.Outputs`'. Finished rows leave the batch (the cache's
 `reorder_cache`).
 
@@ -27,9 +28,10 @@ import torch
 
 from .batch import Completion, Outputs, StopFn
 from .config import ModelLoadError, fallback_context, read_json
+from .logprobs import next_token_logprobs
 from .model import resolve_device, resolve_dtype
 from .sampling import STREAM_BONUS, SamplingParams, sample, target_probs, uniform
-from .stats import EngineStats, PhaseClock, RowOutcome, SeqStats
+from .stats import EngineStats, PhaseClock, RowOutcome, SeqStats, host_logprobs
 
 UNBOUNDED_CONTEXT = 1 << 20  # a config naming no context (no position embeddings): the prompt-length check's limit
 
@@ -164,7 +166,7 @@ class HFEngine:
         while True:
             clock.mark("other")
             token = self._pick(logits, sampling, seed, counter)  # [B]
-            finished = outputs.record(origin, [RowOutcome(0, 0, 0, [t], None) for t in token.tolist()])
+            finished = outputs.record(origin, self._outcomes(logits, token, sampling))
             stats.target_passes += 1
             if not outputs.live:
                 break
@@ -186,6 +188,15 @@ class HFEngine:
         clock.flush(stats)
         stats.rows = sum(outputs.stats, SeqStats())
         return outputs.done, stats
+
+    @staticmethod
+    def _outcomes(logits: torch.Tensor, token: torch.Tensor, sampling: SamplingParams) -> list[RowOutcome]:
+        """One emitted token per row, with its raw log-probability and top alternatives when asked (logprobs.py)."""
+        rows = [RowOutcome(0, 0, 0, [t], None) for t in token.tolist()]
+        if sampling.logprobs is not None:
+            for row, (chosen, top) in zip(rows, host_logprobs(next_token_logprobs(logits, token, sampling.logprobs))):
+                row.logprobs, row.top_logprobs = chosen, top
+        return rows
 
     @staticmethod
     def _pick(logits: torch.Tensor, sampling: SamplingParams, seed: torch.Tensor, counter: torch.Tensor):
