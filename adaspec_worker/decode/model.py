@@ -192,7 +192,8 @@ class CausalLM(nn.Module):
             kernel = self.device.type == "cuda" and os.environ.get("ADARUN_TREE_KERNEL", "0") == "1"
         fits = self.cfg.attn_softcap is None and self.cfg.head_dim in (16, 32, 64, 128, 256)
         self.kernel_attention = bool(kernel and fits and tree_attention.available())
-        rope_fits = self.kernel_attention and not self.cfg.qk_norm and rope_kernel.available()
+        longrope = self.cfg.rope_scaling.rope_type == "longrope"  # frequencies per position: the plain tables
+        rope_fits = self.kernel_attention and not self.cfg.qk_norm and not longrope and rope_kernel.available()
         for layer in self.layers:
             layer.self_attn.rope_kernel = rope_fits
         if compile is None:

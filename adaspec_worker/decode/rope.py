@@ -111,5 +111,6 @@ def cos_sin(positions, cfg, dtype):
 
 def frequencies(cfg, device):
     """The config's inverse frequencies [R / 2] (float32, scaling applied) and attention factor: what the RoPE
-    kernel (`rope_kernel.Angles`) turns by."""
+    kernel (`rope_kernel.Angles`) turns by. Not for longrope, whose frequencies depend on the position."""
+    assert cfg.rope_scaling.rope_type != "longrope", "longrope picks its frequencies per position: use cos_sin"
     return _inv_freq(cfg.rotary_dim, float(cfg.rope_theta), cfg.rope_scaling, str(device))
