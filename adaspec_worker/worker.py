@@ -1,13 +1,18 @@
 """The shard worker: loads tokenizer, target and drafter once, then turns shards into committed files.
 
-The controller wraps `ShardWorker` in a Ray actor (one per worker, `num_gpus=gpus_per_worker`) and
-hands it one shard at a time. For a shard the worker reads its row range (`jobs.plan.read_rows`),
-tokenizes and rejects bad rows (`rows.RowCodec`), decodes the rest through the engine's batch slots
-(continuous batching: a finished row's slot takes the next row at once),
-(rendering chat rows with the target's chat template, n samples per row, per-row settings grouped into
-separate engine batches, log-probabilities when asked), times a sample of rows against plain decoding
-(`tuning.Baseline`), and commits through
-`jobs.layout.ShardFiles.commit`, which writes the files in their exactly-once order.
+The controller wraps `ShardWorker` in a Ray actor (one per worker, `num_gpus=gpus_per_worker`) and keeps
+`resources.shards_in_flight` shards queued on it. A shard passes through three threads (`pipeline.Pipeline`):
+- reader: reads its row range (`jobs.plan.read_rows`), tokenizes and rejects bad rows (`rows.RowCodec`, with
+  its own tokenizer), while the shard before it decodes;
+- device (the thread that also loaded, compiled and captured the models): decodes the samples through the
+  engine's batch slots (continuous batching: a finished row's slot takes the next row at once; chat rows
+  rendered with the target's chat template, n samples per row, per-row settings grouped into separate engine
+  batches, log-probabilities when asked), times a sample of rows against plain decoding
+  (`tuning.Baseline`);
+- writer: commits through `jobs.layout.ShardFiles.commit` (the files in their exactly-once order, the marker
+  last) while the next shard decodes.
+`run_shard` returns once the shard is decoded and `committed` once its marker is written; a failure in any
+stage is that shard's failure (so the controller knows, when an actor dies, which shard it was decoding).
 
 This is the one module that imports both sides: `jobs` (manifest, plan, layout) and the decoder.
 Torch, transformers and the decoder are imported when an actor starts, never when the controller
@@ -21,9 +26,11 @@ import json
 import os
 import platform
 import socket
+import threading
 import time
+from dataclasses import dataclass
 
-from jobs.inputs import is_jsonl
+from jobs.inputs import ShardInput, is_jsonl
 from jobs.layout import Commit, ErrorRow, OutputRow, ShardFiles, ShardStats
 from jobs.manifest import manifest_from_dict
 from jobs.plan import Shard, input_storage_options, read_rows
@@ -31,20 +38,49 @@ from jobs.specs import parse_spec
 from jobs.storage import Store
 
 
+@dataclass
+class _Job:
+    """What `run_shard` hands the pipeline."""
+
+    shard: Shard
+    attempt: int
+
+
+@dataclass
+class _Prepared:
+    """A shard's rows after the read stage: samples ready to decode and error rows."""
+
+    data: ShardInput
+    good: list  # rows.Row, n per usable input row
+    errors: list[ErrorRow]
+    read_seconds: float
+    read_done: float  # perf_counter when the read stage finished
+
+
+@dataclass
+class _Decoded:
+    """A shard after the device stage: everything its commit writes."""
+
+    outputs: list[OutputRow]
+    errors: list[ErrorRow]
+    stats: ShardStats
+    commit: Commit
+    carried: object  # pyarrow Table of carried input columns, or None
+    metadata: dict
+    logprobs: bool  # the log-probability columns: when the job asks, and always for OpenAI batch lines (null where
+    # a line did not ask), so every shard of one file has one schema
+
+
 class ShardWorker:
     def __init__(self, manifest: dict, output_url: str):
         self.started_at = time.time()  # the controller's creation time to this: Ray's scheduling and process start
         clock = _Phases()
         _quiet_third_parties()
-        import torch
+        import torch  # noqa: F401 -- timed as part of "imports", not of the model load
         import transformers
         from transformers import AutoTokenizer
 
-        from .decode.build import build_engine, load_model
-        from .decode.sampling import SamplingParams
-        from .rows import RowCodec
-        from .timing import EnergyMeter
-        from .tuning import Baseline
+        from .pipeline import Pipeline
 
         transformers.utils.logging.set_verbosity_error()
         clock.mark("imports")
@@ -52,9 +88,26 @@ class ShardWorker:
         self.files = ShardFiles(Store(output_url, m.output.storage_options, m.retry.backoff_s))
         job = self.files.job() or {}
         self.job_hash = job.get("job_hash", "")
-        torch.manual_seed(0)
         tok = AutoTokenizer.from_pretrained(m.model.target)
+        read_tok = AutoTokenizer.from_pretrained(m.model.target)  # the reader thread's own: none shared by threads
         clock.mark("tokenizer")
+        self.pipe = Pipeline(self._read, self._device, self._write, name="adarun-shard")
+        self.order, self.next_seq, self.tickets = threading.Condition(), 0, {}  # run_shard's entry order
+        self.pipe.on_device(lambda: self._load(tok, clock))  # the thread that decodes loads, compiles and captures
+        self.read_codec = self._codec(read_tok)
+        self.phases = clock.phases
+
+    def _load(self, tok, clock: _Phases) -> None:
+        """On the device thread: target, drafter, plain engine for the baseline, warm-up (compile, graph capture)."""
+        import torch
+
+        from .decode.build import build_engine, load_model
+        from .decode.sampling import SamplingParams
+        from .timing import EnergyMeter
+        from .tuning import Baseline
+
+        m = self.m
+        torch.manual_seed(0)
         # our own model; for `method: none` on an architecture it lacks, transformers' (the slower fallback)
         self.target = load_model(m.model.target, m.speculative.spec(), m.model.dtype, m.model.device)
         clock.mark("model_load")
@@ -65,9 +118,7 @@ class ShardWorker:
         eos = self.target.cfg.eos_token_ids or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
         self.eos = tuple(eos)
         self.sp = SamplingParams(d.max_new_tokens, d.temperature, d.top_p, d.top_k, self.eos)
-        self.codec = RowCodec(
-            tok, d.stop, d.max_new_tokens, self.target.cfg.max_position_embeddings, m.input.system_prompt
-        )
+        self.codec = self._codec(tok)
         self.baseline = Baseline(self.engine, plain, self.sp, m.baseline.sample_fraction)
         self.autotune: dict | None = None  # the choice, once this actor has measured
         self.device = str(self.target.device)
@@ -79,7 +130,12 @@ class ShardWorker:
         )
         self.engine.generate([[0]], SamplingParams(2, 0.0, 1.0, 0, ()))  # warm-up: first-call allocation/compile
         clock.mark("warmup")
-        self.phases = clock.phases
+
+    def _codec(self, tok):
+        from .rows import RowCodec
+
+        d, context = self.m.decoding, self.target.cfg.max_position_embeddings
+        return RowCodec(tok, d.stop, d.max_new_tokens, context, self.m.input.system_prompt)
 
     @staticmethod
     def preflight(m) -> None:
@@ -107,15 +163,46 @@ class ShardWorker:
             "device": self.device,
         }
 
-    def run_shard(self, shard: dict, attempt: int) -> dict:
-        """Decode one shard and commit its files; returns the counts the controller tallies."""
-        from .tuning import autotune
+    def run_shard(self, shard: dict, attempt: int, seq: int) -> dict:
+        """Queue a shard and return once the device has decoded it (a failure reading or decoding it is this
+        call's exception); `committed(seq)` then returns once its files and marker are written. `seq` numbers
+        this actor's shards from 0 in the controller's order: they enter the pipeline in that order whatever
+        order Ray's threads run these calls in, so the first shard not yet decoded is the one the device is on."""
+        with self.order:
+            self.order.wait_for(lambda: self.next_seq == seq)
+            ticket = self.pipe.submit(_Job(Shard(**shard), attempt))
+            self.tickets[seq] = ticket
+            self.next_seq += 1
+            self.order.notify_all()
+        try:
+            ticket.decoded.result()
+        except BaseException:
+            self.tickets.pop(seq, None)
+            raise
+        return {"shard": shard["index"], "decoded": True}
 
-        t0, started, e0 = time.perf_counter(), time.time(), self.energy.read()
-        m, sh = self.m, Shard(**shard)
+    def committed(self, seq: int) -> dict:
+        """The counts the controller tallies, once shard `seq`'s commit marker is written (or the write's error)."""
+        return self.tickets.pop(seq).done.result()
+
+    # ---- the pipeline's stages
+    def _read(self, job: _Job) -> _Prepared:
+        """Reader thread: the shard's rows, tokenized."""
+        t0 = time.perf_counter()
+        m, sh = self.m, job.shard
         _fault_drill(sh.index)
         data = read_rows(sh, m.input, input_storage_options(sh.file, m.output.path, m.output.storage_options))
         good, errors = self._rows(sh, data)
+        now = time.perf_counter()
+        return _Prepared(data, good, errors, now - t0, now)
+
+    def _device(self, job: _Job, p: _Prepared) -> _Decoded:
+        """Device thread: autotune (once per actor), decode, the measured baseline; the shard's records."""
+        from .tuning import autotune
+
+        t0, started, e0 = time.perf_counter(), time.time(), self.energy.read()
+        _kill_drill(job.shard.index, job.attempt)
+        m, sh, good, errors = self.m, job.shard, p.good, p.errors
         if m.speculative.autotune.enabled and self.autotune is None and good:
             self.engine, self.autotune = autotune(
                 self.engine, good, self.sp, m.speculative.autotune.fraction, m.resources.batch_size
@@ -126,11 +213,11 @@ class ShardWorker:
         if proposer is not None:
             proposer.persist()  # state the method keeps with the job (token-recycling matrix, datastore)
         res = m.resources
-        wall = time.perf_counter() - t0
+        wall = time.perf_counter() - t0  # the device's time on this shard (read and write overlap other shards)
         stats = dataclasses.replace(
             stats,
             shard=sh.index,
-            attempt=attempt,
+            attempt=job.attempt,
             rows=len(outputs),
             error_rows=len(errors),
             errors=[e.error for e in errors][:20],
@@ -145,9 +232,10 @@ class ShardWorker:
             params=m.speculative.params,
             energy_kwh=self.energy.kwh(e0, self.energy.read()),
             autotune=self.autotune,
+            stages={"read": p.read_seconds, "queued": max(t0 - p.read_done, 0.0), "decode": wall},
             **self.info(),
         )
-        carried = data.carried.take([r.input_index for r in good]) if data.carried is not None else None
+        carried = p.data.carried.take([r.input_index for r in good]) if p.data.carried is not None else None
         meta = {
             "model": m.model.target,
             "draft": m.model.draft or "",
@@ -156,25 +244,24 @@ class ShardWorker:
             "job_hash": self.job_hash,
             "config_hash": m.config_hash(),
         }
-        self.files.commit(
-            outputs,
-            errors,
-            stats,
-            Commit(
-                shard=sh.index, rows=len(outputs), error_rows=len(errors), attempt=attempt, config_hash=m.config_hash()
-            ),
-            carried=carried,
-            metadata=meta,
-            # the log-probability columns: when the job asks, and always for OpenAI batch lines (null where a line
-            # did not ask), so every shard of one file has one schema
-            logprobs=bool(m.decoding.logprobs or m.decoding.top_logprobs or is_jsonl(sh.file)),
+        commit = Commit(
+            shard=sh.index, rows=len(outputs), error_rows=len(errors), attempt=job.attempt, config_hash=m.config_hash()
         )
+        logprobs = bool(m.decoding.logprobs or m.decoding.top_logprobs or is_jsonl(sh.file))
+        return _Decoded(outputs, errors, stats, commit, carried, meta, logprobs)
+
+    def _write(self, job: _Job, d: _Decoded) -> dict:
+        """Writer thread: the commit (shard -> errors -> stats -> marker, `ShardFiles.commit`)."""
+        t0 = time.perf_counter()
+        self.files.commit(d.outputs, d.errors, d.stats, d.commit, carried=d.carried, metadata=d.metadata,
+                          logprobs=d.logprobs)
         return {
-            "shard": sh.index,
-            "rows": len(outputs),
-            "error_rows": len(errors),
-            "completion_tokens": stats.completion_tokens,
-            "wall_seconds": wall,
+            "shard": job.shard.index,
+            "rows": len(d.outputs),
+            "error_rows": len(d.errors),
+            "completion_tokens": d.stats.completion_tokens,
+            "wall_seconds": d.stats.wall_seconds,
+            "write_seconds": time.perf_counter() - t0,
         }
 
     def _rows(self, sh: Shard, data) -> tuple[list, list[ErrorRow]]:
@@ -191,10 +278,10 @@ class ShardWorker:
                 continue
             st, err = row_settings(self.m.decoding, own)
             if err is None and isinstance(prompt, list):
-                prompt, err = self.codec.render(prompt)
+                prompt, err = self.read_codec.render(prompt)
             toks = None
             if err is None:
-                toks, err = self.codec.encode(prompt, st.max_new_tokens)
+                toks, err = self.read_codec.encode(prompt, st.max_new_tokens)
             if err:
                 errors.append(ErrorRow(rid, err))
                 continue
@@ -285,8 +372,23 @@ def _quiet_third_parties() -> None:
 
 
 def _fault_drill(index: int) -> None:
-    """`ADARUN_CHAOS_FAIL_SHARDS=1,3` makes those shards raise, as a deterministic application bug would:
-    a drill for the controller's failure classes, used by the tests (like the storage drill in jobs.storage)."""
-    listed = os.environ.get("ADARUN_CHAOS_FAIL_SHARDS", "")
-    if str(index) in {x.strip() for x in listed.split(",") if x.strip()}:
+    """`ADARUN_CHAOS_FAIL_SHARDS=1,3` makes those shards raise (in the read stage), as a deterministic
+    application bug would: a drill for the controller's failure classes, used by the tests (like the storage
+    drill in jobs.storage)."""
+    if index in _listed("ADARUN_CHAOS_FAIL_SHARDS"):
         raise RuntimeError("injected application failure")
+
+
+def _kill_drill(index: int, attempt: int) -> None:
+    """`ADARUN_CHAOS_KILL_SHARDS=5` ends the actor's process partway into decoding shard 5's first attempt, as a
+    crash or an out-of-memory kill would (the fleet benchmark's fault run; the retry then succeeds). Partway:
+    by then the shard before it has told the controller it was decoded, as it has before a real crash in the
+    middle of a shard (one at the very first instant of a shard can be charged to the shard before it once;
+    the culprit then comes first on its next actor and is charged there)."""
+    if attempt == 1 and index in _listed("ADARUN_CHAOS_KILL_SHARDS"):
+        time.sleep(0.5)
+        os._exit(17)
+
+
+def _listed(var: str) -> set[int]:
+    return {int(x) for x in os.environ.get(var, "").split(",") if x.strip().isdigit()}

@@ -23,7 +23,7 @@ from .lease import LeaseHeld
 from .manifest import ManifestError, load_manifest, manifest_from_dict
 from .model_commands import MODEL_COMMANDS
 from .plan import PlanError
-from .progress import DEFAULT_INTERVAL_S, Progress
+from .progress import DEFAULT_INTERVAL_S, Progress, startup_lines
 from .specs import SpecError
 from .storage import StorageError, Store
 
@@ -132,6 +132,8 @@ def _run(m, force: bool, dry_run: bool, progress_interval: float = DEFAULT_INTER
         f"this run: rows {state.rows}, error rows {state.error_rows}, completion tokens {state.completion_tokens}; "
         f"output {m.output.path}"
     )
+    for line in startup_lines(state):
+        click.echo(f"  {line}")
 
 
 progress_option = click.option(

@@ -60,6 +60,7 @@ class JobState:
     first_commit_s: float | None = None
     actors: list = field(default_factory=list)  # ActorStartup records of this run's actors
     ray_start_seconds: float = 0.0  # connecting to (or starting) Ray
+    tail_seconds: float | None = None  # from the first worker left with nothing to do to the last commit
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,8 @@ class Plan:
 
 
 def plan_job(m: Manifest) -> Plan:
-    shards = make_plan(
-        m.input, m.sharding.rows_per_shard, input_storage_options(m.input.path, m.output.path, m.output.storage_options)
-    )
+    opts = input_storage_options(m.input.path, m.output.path, m.output.storage_options)
+    shards = make_plan(m.input, m.sharding, opts)
     body = json.dumps({"config": m.config_hash(), "plan": [s.to_dict() for s in shards]}, sort_keys=True)
     return Plan(shards, hashlib.sha256(body.encode()).hexdigest()[:16])
 
@@ -254,6 +254,8 @@ def run_job(m: Manifest, worker_cls: type, force: bool = False, listener: Listen
                     state.first_commit_s,
                     actors=state.actors,
                     ray_start_seconds=state.ray_start_seconds,
+                    tail_seconds=state.tail_seconds,
+                    shards_in_flight=m.resources.shards_in_flight,
                     workers=m.resources.workers,
                     gpus_per_worker=m.resources.gpus_per_worker,
                     cpus_per_worker=m.resources.cpus_per_worker,

@@ -1,11 +1,16 @@
 """Dispatch: a pool of Ray actors pulling shards from a queue, with placement checks and failure classes.
 
 - Placement: before creating actors, the cluster's nodes are checked for room for one worker
-  (`resources.*`); none → `Unplaceable` (exit 2). Shards go only to actors whose constructor has
-  finished (`ready()`); actors still pending after `PENDING_NOTICE_S` are reported and the job carries
-  on with the rest (they join when resources free up).
+  (`resources.*`); none → `Unplaceable` (exit 2). Every actor is asked for at once, so they start and
+  load in parallel. Shards go only to actors whose constructor has finished (`ready()`), up to
+  `resources.shards_in_flight` each (the actor reads the next while it decodes one and writes the last);
+  actors still pending after `PENDING_NOTICE_S` are reported and the job carries on with the rest (they
+  join when resources free up).
+- Records: per actor its start-up, first and last commit and idle tail (`ActorStartup`); per run the tail
+  (from the first worker left with nothing to do to the last commit).
 - Failure classes: an actor that dies (crash, OOM, node loss: `RayActorError`) is replaced and its
-  shard retried with backoff up to `retry.max_attempts`. An exception raised by the application
+  shard retried with backoff up to `retry.max_attempts` (the shards queued behind it on that actor go
+  back to the queue without losing an attempt). An exception raised by the application
   (`RayTaskError`) is retried at most once for the same shard, and the same error on
   `SAME_ERROR_SHARDS` shards stops the job early, naming the error and the input file. An actor whose
   constructor fails (bad checkpoint, out of memory at load) stops the job at once: every actor would.
@@ -21,6 +26,7 @@ import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from .layout import ActorStartup, shard_name
@@ -76,6 +82,32 @@ def placeable_workers(m: Manifest) -> int:
     return total
 
 
+@dataclass(eq=False)
+class _Worker:
+    """One actor as the dispatcher drives it: its record and the refs of its shards in flight."""
+
+    actor: Any
+    rec: ActorStartup
+    refs: list = field(default_factory=list)
+    sent: int = 0  # shards sent to it: the next one's seq
+    drained_at: float | None = None  # it went idle with nothing left to hand it
+
+    def undecoded(self, inflight: dict) -> int:
+        return sum(1 for r in self.refs if not inflight[r].decoded)
+
+
+@dataclass(eq=False)
+class _Sent:
+    """A shard on an actor: first its run_shard ref (until decoded), then its committed ref."""
+
+    worker: _Worker
+    shard: Shard
+    attempt: int
+    seq: int
+    sent_at: float
+    decoded: bool = False
+
+
 class Dispatcher:
     def __init__(self, m: Manifest, worker_cls: type, state, emit: Listener, should_stop: Callable[[], str | None]):
         import ray
@@ -86,31 +118,29 @@ class Dispatcher:
             num_cpus=res.cpus_per_worker,
             num_gpus=res.gpus_per_worker,
             max_restarts=0,
-            max_concurrency=1,
+            max_concurrency=2 * res.shards_in_flight + 1,  # its shards' two calls each, and ready() beside them
             scheduling_strategy="SPREAD",
             runtime_env={"env_vars": env} if env else None,
         )
         self.m, self.state, self.emit, self.should_stop = m, state, emit, should_stop
+        self.depth = res.shards_in_flight
         self.manifest = m.to_dict()
-        self.actors: list = []  # every actor made, for the final kill
-        self.starting: dict[Any, tuple[Any, float]] = {}  # ready() ref -> (actor, created at)
-        self.idle: deque = deque()
+        self.workers: list[_Worker] = []  # every actor made, for the final kill
+        self.starting: dict[Any, tuple[_Worker, float]] = {}  # ready() ref -> (worker, created at)
+        self.ready: list[_Worker] = []  # started and alive
         self.queue: deque[tuple[float, Shard, int]] = deque()  # (not before, shard, attempt)
-        self.inflight: dict[Any, tuple[Any, Shard, int, float]] = {}  # ref -> (actor, shard, attempt, dispatched at)
+        self.inflight: dict[Any, _Sent] = {}  # run_shard or committed ref -> its shard
         self.app_errors: Counter = Counter()  # one-line cause -> shards it happened on
         self.noticed_pending = False
-        self.startups: list[tuple[Any, ActorStartup]] = []  # (actor, its record): state.actors at the end
 
     def new_actor(self) -> None:
+        """Ask Ray for one more actor; all are asked for at once, so they start and load in parallel."""
         actor = self.actor_cls.remote(self.manifest, self.m.output.path)
-        self.actors.append(actor)
         now = time.time()
-        self.startups.append((actor, ActorStartup(created_at=now)))
-        self.state.actors.append(self.startups[-1][1])
-        self.starting[actor.ready.remote()] = (actor, now)
-
-    def _record(self, actor) -> ActorStartup:
-        return next(rec for a, rec in self.startups if a is actor)
+        w = _Worker(actor, ActorStartup(created_at=now))
+        self.workers.append(w)
+        self.state.actors.append(w.rec)
+        self.starting[actor.ready.remote()] = (w, now)
 
     def run(self, pending: list[Shard]) -> None:
         import ray
@@ -141,27 +171,38 @@ class Dispatcher:
                 for ref in ready:
                     if ref in self.starting:
                         self._started(ref)
-                    else:
+                    elif ref in self.inflight:  # not already taken with a dead actor's other shards
                         self._collect(ref)
                 self._notice_pending()
         finally:
-            now = time.time()
-            for _, rec in self.startups:
-                rec.stopped_at = rec.stopped_at or now
-            for a in self.actors:
-                ray.kill(a, no_restart=True)
+            self._finish()
+
+    def _finish(self) -> None:
+        """Stop every actor; the tail: from the first worker left with nothing to do to the last commit."""
+        import ray
+
+        now = time.time()
+        end = max((w.rec.last_commit_at for w in self.workers if w.rec.last_commit_at), default=None)
+        drained = [w for w in self.ready if w.drained_at is not None and end is not None]
+        for w in drained:
+            w.rec.idle_tail_seconds = max(end - w.drained_at, 0.0)
+        if drained:
+            self.state.tail_seconds = max(end - min(w.drained_at for w in drained), 0.0)
+        for w in self.workers:
+            w.rec.stopped_at = w.rec.stopped_at or now
+            ray.kill(w.actor, no_restart=True)
 
     def _started(self, ref) -> None:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        actor, t0 = self.starting.pop(ref)
+        w, t0 = self.starting.pop(ref)
         try:
             info = ray.get(ref)
         except (RayActorError, RayTaskError) as e:
             log.error("a worker failed to start: %s", _one_line(e))
             raise FailFast(f"a worker failed to start: {_one_line(e)}") from None
-        rec, now = self._record(actor), time.time()
+        rec, now = w.rec, time.time()
         phases = {k: round(v, 3) for k, v in (info.get("phases") or {}).items()}
         rec.actor_id, rec.host, rec.accelerator = info.get("actor_id"), info.get("host"), info.get("accelerator")
         rec.ready_at, rec.phases = now, phases
@@ -174,10 +215,10 @@ class Dispatcher:
             ", ".join([f"ray scheduling {rec.scheduling_seconds:.1f}s"] + [f"{k} {v:.1f}s" for k, v in phases.items()]),
         )
         self.emit("worker", {"info": info, "start_seconds": time.time() - t0})
-        self.idle.append(actor)
+        self.ready.append(w)
 
     def _notice_pending(self) -> None:
-        if self.noticed_pending or not self.starting or not (self.idle or self.inflight):
+        if self.noticed_pending or not self.starting or not self.ready:
             return
         oldest = min(t for _, t in self.starting.values())
         if time.time() - oldest > PENDING_NOTICE_S:
@@ -186,50 +227,112 @@ class Dispatcher:
                 "%d worker(s) still waiting for resources after %.0fs; carrying on with %d",
                 len(self.starting),
                 time.time() - oldest,
-                len(self.idle) + len(self.inflight),
+                len(self.ready),
             )
 
     def _dispatch(self) -> None:
+        """Keep `shards_in_flight` shards not yet decoded on every ready actor (the one decoding and the next
+        ones being read), the least loaded first, so that none waits a round trip between shards; shards being
+        written count apart, up to as many again."""
         now = time.time()
-        while self.idle and self.queue and self.queue[0][0] <= now:
+        while self.queue and self.queue[0][0] <= now:
+            open_ = [
+                w
+                for w in self.ready
+                if w.undecoded(self.inflight) < self.depth and len(w.refs) < 2 * self.depth
+            ]
+            if not open_:
+                return
+            w = min(open_, key=lambda x: x.undecoded(self.inflight))
             _, shard, attempt = self.queue.popleft()
-            actor = self.idle.popleft()
-            self.inflight[actor.run_shard.remote(shard.to_dict(), attempt)] = (actor, shard, attempt, time.time())
-            self.emit("dispatch", {"shard": shard.index, "attempt": attempt, "actor": actor})
+            ref = w.actor.run_shard.remote(shard.to_dict(), attempt, w.sent)
+            self.inflight[ref] = _Sent(w, shard, attempt, w.sent, time.time())
+            w.sent += 1
+            w.refs.append(ref)
+            w.drained_at = None
+            self.emit("dispatch", {"shard": shard.index, "attempt": attempt, "actor": w.actor})
 
     def _collect(self, ref) -> None:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        actor, shard, attempt, t_dispatch = self.inflight.pop(ref)
+        f = self.inflight.pop(ref)
+        f.worker.refs.remove(ref)
         try:
             out = ray.get(ref)
         except RayActorError as e:
-            self._failed(actor, shard, attempt, t_dispatch, e, dead=True)
+            self._died(f.worker, [(f, e)])
             return
         except RayTaskError as e:
-            self._failed(actor, shard, attempt, t_dispatch, e, dead=False)
+            self._failed(f.worker, f.shard, f.attempt, f.sent_at, e, dead=False)
             return
-        self.idle.append(actor)
-        st = self.state
+        if not f.decoded:  # decoded: now its commit, while the actor decodes the next
+            f.decoded = True
+            cref = f.worker.actor.committed.remote(f.seq)
+            self.inflight[cref] = f
+            f.worker.refs.append(cref)
+        else:
+            self._committed(f.worker, out)
+
+    def _committed(self, w: _Worker, out: dict) -> None:
+        st, now = self.state, time.time()
         st.committed += 1
         st.rows += out["rows"]
         st.error_rows += out["error_rows"]
         st.completion_tokens += out["completion_tokens"]
         if st.first_commit_s is None:
-            st.first_commit_s = time.time() - st.started
+            st.first_commit_s = now - st.started
+        w.rec.first_commit_at = w.rec.first_commit_at or now
+        w.rec.last_commit_at, w.rec.shards = now, w.rec.shards + 1
+        if not w.refs and not self.queue and w in self.ready:
+            w.drained_at = now
         self.emit("commit", out)
 
-    def _failed(self, actor, shard: Shard, attempt: int, t_dispatch: float, e: BaseException, dead: bool) -> None:
+    def _died(self, w: _Worker, lost: list) -> None:
+        """An actor died with shards in flight. Its other calls settle first (a commit may have landed just
+        before). Of the shards left, the first not yet decoded (the actor takes them in `seq` order) is the one
+        it was working on: it is charged an attempt; the others (being written, or read ahead) go back to the
+        front of the queue as they were. Died with none undecoded: the first being written is charged."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        others = list(w.refs)
+        if others:
+            ray.wait(others, num_returns=len(others), timeout=30)
+        for ref in others:
+            f = self.inflight.pop(ref)
+            w.refs.remove(ref)
+            try:
+                out = ray.get(ref, timeout=0)
+            except (RayActorError, RayTaskError, GetTimeoutError) as e:
+                lost.append((f, e))
+                continue
+            if f.decoded:
+                self._committed(w, out)
+            else:  # decoded, but its commit call can no longer be made
+                f.decoded = True
+                lost.append((f, lost[0][1]))
+        lost.sort(key=lambda x: (x[0].decoded, x[0].seq))
+        charged, e = lost[0]
+        for f, _ in reversed(lost[1:]):
+            self.queue.appendleft((0.0, f.shard, f.attempt))
+            record = {"shard": f.shard.index, "attempt": f.attempt, "actor_died": True, "requeued": True}
+            self.state.retries.append({**record, "cause": _one_line(e), "seconds": time.time() - f.sent_at})
+            cause = f"requeued, its worker died: {_one_line(e)}"
+            self.emit("retry", {"shard": f.shard.index, "attempt": f.attempt, "cause": cause, "actor_died": True})
+        self._failed(w, charged.shard, charged.attempt, charged.sent_at, e, dead=True)
+
+    def _failed(self, w: _Worker, shard: Shard, attempt: int, t_dispatch: float, e: BaseException, dead: bool) -> None:
         import ray
 
         cause = _one_line(e)
         if dead:
-            self._record(actor).stopped_at = time.time()
-            ray.kill(actor, no_restart=True)
+            w.rec.stopped_at = time.time()
+            if w in self.ready:
+                self.ready.remove(w)
+            ray.kill(w.actor, no_restart=True)
             self.new_actor()
         else:
-            self.idle.append(actor)
             self.app_errors[cause] += 1
             if self.app_errors[cause] >= SAME_ERROR_SHARDS:
                 raise FailFast(

@@ -120,8 +120,10 @@ def _parquet_bytes(
 
 # ------------------------------------------------------------------ per-shard statistics
 
-_IDENTITY = ("shard", "attempt", "method", "params", "autotune", "actor_id", "node_id", "host", "pid", "accelerator",
-             "device")
+_IDENTITY = (  # fields that name a shard's decoder, not measure it: kept by `+` only when equal
+    *("shard", "attempt", "method", "params", "autotune"),
+    *("actor_id", "node_id", "host", "pid", "accelerator", "device"),
+)
 
 
 @dataclass
@@ -136,9 +138,9 @@ class ShardStats:
     errors: list = field(default_factory=list)  # the first error messages (at most 20)
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    wall_seconds: float = 0.0
-    started_at: float | None = None  # unix time
-    finished_at: float | None = None
+    wall_seconds: float = 0.0  # the device's time on the shard (reading and writing overlap other shards)
+    started_at: float | None = None  # unix time the device began the shard
+    finished_at: float | None = None  # and handed it to the writer
     gpu_seconds: float = 0.0  # wall x GPUs held
     cpu_seconds: float = 0.0  # wall x CPUs held
     method: str | None = None
@@ -156,6 +158,7 @@ class ShardStats:
     busy_slot_rounds: int = 0  # of those, slots whose row was still decoding
     baseline: list = field(default_factory=list)  # rows decoded both ways: {id, spec_seconds, spec_tokens, plain_...}
     energy_kwh: float | None = None
+    stages: dict = field(default_factory=dict)  # seconds: read (rows read, tokenized), queued (to the device), decode
     autotune: dict | None = None  # this actor's autotune measurement and choice, when enabled
     actor_id: str | None = None
     node_id: str | None = None
@@ -197,7 +200,7 @@ class ShardStats:
             a, b = getattr(self, f.name), getattr(o, f.name)
             if f.name in _IDENTITY:
                 out[f.name] = a if a == b else None
-            elif f.name in ("accepted_by_depth", "draft_lengths"):
+            elif f.name in ("accepted_by_depth", "draft_lengths", "stages"):
                 out[f.name] = dict(Counter(a) + Counter(b))
             elif f.name in ("errors", "baseline"):
                 out[f.name] = a + b
@@ -252,6 +255,10 @@ class ActorStartup:
     created_at: float | None = None  # unix time the controller asked Ray for it
     ready_at: float | None = None  # its constructor returned (ready() answered)
     stopped_at: float | None = None  # the controller killed it (end of run, or death)
+    first_commit_at: float | None = None  # its first and last shard committed (unix time)
+    last_commit_at: float | None = None
+    shards: int = 0  # committed by it
+    idle_tail_seconds: float | None = None  # from its going idle with nothing left to the run's last commit
     scheduling_seconds: float = 0.0  # waiting for a place and a process (ready - created - constructor)
     phases: dict = field(default_factory=dict)  # constructor phase -> seconds (imports, tokenizer, model_load, ...)
 

@@ -98,6 +98,7 @@ class ResourcesCfg:
     gpus_per_worker: float = 0
     cpus_per_worker: float = 1
     batch_size: int = 8  # rows decoded at once per worker (batch slots)
+    shards_in_flight: int = 2  # per worker: the next shard is read and tokenized, the last written, while one decodes
     continuous_batching: bool = True  # a finished row's slot takes the shard's next row at once
 
 
@@ -109,6 +110,8 @@ class ClusterCfg:
 @dataclass
 class ShardingCfg:
     rows_per_shard: int = 256
+    tail_shards: int = 0  # the plan's tail: this many shards of each smaller size (jobs.plan); ~2x the workers
+    min_rows_per_shard: int = 0  # the tail's smallest shards (0: rows_per_shard // 8); about resources.batch_size
 
 
 @dataclass
@@ -185,6 +188,8 @@ _ADDED_SINCE_HASH = {
     ("decoding", "n"): 1,
     ("decoding", "logprobs"): False,
     ("decoding", "top_logprobs"): 0,
+    ("sharding", "tail_shards"): 0,
+    ("sharding", "min_rows_per_shard"): 0,
 }
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound for top_logprobs; larger k would multiply the output's size
 
@@ -300,6 +305,14 @@ def _check_limits(m: Manifest, need) -> None:
         "sharding.rows_per_shard",
         f"must be in [1, 1e7], got {m.sharding.rows_per_shard}",
     )
+    sh = m.sharding
+    need(0 <= sh.tail_shards <= 100_000, "sharding.tail_shards", f"must be in [0, 100000], got {sh.tail_shards}")
+    need(
+        0 <= sh.min_rows_per_shard <= sh.rows_per_shard,
+        "sharding.min_rows_per_shard",
+        f"must be in [0, rows_per_shard {sh.rows_per_shard}], got {sh.min_rows_per_shard}",
+    )
+    need(1 <= r.shards_in_flight <= 16, "resources.shards_in_flight", f"must be in [1, 16], got {r.shards_in_flight}")
     need(1 <= rt.max_attempts <= 100, "retry.max_attempts", f"must be in [1, 100], got {rt.max_attempts}")
     need(0 <= rt.backoff_s <= 3600, "retry.backoff_s", f"must be in [0, 3600], got {rt.backoff_s}")
     need(

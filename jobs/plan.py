@@ -3,6 +3,12 @@
 A shard is (index, file, first row, row count). Shards never span files, so a worker reads one
 row range of one Parquet file, or one line range of one JSONL file (`read_rows`; files: `jobs.inputs`).
 `input.limit` truncates the plan after that many rows in file order.
+
+The tail (`sharding.tail_shards`): the last rows of the job, counted across files in file order, are cut
+into smaller shards, so that the workers finish together instead of waiting on one worker's last big
+shard. Going back from the end: `tail_shards` shards of `min_rows_per_shard` rows, then `tail_shards` of
+twice that, doubling while below `rows_per_shard`. This is planning, not splitting at run time: the plan
+stays a pure function of the input and the manifest, so a resume plans (and names) the same shards.
 Row ids come from `input.id_column`, or, when a file lacks it, from "<file name>:<row>".
 """
 
@@ -13,7 +19,7 @@ from dataclasses import asdict, dataclass
 from fsspec.core import url_to_fs
 
 from .inputs import InputError, ShardInput, inspect_file, is_jsonl, read_ids, read_shard
-from .manifest import InputCfg
+from .manifest import InputCfg, ShardingCfg
 
 
 class PlanError(ValueError):
@@ -49,8 +55,8 @@ def list_inputs(path: str, storage_options: dict | None = None) -> list[str]:
     return [f if proto in ("file", "local") else f"{proto}://{f}" for f in files]
 
 
-def make_plan(inp: InputCfg, rows_per_shard: int, storage_options: dict | None = None) -> list[Shard]:
-    shards: list[Shard] = []
+def make_plan(inp: InputCfg, sharding: ShardingCfg, storage_options: dict | None = None) -> list[Shard]:
+    counts: list[tuple[str, int]] = []
     remaining = inp.limit
     for f in list_inputs(inp.path, storage_options):
         try:
@@ -60,10 +66,46 @@ def make_plan(inp: InputCfg, rows_per_shard: int, storage_options: dict | None =
         if remaining is not None:
             n = min(n, remaining)
             remaining -= n
-        for start in range(0, n, rows_per_shard):
-            shards.append(Shard(len(shards), f, start, min(rows_per_shard, n - start)))
+        counts.append((f, n))
         if remaining == 0:
             break
+    return cut_plan(counts, sharding)
+
+
+def tail_sizes(total_rows: int, sharding: ShardingCfg) -> list[int]:
+    """Sizes of the tail's shards in plan order (largest first), covering at most `total_rows` rows."""
+    if not sharding.tail_shards:
+        return []
+    size, from_end, left = max(1, sharding.min_rows_per_shard or sharding.rows_per_shard // 8), [], total_rows
+    while size < sharding.rows_per_shard and left > 0:
+        for _ in range(sharding.tail_shards):
+            if left <= 0:
+                break
+            from_end.append(min(size, left))
+            left -= from_end[-1]
+        size *= 2
+    return from_end[::-1]
+
+
+def cut_plan(counts: list[tuple[str, int]], sharding: ShardingCfg) -> list[Shard]:
+    """(file, rows) in file order -> shards: every `rows_per_shard` rows from each file's start, the tail's
+    cuts (`tail_sizes`) on the job's row axis, and every file boundary; a pure function of its arguments."""
+    total_rows = sum(n for _, n in counts)
+    sizes = tail_sizes(total_rows, sharding)
+    tail_start = total_rows - sum(sizes)
+    cuts, at = set(), tail_start
+    for k in sizes:
+        cuts.add(at)
+        at += k
+    shards: list[Shard] = []
+    offset = 0  # the file's first row on the job's row axis
+    for f, n in counts:
+        head_end = min(n, max(tail_start - offset, 0))
+        starts = set(range(0, head_end, sharding.rows_per_shard)) | ({0} if n else set())
+        starts = sorted(starts | {c - offset for c in cuts if offset <= c < offset + n})
+        for a, b in zip(starts, starts[1:] + [n]):
+            shards.append(Shard(len(shards), f, a, b - a))
+        offset += n
     return shards
 
 

@@ -129,3 +129,24 @@ class Progress:
             t.failed += 1
             if self.p is not None:
                 self.p.console.print(f"[red]{shard_name(d['shard'])} failed: {d['cause']}")
+
+
+def startup_lines(state) -> list[str]:
+    """The end-of-run summary of start-up and tail (a controller `JobState`): per worker, its time from being
+    asked for to its first commit and the parts of it; then the tail."""
+    lines = []
+    for a in state.actors:
+        if not a.first_commit_at:
+            continue
+        ph = a.phases or {}
+        load = sum(ph.get(k, 0.0) for k in ("tokenizer", "model_load", "draft_load"))
+        lines.append(
+            f"worker {a.host} ({a.accelerator}): first commit {a.first_commit_at - a.created_at:.1f}s after start "
+            f"(ray start {state.ray_start_seconds:.1f}s for the job, actor start "
+            f"{a.scheduling_seconds + ph.get('imports', 0.0):.1f}s, model load {load:.1f}s, warm-up "
+            f"{ph.get('warmup', 0.0):.1f}s, first shard {a.first_commit_at - (a.ready_at or a.created_at):.1f}s); "
+            f"{a.shards} shard(s), idle tail {a.idle_tail_seconds or 0.0:.1f}s"
+        )
+    if state.tail_seconds is not None:
+        lines.append(f"tail: {state.tail_seconds:.1f}s from the first worker with nothing left to the last commit")
+    return lines

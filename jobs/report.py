@@ -162,6 +162,9 @@ def full_bill(run: Run, stats: list[ShardStats]) -> dict:
             "ready_seconds": (a["ready_at"] - a["created_at"]) if a.get("ready_at") and a.get("created_at") else None,
             "ray_scheduling_seconds": a.get("scheduling_seconds"),
             **{f"{k}_seconds": v for k, v in (a.get("phases") or {}).items()},
+            "first_commit_seconds": (a["first_commit_at"] - a["created_at"]) if a.get("first_commit_at") else None,
+            "shards": a.get("shards"),
+            "idle_tail_seconds": a.get("idle_tail_seconds"),
         }
         for a in actors
     ]
@@ -173,6 +176,7 @@ def full_bill(run: Run, stats: list[ShardStats]) -> dict:
         "reserved_cpu_hours": reserved_cpu_h if run.run.runs else None,
         "busy_share_of_reserved": (busy_gpu + busy_cpu) / reserved_usd if reserved_usd else None,
         "ray_start_seconds": sum(r.get("ray_start_seconds", 0.0) for r in run.run.runs),
+        "tail_seconds": run.run.runs[-1].get("tail_seconds") if run.run.runs else None,
         "startup": startup,
         "price_per_accelerator_hour_usd": prices,
     }
@@ -320,6 +324,8 @@ _STARTUP_COLS = (
     "model_load_seconds",
     "draft_load_seconds",
     "warmup_seconds",
+    "first_commit_seconds",
+    "idle_tail_seconds",
 )
 
 
@@ -328,6 +334,9 @@ def _startup_md(rep: dict) -> list[str]:
         return []
     lines = [
         "## Start-up per worker (seconds)",
+        "",
+        "From the controller asking Ray for the worker to its first commit, and its idle tail (nothing left to do"
+        f" -> the run's last commit; the last run's tail: {_fmt(rep.get('tail_seconds'))} s).",
         "",
         "| host | accelerator | " + " | ".join(c.replace("_seconds", "") for c in _STARTUP_COLS) + " |",
         "|---|---|" + "---|" * len(_STARTUP_COLS),

@@ -198,7 +198,10 @@ def test_actor_killed_mid_shard(ray_cluster, prompts, tmp_path):
             ray.kill(d["actor"], no_restart=True)
 
     out = tmp_path / "out"
-    state = run_job(manifest_from_dict(job_dict(prompts, str(out))), listener=listener)
+    # one shard per actor: the kill at dispatch lands on shard 2 alone (tests/test_fleet.py: several in flight)
+    d = job_dict(prompts, str(out))
+    d["resources"]["shards_in_flight"] = 1
+    state = run_job(manifest_from_dict(d), listener=listener)
     assert killed and any(r["shard"] == 2 and r["actor_died"] for r in state.retries)
     assert json.loads((out / "_commits" / "shard-00002.json").read_text())["attempt"] == 2
     assert_exactly_once(prompts, out)
@@ -213,6 +216,7 @@ def test_shard_that_exhausts_attempts_fails_the_job_after_the_others(ray_cluster
 
     out = tmp_path / "out"
     d = job_dict(prompts, str(out), retry={"max_attempts": 2, "backoff_s": 0.01})
+    d["resources"]["shards_in_flight"] = 1  # the kill at dispatch lands on shard 1 alone
     with pytest.raises(JobFailed, match="shard-00001"):
         run_job(manifest_from_dict(d), listener=listener)
     assert sorted(p.name for p in (out / "_commits").iterdir()) == [f"shard-0000{i}.json" for i in (0, 2, 3, 4)]
