@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from adaspec_worker.decode.build import build_engine
 from adaspec_worker.decode.ldlp import LDLP, save_ldlp
 from adaspec_worker.decode.model import load_target
+from adaspec_worker.decode.policy import Shape
 from adaspec_worker.decode.proposers.adaptive import AdaEDL, adaedl_update
 from adaspec_worker.decode.proposers.base import PROPOSERS, BatchInfo, Proposer, RoundInput
 from adaspec_worker.decode.proposers.fixed import EagleChain
@@ -67,10 +68,14 @@ def test_proposers_alone_with_a_fake_drafter():
     tree = EagleChain(EagleSpec(k=3)).propose(r, None)
     assert tree.tokens.tolist() == [[4, 5, 6, 7], [8, 9, 0, 1]] and tree.valid.all()
     # AdaEDL: a sure drafter has zero entropy, so 1 - sqrt(gamma * H) = 1 >= lambda and the whole chain is kept
-    adaedl = AdaEDL(AdaEDLSpec(k_max=4))
+    adaedl = AdaEDL(AdaEDLSpec(k_max=4, top_k=1, nodes_per_level=1))
     adaedl.begin(BatchInfo(B=2, device=torch.device("cpu"), sampling=SamplingParams(), prompts=[[1], [2]]))
+    adaedl.shape = Shape(depth=4, nodes=4, width=1)
     tree = adaedl.propose(r, None)
     assert tree.tokens[:, 1:].tolist() == [[5, 6, 7, 8], [9, 0, 1, 2]] and tree.valid.all()
+    adaedl.lam[1] = 1.5  # nothing passes the bound for row 1: it keeps only its first level (the floor)
+    tree = adaedl.propose(r, None)
+    assert tree.valid.tolist() == [[True] * 5, [True, True, False, False, False]]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@
 loads the drafter the spec needs (`spec.needs["draft"]`, a kind in `drafters.DRAFTERS`) and the LDLP
 (when `"ldlp" in spec.needs`), builds the proposer registered for the spec's class, and hands the
 built parts to the engine. `draft` and `ldlp` may also be already-loaded objects (autotune reuses
-them: `build_engine(target, candidate, draft=engine.drafter, ldlp=engine.ldlp)`).
+them: `build_engine(target, candidate, draft=engine.drafter, ldlp=engine.ldlp)`); `cost`, a measured
+`cost.CostModel`, goes to the proposer (`set_cost`) for the policies that read one.
 
 Importing this module registers every proposer (fixed and adaptive), explicitly. Knows nothing of
 manifests, Ray or Parquet: the spec arrives parsed.
@@ -14,22 +15,21 @@ from __future__ import annotations
 
 import os
 
-from jobs.specs import MethodSpec, NoneSpec, OracleSpec, RetrievalSpec, TokenRecyclingSpec
+from jobs.specs import MethodSpec, RetrievalSpec, TokenRecyclingSpec
 
 from .drafters import DRAFTERS, Drafter
 from .engine import Engine, RoundHook
 from .ldlp import LDLP, load_ldlp
 from .model import CausalLM, ModelLoadError
-from .proposers import adaptive, fixed, recycling, retrieval  # noqa: F401  (importing them registers every proposer in PROPOSERS)
+from .proposers import adaptive, fixed, oracle, recycling, retrieval  # noqa: F401  (importing them registers every proposer in PROPOSERS)
 from .proposers.base import PROPOSERS, Proposer
-from .sampling import SamplingParams
 
-__all__ = ["build_engine", "build_proposer", "greedy_reference", "load_drafter"]
+__all__ = ["build_engine", "build_proposer", "load_drafter", "set_cost"]
 
 
 def build_engine(target: CausalLM, spec: MethodSpec, draft: str | os.PathLike | Drafter | None = None,
                  ldlp: str | os.PathLike | LDLP | None = None, fast: bool = True, *,
-                 on_round: RoundHook | None = None) -> Engine:
+                 on_round: RoundHook | None = None, cost=None) -> Engine:
     """An engine running `spec` on `target`. draft / ldlp: a path or a loaded object; ignored when the
     spec does not need it; ModelLoadError naming model.draft / model.ldlp when it does and is missing.
     fast on CUDA also fuses target and drafter weights in place and compiles their decode passes."""
@@ -38,7 +38,15 @@ def build_engine(target: CausalLM, spec: MethodSpec, draft: str | os.PathLike | 
         target.fuse()
         if drafter is not None:
             drafter.fuse()
-    return Engine(target, build_proposer(target, spec, ldlp), drafter, on_round=on_round, fast=fast)
+    engine = Engine(target, build_proposer(target, spec, ldlp), drafter, on_round=on_round, fast=fast)
+    if cost is not None:
+        set_cost(engine, cost)
+    return engine
+
+
+def set_cost(engine: Engine, cost) -> None:
+    """Hand a measured `cost.CostModel` to the engine's proposer (policies that read one; others ignore it)."""
+    engine.proposer.cost = cost
 
 
 def load_drafter(target: CausalLM, spec: MethodSpec, draft) -> Drafter | None:
@@ -64,15 +72,4 @@ def build_proposer(target: CausalLM, spec: MethodSpec, ldlp=None) -> Proposer:
         return cls(spec, vocab_size=target.cfg.vocab_size)
     if isinstance(spec, RetrievalSpec):
         return cls(spec, context=target.cfg.max_position_embeddings)
-    if isinstance(spec, OracleSpec):
-        return cls(spec, reference=greedy_reference(target))
     return cls(spec)
-
-
-def greedy_reference(target: CausalLM):
-    """(prompts, sampling) -> each prompt's plain-decoding tokens: the oracle's reference continuation."""
-
-    def reference(prompts: list[list[int]], sampling: SamplingParams) -> list[list[int]]:
-        completions, _ = Engine(target, fixed.NoDraft(NoneSpec())).generate(prompts, sampling)
-        return [c.tokens for c in completions]
-    return reference

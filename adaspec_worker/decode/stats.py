@@ -8,7 +8,7 @@
   - `SeqStats`      one row's counters (or their sum over rows), fed by `SeqStats.observe(row)`;
   - `EngineStats`   one generate() call: target passes, the rows' summed `SeqStats`, the time split;
     `a + b` is the one way stats add up;
-  - `PhaseClock`    splits wall time into prefill / draft / verify / other.
+  - `PhaseClock`    splits wall time into prefill / draft / verify / other (/ the oracle's uncharged reference).
 
 Vocabulary as in `verify.py`: accepted tokens exclude the bonus token; tau = tokens emitted per target
 pass, bonus included (plain decoding = 1.0). Knows nothing of models, proposers or trees.
@@ -116,6 +116,7 @@ class EngineStats:
     other_seconds: float = 0.0  # host-side accounting, stop rules, shrinking the batch
     prefill_seconds: float = 0.0
     warmup_seconds: float = 0.0  # first-use (compiling) rounds and CUDA graph captures, inside the phases above
+    reference_seconds: float = 0.0  # the benchmark-only oracle's reference verification: not charged to it
 
     def __add__(self, other: EngineStats) -> EngineStats:
         return EngineStats(target_passes=self.target_passes + other.target_passes, rows=self.rows + other.rows,
@@ -123,13 +124,14 @@ class EngineStats:
                            verify_seconds=self.verify_seconds + other.verify_seconds,
                            other_seconds=self.other_seconds + other.other_seconds,
                            prefill_seconds=self.prefill_seconds + other.prefill_seconds,
-                           warmup_seconds=self.warmup_seconds + other.warmup_seconds)
+                           warmup_seconds=self.warmup_seconds + other.warmup_seconds,
+                           reference_seconds=self.reference_seconds + other.reference_seconds)
 
 
 class PhaseClock:
     """Splits wall time into phases. On CUDA it records events and reads them at the round's sync."""
 
-    PHASES = ("prefill", "draft", "verify", "other")
+    PHASES = ("prefill", "draft", "verify", "other", "reference")
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -156,4 +158,5 @@ class PhaseClock:
         stats.draft_seconds += spent["draft"]
         stats.verify_seconds += spent["verify"]
         stats.other_seconds += spent["other"]
+        stats.reference_seconds += spent["reference"]
         self.marks = self.marks[-1:]
