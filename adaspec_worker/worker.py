@@ -75,8 +75,26 @@ class ShardWorker:
             else (platform.processor() or platform.machine())
         )
         self.engine.generate([[0]], SamplingParams(2, 0.0, 1.0, 0, ()))  # warm-up: first-call allocation/compile
+        self.cost_model = self._measure_cost(m.resources.batch_size)
         clock.mark("warmup")
         self.phases = clock.phases
+
+    def _measure_cost(self, batch_size: int) -> dict | None:
+        """The cost model on this actor's device, handed to the engine's policy; None for plain decoding."""
+        from .decode.build import set_cost
+        from .decode.cost import measure_cost
+        from .decode.engine import bucket
+
+        if self.engine.spec.name == "none":
+            return None
+        cuda = self.target.device.type == "cuda"
+        top = bucket(max(batch_size, 1))
+        batches = sorted({b for b in ((1, 4, 16, 64) if cuda else (1,)) if b <= top} | {top})
+        cost = measure_cost(self.target, self.engine.drafter, name=self.m.model.target, batches=batches,
+                            tokens=(1, 2, 4, 8, 16, 32, 64) if cuda else (1, 4, 16), widths=(1, 2, 4, 8, 16) if cuda
+                            else (1, 4), context=256 if cuda else 32, repeats=5 if cuda else 2)
+        set_cost(self.engine, cost)
+        return cost.to_json()
 
     @staticmethod
     def preflight(m) -> None:
@@ -139,6 +157,7 @@ class ShardWorker:
             params=m.speculative.params,
             energy_kwh=self.energy.kwh(e0, self.energy.read()),
             autotune=self.autotune,
+            cost_model=self.cost_model,
             **self.info(),
         )
         carried = data.carried.take([r.input_index for r in good]) if data.carried is not None else None

@@ -117,6 +117,7 @@ _IDENTITY = (
     "method",
     "params",
     "autotune",
+    "cost_model",
     "actor_id",
     "node_id",
     "host",
@@ -156,6 +157,7 @@ class ShardStats:
     baseline: list = field(default_factory=list)  # rows decoded both ways: {id, spec_seconds, spec_tokens, plain_...}
     energy_kwh: float | None = None
     autotune: dict | None = None  # this actor's autotune measurement and choice, when enabled
+    cost_model: dict | None = None  # this actor's measured cost model (adaspec_worker/decode/cost.py CostModel)
     actor_id: str | None = None
     node_id: str | None = None
     host: str | None = None
