@@ -156,6 +156,8 @@ def _csv(kind):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", default="bench/results/run", show_default=True, type=click.Path(file_okay=False))
 @click.option("--profile", is_flag=True, help="Count CUDA kernels per round per adarun cell (torch.profiler).")
+@click.option("--cost-model", is_flag=True, help="Measure the cost model (target pass, draft level): JSON + cost.png.")
+@click.option("--shape", default="", help="Also measure the cost model of a random-weight target of this shape (8b).")
 def bench(**opts):
     """Benchmark methods side by side: JSON, Markdown table and PNG plots in --out.
 
