@@ -42,7 +42,8 @@ def test_bench_cost_model_and_shape(tmp_path):
     out = tmp_path / "bench"
     r = CliRunner().invoke(cli, ["bench", "--target", str(TINY), "--draft", str(TINY_HEAD),
                                  "--prompts", str(REPO / "manifests" / "prompts.parquet"),
-                                 "--methods", "oracle:k_max=4:top_k=3", "--batch-sizes", "1,2", "--temperatures", "0,0.7",
+                                 "--methods", "oracle:k_max=4:top_k=3", "--batch-sizes", "1,2",
+                                 "--temperatures", "0,0.7",
                                  "--new-tokens", "6", "--n-prompts", "1", "--repeats", "1", "--baselines", "",
                                  "--dtype", "float32", "--device", "cpu", "--out", str(out), "--cost-model",
                                  "--shape", "tiny"])
