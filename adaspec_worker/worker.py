@@ -124,6 +124,7 @@ class ShardWorker:
 
     def run_shard(self, shard: dict, attempt: int) -> dict:
         """Decode one shard and commit its files; returns the counts the controller tallies."""
+        from .decode.cost import CostModel
         from .tuning import autotune
 
         t0, started, e0 = time.perf_counter(), time.time(), self.energy.read()
@@ -132,9 +133,11 @@ class ShardWorker:
         data = read_rows(sh, m.input, input_storage_options(sh.file, m.output.path, m.output.storage_options))
         good, errors = self._rows(sh, data)
         if m.speculative.autotune.enabled and self.autotune is None and good:
+            cost = CostModel.from_json(self.cost_model) if self.cost_model else None
             self.engine, self.autotune = autotune(
-                self.engine, good, self.sp, m.speculative.autotune.fraction, m.resources.batch_size
+                self.engine, good, self.sp, m.speculative.autotune.fraction, m.resources.batch_size, cost
             )
+            self.autotune["cost_model"] = self.cost_model is not None
         outputs, stats = self._decode(good)
         stats.baseline = self.baseline.run([r for r in good if r.sample_index == 0], self.engine)
         res = m.resources
