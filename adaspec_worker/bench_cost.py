@@ -9,6 +9,7 @@ line per batch size, per model) and returns the JSON section `cost_models` of be
 
 Knows nothing of the method cells: `bench.py` calls `cost_section` and stores what it returns.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,16 +35,26 @@ def policy_choices(cost: CostModel, batches) -> list[dict]:
         for B in batches:
             rate = {s: policy.expected_rate(B, ("greedy",), s) for s in shapes}
             best = max(shapes, key=rate.get)
-            out.append({"accept": accept, "batch": B, "depth": best.depth, "nodes": best.nodes,
-                        "speedup_vs_none": rate[best] / rate[shapes[0]]})
+            out.append(
+                {
+                    "accept": accept,
+                    "batch": B,
+                    "depth": best.depth,
+                    "nodes": best.nodes,
+                    "speedup_vs_none": rate[best] / rate[shapes[0]],
+                }
+            )
     return out
 
 
 def cost_section(cfg, target, dev: torch.device, out: str, log=print) -> dict:
     """Measure the cost models, plot them, and return {"models": {...}, "policy": {...}}."""
     drafter = build_engine(target, parse_spec("eagle", {}), draft=cfg.draft).drafter if cfg.draft else None
-    models = {"target": measure_cost(target, drafter, name=os.path.basename(cfg.target.rstrip("/")),
-                                     batches=tuple(cfg.batch_sizes))}
+    models = {
+        "target": measure_cost(
+            target, drafter, name=os.path.basename(cfg.target.rstrip("/")), batches=tuple(cfg.batch_sizes)
+        )
+    }
     log(f"cost model of the target measured in {models['target'].measure_seconds:.1f}s")
     if cfg.shape:
         big, head = shaped_target(cfg.shape, str(dev), target.dtype)
@@ -56,8 +67,10 @@ def cost_section(cfg, target, dev: torch.device, out: str, log=print) -> dict:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     plot_costs(models, os.path.join(out, "cost.png"))
-    return {"models": {k: m.to_json() for k, m in models.items()},
-            "policy": {k: policy_choices(m, cfg.batch_sizes) for k, m in models.items()}}
+    return {
+        "models": {k: m.to_json() for k, m in models.items()},
+        "policy": {k: policy_choices(m, cfg.batch_sizes) for k, m in models.items()},
+    }
 
 
 def plot_costs(models: dict[str, CostModel], path: str) -> None:
@@ -74,13 +87,30 @@ def plot_costs(models: dict[str, CostModel], path: str) -> None:
     for j, (label, m) in enumerate(models.items()):
         for i, B in enumerate(m.batches):
             color = plt.cm.viridis(i / max(len(m.batches) - 1, 1))
-            axes[0].plot(m.tokens, [1e3 * v for v in m.target_s[i]], styles[j % 4], marker="o", color=color,
-                         label=f"{label} B={B}")
+            axes[0].plot(
+                m.tokens,
+                [1e3 * v for v in m.target_s[i]],
+                styles[j % 4],
+                marker="o",
+                color=color,
+                label=f"{label} B={B}",
+            )
             if any(m.draft_s[i]):
-                axes[1].plot(m.widths, [1e3 * v for v in m.draft_s[i]], styles[j % 4], marker="s", color=color,
-                             label=f"{label} B={B}")
-    axes[0].set(xscale="log", yscale="log", xlabel="tokens per row", ylabel="ms per target pass",
-                title="target pass (verification)")
+                axes[1].plot(
+                    m.widths,
+                    [1e3 * v for v in m.draft_s[i]],
+                    styles[j % 4],
+                    marker="s",
+                    color=color,
+                    label=f"{label} B={B}",
+                )
+    axes[0].set(
+        xscale="log",
+        yscale="log",
+        xlabel="tokens per row",
+        ylabel="ms per target pass",
+        title="target pass (verification)",
+    )
     axes[1].set(xscale="log", yscale="log", xlabel="nodes per row", ylabel="ms per draft level", title="draft level")
     for ax in axes:
         ax.legend(fontsize=7)

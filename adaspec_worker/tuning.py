@@ -27,8 +27,13 @@ from .decode.sampling import SamplingParams
 from .rows import Row, in_baseline_sample
 from .timing import measure, time_call
 
-ALTERNATIVES = (("none", {}), ("eagle", {"k": 4}), ("eagle2", {"depth": 5, "total_tokens": 40}), ("opt-tree", {}),
-                ("ldlp-tree", {}))
+ALTERNATIVES = (
+    ("none", {}),
+    ("eagle", {"k": 4}),
+    ("eagle2", {"depth": 5, "total_tokens": 40}),
+    ("opt-tree", {}),
+    ("ldlp-tree", {}),
+)
 
 
 def candidates(engine) -> list[MethodSpec]:
@@ -60,8 +65,9 @@ def predicted_seconds(cost, engine, stats, B: int) -> float:
     return stats.target_passes * round_seconds(cost, B, shape)
 
 
-def autotune(engine, rows: list[Row], sp: SamplingParams, fraction: float, batch_size: int,
-             cost=None) -> tuple[object, dict]:
+def autotune(
+    engine, rows: list[Row], sp: SamplingParams, fraction: float, batch_size: int, cost=None
+) -> tuple[object, dict]:
     """(the chosen engine, the record for the shard stats) over the candidate settings."""
     n = max(batch_size, math.ceil(fraction * len(rows)))
     prompts, seeds = [r.tokens for r in rows[:n]], [r.seed for r in rows[:n]]
@@ -71,16 +77,26 @@ def autotune(engine, rows: list[Row], sp: SamplingParams, fraction: float, batch
         cand = build_engine(engine.target, spec, draft=engine.drafter, ldlp=engine.ldlp, cost=cost)
         run = measure(lambda eng=cand: _decode(eng, prompts, sp, seeds, batch_size), device, warmup=1, repeats=1)
         tokens, stats = run.result
-        rec = {"method": spec.name, "params": spec.params(), "tokens_per_second": tokens / run.seconds,
-               "tau": stats.rows.tau, "rounds": stats.target_passes}
+        rec = {
+            "method": spec.name,
+            "params": spec.params(),
+            "tokens_per_second": tokens / run.seconds,
+            "tau": stats.rows.tau,
+            "rounds": stats.target_passes,
+        }
         if cost is not None:
             rec["predicted_tokens_per_second"] = tokens / predicted_seconds(cost, cand, stats, B)
         tried.append(rec)
         engines.append(cand)
     key = "predicted_tokens_per_second" if cost is not None else "tokens_per_second"
     best = max(range(len(tried)), key=lambda i: tried[i][key])
-    record = {"rows": n, "seconds": time.perf_counter() - t0, "candidates": tried, "chosen_by": key,
-              "chosen": {"method": tried[best]["method"], "params": tried[best]["params"]}}
+    record = {
+        "rows": n,
+        "seconds": time.perf_counter() - t0,
+        "candidates": tried,
+        "chosen_by": key,
+        "chosen": {"method": tried[best]["method"], "params": tried[best]["params"]},
+    }
     return engines[best], record
 
 
@@ -88,7 +104,7 @@ def _decode(engine, prompts, sp, seeds, batch_size: int):
     """(completion tokens, summed EngineStats) of the prompts in batches of batch_size."""
     tokens, total = 0, None
     for i in range(0, len(prompts), batch_size):
-        outs, stats = engine.generate(prompts[i: i + batch_size], sp, seeds[i: i + batch_size])
+        outs, stats = engine.generate(prompts[i : i + batch_size], sp, seeds[i : i + batch_size])
         tokens += sum(len(c.tokens) for c in outs)
         total = stats if total is None else total + stats
     return tokens, total

@@ -1,5 +1,6 @@
 """Issue #12: the cost model, the cost-aware shape policy, per-row text independence for every method, no host
 sync inside any method's round, and the oracle as a true ceiling."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,19 +18,34 @@ from jobs.specs import METHOD_SPECS, parse_spec
 from tests import tiny
 from tests.helpers import REPO, TINY, TINY_HEAD
 
-SMALL = {"eagle": {"k": 3}, "eagle2": {"top_k": 3, "depth": 4, "total_tokens": 10}, "draft-model": {"k": 3},
-         "adaeagle": {"k_max": 4}, "adaeagle-ddd": {"k_max": 4}, "adaedl": {"k_max": 4},
-         "ddd": {"top_k": 3, "max_depth": 5, "total_tokens": 12, "check_depths": [2, 3]},
-         "opt-tree": {"n": 3, "max_depth": 4, "delta": 0.05},
-         "ldlp-tree": {"top_k": 3, "nodes_per_level": 3, "max_depth": 4},
-         "oracle": {"k_max": 4, "top_k": 3}, "token-recycling": {"nodes": 12}, "retrieval": {"k": 4}}
+SMALL = {
+    "eagle": {"k": 3},
+    "eagle2": {"top_k": 3, "depth": 4, "total_tokens": 10},
+    "draft-model": {"k": 3},
+    "adaeagle": {"k_max": 4},
+    "adaeagle-ddd": {"k_max": 4},
+    "adaedl": {"k_max": 4},
+    "ddd": {"top_k": 3, "max_depth": 5, "total_tokens": 12, "check_depths": [2, 3]},
+    "opt-tree": {"n": 3, "max_depth": 4, "delta": 0.05},
+    "ldlp-tree": {"top_k": 3, "nodes_per_level": 3, "max_depth": 4},
+    "oracle": {"k_max": 4, "top_k": 3},
+    "token-recycling": {"nodes": 12},
+    "retrieval": {"k": 4},
+}
 
 
 def _cost(slope_target: float, slope_draft: float = 0.0) -> CostModel:
     """A synthetic cost model: target pass 1 + slope x B x tokens, draft level 0.05 + slope_draft x B x width."""
     b, t, w = [1, 64], [1, 64], [1, 16]
-    return CostModel("synthetic", "none", b, t, w, [[1 + slope_target * B * T for T in t] for B in b],
-                     [[0.05 + slope_draft * B * W for W in w] for B in b])
+    return CostModel(
+        "synthetic",
+        "none",
+        b,
+        t,
+        w,
+        [[1 + slope_target * B * T for T in t] for B in b],
+        [[0.05 + slope_draft * B * W for W in w] for B in b],
+    )
 
 
 def test_cost_model_interpolates_and_round_trips():
@@ -140,7 +156,9 @@ def test_no_method_syncs_inside_a_round(models, method, monkeypatch):
                     return fn(*a, **kw)
             finally:
                 inside.pop()
+
         return run
+
     monkeypatch.setattr(eng.proposer, "propose", watched(eng.proposer.propose))
     monkeypatch.setattr(eng.proposer, "observe", watched(eng.proposer.observe))
     for kw in ({}, {"temperature": 0.8}):
@@ -161,11 +179,21 @@ def test_oracle_tau_is_a_ceiling(temperature):
     prompts = [tok(r, add_special_tokens=False)["input_ids"][-120:] for r in rows]
     sp = SamplingParams(max_new_tokens=20, temperature=temperature)
     taus = {}
-    for name, params in [("oracle", {"k_max": 10, "top_k": 6}), ("eagle", {"k": 6}), ("eagle2", {}),
-                         ("eagle-tree", {}), ("adaeagle", {}), ("adaeagle-ddd", {}), ("adaedl", {}),
-                         ("ddd", {}), ("opt-tree", {}), ("ldlp-tree", {})]:
-        eng = build_engine(tgt, parse_spec(name, params), draft=str(TINY_HEAD),
-                           ldlp=str(REPO / "models" / "pycoder-tiny-ldlp"))
+    for name, params in [
+        ("oracle", {"k_max": 10, "top_k": 6}),
+        ("eagle", {"k": 6}),
+        ("eagle2", {}),
+        ("eagle-tree", {}),
+        ("adaeagle", {}),
+        ("adaeagle-ddd", {}),
+        ("adaedl", {}),
+        ("ddd", {}),
+        ("opt-tree", {}),
+        ("ldlp-tree", {}),
+    ]:
+        eng = build_engine(
+            tgt, parse_spec(name, params), draft=str(TINY_HEAD), ldlp=str(REPO / "models" / "pycoder-tiny-ldlp")
+        )
         _, st = eng.generate(prompts, sp, seeds=[1, 2, 3])
         taus[name] = st.rows.tau
     assert taus["oracle"] >= max(taus.values()) and taus["oracle"] > 1.5, taus

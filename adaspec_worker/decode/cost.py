@@ -15,6 +15,7 @@ of the same shape, so the curves of a memory-bound model can be compared with th
 Knows nothing of proposers, methods or acceptance: policies (`policy.py`) combine these costs with what a
 method expects to accept. The measurement allocates its own caches and restores the drafter's.
 """
+
 from __future__ import annotations
 
 import time
@@ -114,8 +115,17 @@ def _timer(fn, device: torch.device, repeats: int) -> float:
 
 
 @torch.inference_mode()
-def measure_cost(target: CausalLM, drafter=None, name: str = "", batches=BATCHES, tokens=TARGET_TOKENS,
-                 widths=DRAFT_WIDTHS, context: int = 256, repeats: int = 5, top_k: int = 8) -> CostModel:
+def measure_cost(
+    target: CausalLM,
+    drafter=None,
+    name: str = "",
+    batches=BATCHES,
+    tokens=TARGET_TOKENS,
+    widths=DRAFT_WIDTHS,
+    context: int = 256,
+    repeats: int = 5,
+    top_k: int = 8,
+) -> CostModel:
     """Time target passes and draft levels over the grid (len(batches) x (len(tokens) + len(widths)) calls)."""
     t0 = time.perf_counter()
     device = target.device
@@ -125,15 +135,25 @@ def measure_cost(target: CausalLM, drafter=None, name: str = "", batches=BATCHES
     target_s, draft_s = [], []
     for B in batches:
         target_s.append(_time_target(target, B, tokens, context, repeats, g))
-        draft_s.append(_time_draft(drafter, target, B, widths, context, repeats, g, top_k) if drafter is not None
-                       else [0.0] * len(widths))
+        draft_s.append(
+            _time_draft(drafter, target, B, widths, context, repeats, g, top_k)
+            if drafter is not None
+            else [0.0] * len(widths)
+        )
     if drafter is not None:
         drafter.cache = old_cache
     where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    return CostModel(name=f"{name or 'target'} {str(target.dtype).removeprefix('torch.')} on {where}",
-                     device=str(device), batches=list(batches), tokens=list(tokens), widths=list(widths),
-                     target_s=target_s, draft_s=draft_s, context=context,
-                     measure_seconds=time.perf_counter() - t0)
+    return CostModel(
+        name=f"{name or 'target'} {str(target.dtype).removeprefix('torch.')} on {where}",
+        device=str(device),
+        batches=list(batches),
+        tokens=list(tokens),
+        widths=list(widths),
+        target_s=target_s,
+        draft_s=draft_s,
+        context=context,
+        measure_seconds=time.perf_counter() - t0,
+    )
 
 
 def _time_target(target: CausalLM, B: int, tokens, context: int, repeats: int, g) -> list[float]:
@@ -164,17 +184,34 @@ def _time_draft(drafter, target: CausalLM, B: int, widths, context: int, repeats
         def level(toks=toks, hidden=hidden, own=own):
             logits, _ = drafter.step(toks, hidden, 1, 0, own)  # [B, W, V]
             return torch.log_softmax(logits.float(), -1).topk(min(top_k, logits.shape[-1]), dim=-1)
+
         line.append(_timer(level, device, repeats))
     return line
 
 
 SHAPES = {  # real model shapes a cost model can be measured for with random weights (HF config fields)
-    "8b": {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
-           "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-           "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-5},
-    "tiny": {"architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64,  # CPU-sized, for checks
-             "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-             "max_position_embeddings": 1024},
+    "8b": {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 8192,
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+    },
+    "tiny": {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 512,
+        "hidden_size": 64,  # CPU-sized, for checks
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+    },
 }
 
 

@@ -16,6 +16,7 @@ which nodes a row leaves empty. The policy therefore works at two levels:
 
 Knows nothing of models, drafters or verification: it reads a `cost.CostModel` and counts tokens.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,11 @@ def round_seconds(cost: CostModel, B: int, shape: Shape) -> float:
     shape's width, and the drafter's catch-up over the path (depth + 1 entries); `none` is the target pass."""
     if not shape.drafts:
         return cost.target(B, 1)
-    return (cost.target(B, 1 + shape.nodes) + (shape.depth - 1) * cost.draft(B, shape.width)
-            + cost.draft(B, shape.depth + 1))
+    return (
+        cost.target(B, 1 + shape.nodes)
+        + (shape.depth - 1) * cost.draft(B, shape.width)
+        + cost.draft(B, shape.depth + 1)
+    )
 
 
 def prior_tokens(shape: Shape, accept: float) -> float:
@@ -75,7 +79,7 @@ def prior_tokens(shape: Shape, accept: float) -> float:
         return 1.0
     per_level = max(shape.nodes / shape.depth, 1.0)
     a = 1 - (1 - accept) ** per_level
-    return 1.0 + sum(a ** d for d in range(1, shape.depth + 1))
+    return 1.0 + sum(a**d for d in range(1, shape.depth + 1))
 
 
 def rule_key(sampling: SamplingParams) -> tuple:
@@ -136,8 +140,12 @@ class ShapePolicy:
             tokens = post.mean if not shape.drafts else max(self.rng.gauss(post.mean, post.sd), 1.0)
             draws[shape] = tokens / round_seconds(self.cost, B, shape)
         best = max(self.shapes, key=lambda s: draws[s])
-        self.last = {"batch": B, "rule": list(rule), "shape": vars(best).copy(),
-                     "expected_tokens_per_round": self.posterior(rule, best).mean}
+        self.last = {
+            "batch": B,
+            "rule": list(rule),
+            "shape": vars(best).copy(),
+            "expected_tokens_per_round": self.posterior(rule, best).mean,
+        }
         return best
 
     def update(self, rule: tuple, shape: Shape, rounds: float, tokens: float, squares: float) -> None:

@@ -11,6 +11,7 @@ nothing leaves the device (no host sync). Candidates past a row's limit that sti
 
 Knows nothing of models or methods: it calls `step(tokens, hidden, level, offset, mask)` like `trees.py`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -36,8 +37,16 @@ def _entropy(lp: torch.Tensor) -> torch.Tensor:
     return -(lp.exp() * lp).nan_to_num().sum(-1)
 
 
-def grow_ranked(root: torch.Tensor, root_logits: torch.Tensor, root_hidden, step: StepFn, top_k: int, depth: int,
-                nodes: int, limit_fn: LimitFn | None = None) -> DraftTree:
+def grow_ranked(
+    root: torch.Tensor,
+    root_logits: torch.Tensor,
+    root_hidden,
+    step: StepFn,
+    top_k: int,
+    depth: int,
+    nodes: int,
+    limit_fn: LimitFn | None = None,
+) -> DraftTree:
     """root [B], root_logits [B, V] -> a tree of exactly 1 + min(nodes, candidates) nodes and `depth` levels."""
     B, V = root_logits.shape
     dev = root_logits.device
@@ -56,7 +65,7 @@ def grow_ranked(root: torch.Tensor, root_logits: torch.Tensor, root_hidden, step
     for level in range(1, depth):
         off = (level - 1) * K
         own = torch.zeros_like(front_anc)
-        own[:, :, off: off + K] = eye
+        own[:, :, off : off + K] = eye
         mask = (front_anc | own)[:, :, : off + K]  # [B, K, off + K]
         logits, hidden = step(front_tok, front_hidden, level, off, mask)  # [B, K, V], [B, K, H]
         lp = torch.log_softmax(logits.float(), -1)  # [B, K, V]
@@ -91,9 +100,14 @@ def grow_ranked(root: torch.Tensor, root_logits: torch.Tensor, root_hidden, step
     p = torch.gather(par, 1, sel)
     parent_node = torch.where(p < 0, 0, torch.gather(inv, 1, p.clamp(min=0)) + 1).clamp(min=0)
     zero = torch.zeros(B, 1, dtype=torch.long, device=dev)
-    return DraftTree(tokens=torch.cat([root[:, None], torch.gather(tok, 1, sel)], 1),
-                     parents=torch.cat([zero, parent_node], 1), depth=torch.cat([zero, torch.gather(dep, 1, sel)], 1),
-                     valid=torch.cat([torch.ones_like(zero, dtype=torch.bool), inside], 1), levels=depth, width=K)
+    return DraftTree(
+        tokens=torch.cat([root[:, None], torch.gather(tok, 1, sel)], 1),
+        parents=torch.cat([zero, parent_node], 1),
+        depth=torch.cat([zero, torch.gather(dep, 1, sel)], 1),
+        valid=torch.cat([torch.ones_like(zero, dtype=torch.bool), inside], 1),
+        levels=depth,
+        width=K,
+    )
 
 
 def leading(go: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ every round is a CUDA graph (one per shape). Lossless: they only change what is 
 
 Knows nothing of the engine: the LDLP and the cost model are handed in by the builder.
 """
+
 from __future__ import annotations
 
 import torch

@@ -13,6 +13,7 @@ tau is that of the largest tree, and no method drafting a sub-tree of it accepts
 The reference's useful lengths come to the host (one sync inside the uncharged phase) to pick the bucket;
 propose and observe never sync. A row's text is the verification rule's, never the oracle's.
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,8 +45,9 @@ class Oracle(Proposer):
         """Grow the largest tree, have the target verify it (judge(tree) -> Verdict); keep the accepted path.
         Returns [B] the useful length per row."""
         s = self.spec
-        tree = grow_dynamic(r.root, r.root_logits, r.root_hidden, r.drafter.step, s.top_k, s.k_max,
-                            s.total_tokens or 10**9)
+        tree = grow_dynamic(
+            r.root, r.root_logits, r.root_hidden, r.drafter.step, s.top_k, s.k_max, s.total_tokens or 10**9
+        )
         verdict = judge(tree)
         tokens = torch.gather(tree.tokens, 1, verdict.path)[:, 1:]  # [B, levels] root excluded; past n: filler
         self.path.zero_()
@@ -67,7 +69,7 @@ class Oracle(Proposer):
         hidden = r.root_hidden
         for j in range(K - 1):  # the drafter steps a chain of K costs, along the useful path
             chain = torch.ones(B, 1, j + 1, dtype=torch.bool, device=toks.device)
-            _, hid = r.drafter.step(toks[:, j: j + 1], None if hidden is None else hidden[:, None], j + 1, j, chain)
+            _, hid = r.drafter.step(toks[:, j : j + 1], None if hidden is None else hidden[:, None], j + 1, j, chain)
             hidden = None if hid is None else hid[:, 0]
         valid = torch.arange(K, device=toks.device)[None, :] < self.useful[:, None]  # [B, K]
         return chain_tree(r.root, toks, valid=valid)
