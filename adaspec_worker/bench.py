@@ -193,8 +193,13 @@ def run_bench(cfg: BenchConfig, argv: list[str], log=print) -> dict:
         bench_transformers(cfg, prompts, dev, record)
         if dev.type == "cuda":
             torch.cuda.empty_cache()  # the transformers models are gone with bench_transformers' frame
+    cost = None  # the measured cost model, handed to every engine's policy (as the worker does at warm-up)
+    if extra:
+        from .decode.cost import CostModel
+
+        cost = CostModel.from_json(extra["cost_models"]["models"]["target"])
     for label in ["none"] + [m for m in cfg.methods if m != "none"]:
-        bench_method(cfg, target, label, prompts, dev, record)
+        bench_method(cfg, target, label, prompts, dev, record, cost)
         write_outputs({"meta": meta, "config": {}, "cells": cells, "partial": True, **extra}, cfg.out)
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}
     result = {"meta": meta, "config": config, "cells": cells, **extra}
@@ -228,12 +233,12 @@ def bench_transformers(cfg: BenchConfig, prompts, dev, record) -> None:
                 record(name, name, B, T, res, "transformers")
 
 
-def bench_method(cfg: BenchConfig, target, label: str, prompts, dev, record) -> None:
+def bench_method(cfg: BenchConfig, target, label: str, prompts, dev, record, cost=None) -> None:
     """One adarun method (a `parse_method` label) over every batch size and temperature."""
     name, params, _ = parse_method(label)
     spec = parse_spec(name, params)
     draft = cfg.draft_model if spec.drafter_kind == "draft-model" else cfg.draft
-    engine = build_engine(target, spec, draft=draft, ldlp=cfg.ldlp)
+    engine = build_engine(target, spec, draft=draft, ldlp=cfg.ldlp, cost=cost)
     for T in cfg.temperatures:
         sampling = SamplingParams(max_new_tokens=cfg.new_tokens, temperature=T)
         for B in cfg.batch_sizes:
