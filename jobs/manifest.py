@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 import yaml
 
 from .credentials import mask_secrets
-from .specs import MethodSpec, SpecError, parse_spec
+from .specs import METHOD_SPECS, MethodSpec, SpecError, parse_spec
 
 
 class ManifestError(ValueError):
@@ -153,6 +153,10 @@ class Manifest:
         for (section, name), default in _ADDED_SINCE_HASH.items():
             if keep[section].get(name) == default:
                 keep[section].pop(name, None)
+        spec_class = METHOD_SPECS.get(keep["speculative"]["method"])
+        for name, default in getattr(spec_class, "added_since_hash", {}).items():  # method parameters added later
+            if keep["speculative"]["params"].get(name) == default:
+                keep["speculative"]["params"].pop(name)
         tune = keep["speculative"].pop("autotune")
         if tune["enabled"]:
             keep["speculative"]["params"] = {

@@ -30,6 +30,7 @@ class MethodSpec:
 
     name: ClassVar[str]
     needs: ClassVar[dict[str, str]] = {}
+    added_since_hash: ClassVar[dict] = {}  # parameters added after outputs were written -> their defaults
     autotune_grid: ClassVar[tuple[dict, ...]] = ()
 
     def check(self) -> None:
@@ -132,6 +133,8 @@ class AdaptiveSpec(MethodSpec):
     probability accept_prior, greedy); per row, the method's signal sets the depth and the row's nodes go
     to its best candidates within it. Where speculation does not pay the call backs off to plain decoding."""
 
+    added_since_hash = {"accept_prior": 0.6}  # at these values: the config hash of outputs written before
+
     def check(self):
         if not 0 < self.accept_prior < 1:
             raise SpecError(f"accept_prior must be in (0, 1), got {self.accept_prior}")
@@ -152,6 +155,7 @@ class AdaEagleSpec(AdaptiveSpec):
     accept_prior: float = 0.6
     needs = {"draft": "eagle", "ldlp": "ldlp"}
     autotune_grid = ({"k_max": 4}, {"k_max": 6}, {"k_max": 10})
+    added_since_hash = {"accept_prior": 0.6, "top_k": 2, "nodes_per_level": 2}
 
 
 @method("adaeagle-ddd")
@@ -166,6 +170,7 @@ class AdaEagleDDDSpec(AdaptiveSpec):
     accept_prior: float = 0.6
     needs = {"draft": "eagle", "ldlp": "ldlp"}
     autotune_grid = ({"threshold": -0.3}, {"threshold": -0.6}, {"threshold": -1.0})
+    added_since_hash = {"accept_prior": 0.6, "top_k": 2, "nodes_per_level": 2}
 
 
 @method("adaedl")
@@ -186,6 +191,7 @@ class AdaEDLSpec(AdaptiveSpec):
     accept_prior: float = 0.6
     needs = {"draft": "eagle"}
     autotune_grid = ({"lam0": 0.5}, {"lam0": 0.7}, {"lam0": 0.85})
+    added_since_hash = {"accept_prior": 0.6, "top_k": 2, "nodes_per_level": 2}
 
     def check(self):
         super().check()
@@ -263,10 +269,11 @@ class OracleSpec(MethodSpec):
     total_tokens nodes, 0 = every candidate) out of the timer; the round is then charged a chain of the
     accepted path only. Greedy or sampled."""
 
-    k_max: int = 8
+    k_max: int = 10
     top_k: int = 8
     total_tokens: int = 0
     needs = {"draft": "eagle"}
+    added_since_hash = {"top_k": 8, "total_tokens": 0}
 
     def check(self):
         _positive("k_max", self.k_max)
