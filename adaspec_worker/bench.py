@@ -6,7 +6,8 @@ adarun method given. Columns: batch sizes x temperatures. Per cell: output token
 token, speedup over adarun `none` and over transformers `generate`, tau, the time split
 (`draft_seconds`, `verify_seconds`, `other_seconds`, as `EngineStats` names them), peak GPU memory;
 one warm-up run excluded, then the median of `repeats` runs (`timing.measure`). Every row
-decodes exactly `new_tokens` tokens (EOS ignored) so cells compare equal work.
+decodes exactly `new_tokens` tokens (EOS ignored) so cells compare equal work; `--workload natural`
+(`bench_natural.py`) instead lets rows stop as a job's do and compares continuous batching on and off.
 
 Writes bench.json (cells + provenance: command line, git commit, device, driver, library versions),
 bench.md and PNG plots (speedup vs batch size per method; tau per method).
@@ -25,6 +26,7 @@ import torch
 
 from jobs.specs import parse_spec
 
+from .bench_natural import add_refill_ratios, natural_cells, natural_markdown
 from .decode.build import build_engine
 from .decode.engine import Engine
 from .decode.model import load_target
@@ -40,6 +42,7 @@ class BenchConfig:
     target: str
     draft: str | None = None  # EAGLE head
     draft_model: str | None = None  # small LM: transformers' assistant and adarun's draft-model method
+    early_exit_head: str | None = None  # early-exit head (train-draft --early-exit N) for eesd
     ldlp: str | None = None
     prompts: str = ""
     prompt_column: str = "prompt"
@@ -58,6 +61,7 @@ class BenchConfig:
     profile: bool = False  # count CUDA kernels per round per adarun cell (torch.profiler)
     cost_model: bool = False  # measure the cost model (bench_cost.py): bench.json "cost_models", cost.png
     shape: str = ""  # also measure it for a random-weight target of this shape (decode/cost.py SHAPES, e.g. 8b)
+    workload: str = "fixed"  # fixed: exactly new_tokens per row, EOS ignored; natural: see bench_natural.py
 
 
 def parse_method(text: str) -> tuple[str, dict, str]:
@@ -86,7 +90,7 @@ def provenance(argv: list[str], dev) -> dict:
         driver = cmd("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader").splitlines()[:1]
         driver = driver[0] if driver else None
     return {"command": " ".join(["adarun", "bench", *argv]),
-            "git_commit": cmd("git", "rev-parse", "HEAD") or os.environ.get("ADARUN_GIT_COMMIT", "unknown"),
+            "git_commit": os.environ.get("ADARUN_GIT_COMMIT") or cmd("git", "rev-parse", "HEAD") or "unknown",
             "device": str(dev), "gpu": gpu, "driver": driver, "cpu": platform.processor() or platform.machine(),
             "python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -170,7 +174,9 @@ def run_bench(cfg: BenchConfig, argv: list[str], log=print) -> dict:
 
     dev = torch.device(resolve_device(cfg.device))
     torch.manual_seed(0)
-    prompts = load_prompts(cfg, AutoTokenizer.from_pretrained(cfg.target))
+    assert cfg.workload in ("fixed", "natural"), f"unknown workload {cfg.workload!r}"
+    tok = AutoTokenizer.from_pretrained(cfg.target)
+    prompts = load_prompts(cfg, tok)
     target = load_target(cfg.target, cfg.dtype, str(dev))
     cells: list[dict] = []
     meta = provenance(argv, dev)
@@ -189,7 +195,7 @@ def run_bench(cfg: BenchConfig, argv: list[str], log=print) -> dict:
         from .bench_cost import cost_section
 
         extra["cost_models"] = cost_section(cfg, target, dev, cfg.out, log)
-    if cfg.baselines:
+    if cfg.baselines and cfg.workload == "fixed":
         bench_transformers(cfg, prompts, dev, record)
         if dev.type == "cuda":
             torch.cuda.empty_cache()  # the transformers models are gone with bench_transformers' frame
@@ -199,12 +205,21 @@ def run_bench(cfg: BenchConfig, argv: list[str], log=print) -> dict:
 
         cost = CostModel.from_json(extra["cost_models"]["models"]["target"])
     for label in ["none"] + [m for m in cfg.methods if m != "none"]:
-        bench_method(cfg, target, label, prompts, dev, record, cost)
+        if cfg.workload == "natural":
+            name, engine = method_engine(cfg, target, label, cost)
+            natural_cells(cfg, engine, name, label, prompts, tok, eos_ids(target, tok), dev, record, timed, cells)
+        else:
+            bench_method(cfg, target, label, prompts, dev, record, cost)
         write_outputs({"meta": meta, "config": {}, "cells": cells, "partial": True, **extra}, cfg.out)
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}
     result = {"meta": meta, "config": config, "cells": cells, **extra}
     write_outputs(result, cfg.out)
     return result
+
+
+def eos_ids(target, tok) -> tuple[int, ...]:
+    """The target's end-of-sequence tokens (its config's, else the tokenizer's)."""
+    return tuple(target.cfg.eos_token_ids or ((tok.eos_token_id,) if tok.eos_token_id is not None else ()))
 
 
 def bench_transformers(cfg: BenchConfig, prompts, dev, record) -> None:
@@ -233,12 +248,17 @@ def bench_transformers(cfg: BenchConfig, prompts, dev, record) -> None:
                 record(name, name, B, T, res, "transformers")
 
 
-def bench_method(cfg: BenchConfig, target, label: str, prompts, dev, record, cost=None) -> None:
-    """One adarun method (a `parse_method` label) over every batch size and temperature."""
+def method_engine(cfg: BenchConfig, target, label: str, cost=None) -> tuple[str, Engine]:
+    """The method name of a `parse_method` label, and its engine over `target` (with the measured cost model)."""
     name, params, _ = parse_method(label)
     spec = parse_spec(name, params)
-    draft = cfg.draft_model if spec.drafter_kind == "draft-model" else cfg.draft
-    engine = build_engine(target, spec, draft=draft, ldlp=cfg.ldlp, cost=cost)
+    draft = {"draft-model": cfg.draft_model, "early-exit": cfg.early_exit_head}.get(spec.drafter_kind, cfg.draft)
+    return name, build_engine(target, spec, draft=draft, ldlp=cfg.ldlp, cost=cost)
+
+
+def bench_method(cfg: BenchConfig, target, label: str, prompts, dev, record, cost=None) -> None:
+    """One adarun method (a `parse_method` label) over every batch size and temperature."""
+    name, engine = method_engine(cfg, target, label, cost)
     for T in cfg.temperatures:
         sampling = SamplingParams(max_new_tokens=cfg.new_tokens, temperature=T)
         for B in cfg.batch_sizes:
@@ -260,7 +280,7 @@ def add_ratios(cells: list[dict]) -> None:
     for c in cells:
         def same(label, c=c):
             return next((x for x in cells if x["label"] == label and x["batch"] == c["batch"]
-                         and x["temperature"] == c["temperature"]), None)
+                         and x["temperature"] == c["temperature"] and x.get("refill") == c.get("refill")), None)
         base, hfg = same("none"), same("hf-generate")
         c["speedup_vs_none"] = c["tokens_per_s"] / base["tokens_per_s"] if base else None
         c["speedup_vs_hf_generate"] = c["tokens_per_s"] / hfg["tokens_per_s"] if hfg else None
@@ -271,6 +291,7 @@ def add_ratios(cells: list[dict]) -> None:
 def write_outputs(result: dict, out: str) -> None:
     os.makedirs(out, exist_ok=True)
     add_ratios(result["cells"])
+    add_refill_ratios(result["cells"])
     with open(os.path.join(out, "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
     with open(os.path.join(out, "bench.md"), "w") as f:
@@ -293,14 +314,14 @@ def markdown(result: dict) -> str:
              "| prefill s | warm-up s | kernels/round | peak MiB | mem vs none |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = lambda c: (c["temperature"], c["batch"], c["kind"] != "transformers", c["label"])
-    for c in sorted(result["cells"], key=order):
+    for c in sorted((c for c in result["cells"] if c["kind"] != "natural"), key=order):
         split = "" if c.get("draft_seconds") is None else "/".join(f"{c[k]:.2f}" for k in SPLIT)
         lines.append(f"| {c['label']} | {c['batch']} | {c['temperature']} | {c['tokens_per_s']:.1f} | "
                      f"{c['ms_per_token']:.3f} | {_f(c['speedup_vs_none'])} | {_f(c['speedup_vs_hf_generate'])} | "
                      f"{_f(c['tau'])} | {split} | {_f(c.get('prefill_seconds'))} | {_f(c.get('warmup_run_seconds'))} | "
                      f"{_f(c.get('kernels_per_round'), '{:.0f}')} | {_f(c['peak_mem_mib'], '{:.0f}')} | "
                      f"{_f(c['mem_vs_none'])} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + natural_markdown(result["cells"])) + "\n"
 
 
 def plots(result: dict, out: str) -> None:
@@ -310,6 +331,8 @@ def plots(result: dict, out: str) -> None:
     import matplotlib.pyplot as plt
 
     cells = [c for c in result["cells"] if c["kind"] == "adarun"]
+    if not cells:  # a natural-workload run: its table says it all
+        return
     temps = sorted({c["temperature"] for c in cells})
     _speedup_plot(plt, cells, temps, os.path.join(out, "speedup.png"))
     _tau_plot(plt, cells, temps, os.path.join(out, "tau.png"))

@@ -2,9 +2,13 @@
 target, draft and LDLP directories exist, hold what the method needs, and fit together.
 
 Checked: a local directory with config.json, weights and (for the target) a tokenizer; an architecture
-and RoPE our model implements (`decode.config.ModelConfig`, the same parser the loader uses); the
-draft's hidden size (EAGLE head) or vocabulary (draft model) against the target's; the LDLP's input
-size; `decoding.max_new_tokens` within the target's context; a chat template when the input
+and RoPE our model implements (`decode.config.ModelConfig`, the same parser the loader uses), or, with
+`speculative.method: none`, any config with a `model_type` (decoded through transformers: the slower
+fallback, said in a one-line warning; its context from `decode.config.fallback_context`); the
+draft's hidden size (EAGLE head), vocabulary (draft model) or exit layer (early-exit head) against the
+target's; the LDLP's input
+size; `decoding.max_new_tokens` within the target's context; `decoding.top_logprobs` within its
+vocabulary; a chat template when the input
 has chat rows. Each failure is a `ModelLoadError` whose
 message starts with the manifest field at fault (exit 2).
 
@@ -13,13 +17,16 @@ Reads only JSON files and directory listings: no torch, no weights loaded.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from jobs.inputs import inspect_file
 from jobs.manifest import Manifest
 from jobs.plan import input_storage_options, list_inputs
 
-from .decode.config import ModelConfig, ModelLoadError, read_json
+from .decode.config import ModelConfig, ModelLoadError, UnsupportedModel, fallback_context, read_json
+
+log = logging.getLogger("adarun.preflight")
 
 _WEIGHTS = (".safetensors", ".bin")
 _TOKENIZER = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -48,8 +55,8 @@ def _config(field: str, path: str, default_arch: str | None = None) -> tuple[dic
         raw.setdefault("architectures", [default_arch])
     try:
         return raw, ModelConfig.from_hf(raw, where=os.path.join(path, "config.json"))
-    except ModelLoadError as e:
-        raise ModelLoadError(f"{field}: {e}") from None
+    except ModelLoadError as e:  # UnsupportedModel stays itself: method none falls back on it
+        raise type(e)(f"{field}: {e}") from None
     except (KeyError, TypeError) as e:
         raise ModelLoadError(f"{field}: {path}/config.json lacks or mistypes {e}") from None
 
@@ -81,16 +88,58 @@ def _has_chat_template(target: str) -> bool:
         return False
 
 
-def check_models(m: Manifest) -> ModelConfig:
-    """Raise ModelLoadError naming the field at fault; return the target's config."""
-    _, target = _config("model.target", m.model.target)
+def _fallback(m: Manifest, error: UnsupportedModel) -> int | None:
+    """A target our model does not implement: fine for `method: none` (transformers decodes it; warned once),
+    refused for every other method. Returns its context (None: the config names none)."""
+    if m.speculative.method != "none":
+        raise ModelLoadError(
+            f"{error}; speculative.method {m.speculative.method!r} needs adarun's own model "
+            "(method none decodes it through transformers)"
+        ) from None
+    raw = _json("model.target", m.model.target)
+    if not raw.get("model_type"):
+        raise ModelLoadError(f"{error}; and config.json has no model_type for transformers") from None
+    log.warning(
+        "model.target: %s is not implemented by adarun's own model: decoding through transformers "
+        "(the slower fallback, method none only)",
+        (raw.get("architectures") or [raw["model_type"]])[0],
+    )
+    return fallback_context(raw)
+
+
+def _early_exit(raw: dict, head: ModelConfig, target: ModelConfig) -> None:
+    """An early-exit head (train-draft --early-exit N) made for this target: shapes and N within its layers."""
+    n = raw.get("early_exit_layer")
+    if not isinstance(n, int) or not 1 <= n <= target.num_layers:
+        raise ModelLoadError(
+            f"model.draft: early_exit_layer {n!r} is not a layer of the target (1..{target.num_layers}); "
+            "method eesd needs a head from adarun train-draft --early-exit N"
+        )
+    if (head.hidden_size, head.vocab_size) != (target.hidden_size, target.vocab_size):
+        raise ModelLoadError("model.draft: the early-exit head was trained for another target (hidden or vocab size)")
+
+
+def check_models(m: Manifest) -> ModelConfig | None:
+    """Raise ModelLoadError naming the field at fault; return the target's config (None: the transformers
+    fallback decodes it)."""
+    target, context = None, None
+    try:
+        _, target = _config("model.target", m.model.target)
+        context = target.max_position_embeddings
+    except UnsupportedModel as e:
+        context = _fallback(m, e)
     _weights("model.target", m.model.target)
     if not any(os.path.isfile(os.path.join(m.model.target, f)) for f in _TOKENIZER):
         raise ModelLoadError(f"model.target: {m.model.target} has no tokenizer ({' / '.join(_TOKENIZER)})")
-    if m.decoding.max_new_tokens + 1 > target.max_position_embeddings:
+    if context is not None and m.decoding.max_new_tokens + 1 > context:
         raise ModelLoadError(
             f"decoding.max_new_tokens: {m.decoding.max_new_tokens} plus a prompt exceeds the "
-            f"target's context of {target.max_position_embeddings} tokens"
+            f"target's context of {context} tokens"
+        )
+    vocab = target.vocab_size if target is not None else _json("model.target", m.model.target).get("vocab_size")
+    if isinstance(vocab, int) and m.decoding.top_logprobs > vocab:
+        raise ModelLoadError(
+            f"decoding.top_logprobs: {m.decoding.top_logprobs} exceeds the target's vocabulary of {vocab} tokens"
         )
     if _uses_chat(m) and not _has_chat_template(m.model.target):
         raise ModelLoadError(
@@ -107,6 +156,8 @@ def check_models(m: Manifest) -> ModelConfig:
                 f"model.draft: hidden_size {draft.hidden_size} does not match the target's "
                 f"{target.hidden_size} (a head trained for another target?)"
             )
+        if kind == "early-exit":
+            _early_exit(raw, draft, target)
         if kind == "draft-model" and draft.vocab_size != target.vocab_size:
             raise ModelLoadError(
                 f"model.draft: vocab_size {draft.vocab_size} differs from the target's "

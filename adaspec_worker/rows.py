@@ -14,8 +14,9 @@ Knows nothing of the engine, Ray or storage.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
+
+from jobs.manifest import MAX_TOP_LOGPROBS
 
 
 def row_seed(seed: int, row_id: str, sample_index: int = 0) -> int:
@@ -37,10 +38,32 @@ class RowSettings:
     stop: tuple[str, ...]
     seed: int
     n: int
+    logprobs: bool = False
+    top_logprobs: int = 0  # > 0 implies logprobs
 
     @property
     def batch_key(self) -> tuple:
+        """Rows with equal keys decode in one engine call. Log-probability settings are not part of it: a group
+        asks the engine for its largest k (`group_logprobs`) and each row keeps its own (`trim_logprobs`)."""
         return (self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.stop)
+
+    @property
+    def scored(self) -> int | None:
+        """The engine's `SamplingParams.logprobs`: None (not asked) or k, the top alternatives per token."""
+        return self.top_logprobs if self.logprobs or self.top_logprobs else None
+
+    def trim_logprobs(self, logprobs: list[float] | None, top: list[list] | None) -> tuple[list | None, list | None]:
+        """A completion decoded for its group's largest k -> this row's own columns: (None, None) when the row did
+        not ask, its top lists cut to its own k (None when k is 0)."""
+        if self.scored is None or logprobs is None:
+            return None, None
+        return logprobs, [t[: self.top_logprobs] for t in top] if self.top_logprobs else None
+
+
+def group_logprobs(settings: list[RowSettings]) -> int | None:
+    """The engine's `SamplingParams.logprobs` for rows decoded together: None when none asked, else the largest k."""
+    ks = [st.scored for st in settings if st.scored is not None]
+    return max(ks) if ks else None
 
 
 _BOUNDS = {  # name -> (type check, low, high, inclusive low)
@@ -50,14 +73,21 @@ _BOUNDS = {  # name -> (type check, low, high, inclusive low)
     "top_k": (int, 0, 1_000_000, True),
     "seed": (int, 0, 2**63 - 1, True),
     "n": (int, 1, 1024, True),
+    "top_logprobs": (int, 0, MAX_TOP_LOGPROBS, True),
 }
 
 
 def row_settings(decoding, own: dict) -> tuple[RowSettings | None, str | None]:
     """(settings, None), or (None, a one-line reason naming the column) when a row's value is unusable."""
-    values = {k: getattr(decoding, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "n")}
+    names = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "n", "logprobs", "top_logprobs")
+    values = {k: getattr(decoding, k) for k in names}
     values["stop"] = tuple(decoding.stop)
     for k, v in own.items():
+        if k == "logprobs":
+            if not isinstance(v, bool):
+                return None, f"logprobs: must be true or false, got {v!r}"
+            values[k] = v
+            continue
         if k == "stop":
             if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) and x for x in v):
                 return None, f"stop: must be a list of non-empty strings, got {v!r}"
@@ -94,14 +124,12 @@ class Row:
     sp: object = None  # the engine's sampling parameters for these settings (set by the worker)
 
 
-StopFn = Callable[[int, list[int]], "int | None"]  # (row, tokens so far) -> keep this many tokens, or None
-
-
 class RowCodec:
     def __init__(self, tokenizer, stop: list[str], max_new_tokens: int, context: int, system_prompt: str | None = None):
         self.tok, self.stop = tokenizer, list(stop)
         self.max_new_tokens, self.context = max_new_tokens, context
         self.system_prompt = system_prompt
+        self._token_texts: dict[int, str] = {}
 
     def render(self, messages) -> tuple[str | None, str | None]:
         """A chat row (list of {role, content}) as text through the tokenizer's chat template, with the
@@ -132,6 +160,16 @@ class RowCodec:
             return None, f"prompt too long: {len(toks)} tokens + max_new_tokens {max_new} > context {self.context}"
         return toks, None
 
+    def top_logprobs(self, per_token: list[list[tuple[int, float]]]) -> list[list[dict]]:
+        """The engine's (token id, logprob) alternatives per completion token as the output column's structs,
+        each token's text decoded alone (cached: a vocabulary is finite)."""
+        texts = self._token_texts
+        for top in per_token:
+            for tid, _ in top:
+                if tid not in texts:
+                    texts[tid] = self.tok.decode([tid])
+        return [[{"token_id": t, "token": texts[t], "logprob": v} for t, v in top] for top in per_token]
+
     def text(self, tokens: list[int], stop: tuple[str, ...] | None = None) -> str:
         """A completion's text, cut before the first stop string."""
         text = self.tok.decode(tokens, skip_special_tokens=True)
@@ -141,21 +179,45 @@ class RowCodec:
                 text = text[:i]
         return text
 
-    def stop_fn(self, stop: tuple[str, ...] | None = None) -> StopFn | None:
+    def stop_fn(self, stop: tuple[str, ...] | None = None) -> StopStrings | None:
         """The engine's stop rule for stop strings: where to cut a row's tokens once one appears."""
         stops = self.stop if stop is None else list(stop)
-        if not stops:
-            return None
-        tail = max(len(s) for s in stops) + 16  # tokens: each is at least one character
-        decode = lambda toks: self.tok.decode(toks, skip_special_tokens=True)
+        return StopStrings(self.tok, stops) if stops else None
 
-        def fn(_row: int, toks: list[int]) -> int | None:
-            # called every round, so a stop string not in the tail was already caught in an earlier round
-            if not any(s in decode(toks[-tail:]) for s in stops):
-                return None
-            for k in range(1, len(toks) + 1):  # the shortest prefix that already holds a stop string
-                if any(s in decode(toks[:k]) for s in stops):
-                    return k
-            return len(toks)
 
-        return fn
+class StopStrings:
+    """Where to cut a row's tokens once a stop string appears in their text. Called every round, so a stop
+    string not in a row's tail was already caught in an earlier round: only the tail is decoded, and
+    `batch` decodes every row's tail in one tokenizer call (the Rust tokenizer's `decode_batch` where the
+    tokenizer has one)."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tok, self.stops = tokenizer, list(stops)
+        self.reach = max(len(s.encode()) for s in stops) + 2  # tokens: each decodes to at least one byte
+        rust = getattr(tokenizer, "_tokenizer", None)  # the same text as decode() unless it cleans up spaces
+        same = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._decode_batch = getattr(rust, "decode_batch", None) if same else None
+
+    def _decode(self, toks: list[int]) -> str:
+        return self.tok.decode(toks, skip_special_tokens=True)
+
+    def __call__(self, _row: int, toks: list[int]) -> int | None:
+        return self.batch([_row], [toks])[0]
+
+    def batch(self, _rows: list[int], seqs: list[list[int]], new: list[int] | None = None) -> list[int | None]:
+        """For each row's tokens so far (of which the last new[i] arrived since the last call; default: up to
+        16): keep this many tokens, or None (no stop string yet)."""
+        new = new or [16] * len(seqs)
+        tails = [toks[-(n + self.reach) :] for toks, n in zip(seqs, new)]
+        if self._decode_batch is not None:
+            texts = self._decode_batch(tails, skip_special_tokens=True)
+        else:
+            texts = [self._decode(t) for t in tails]
+        return [self._cut(toks) if any(s in text for s in self.stops) else None for toks, text in zip(seqs, texts)]
+
+    def _cut(self, toks: list[int]) -> int | None:
+        """The shortest prefix that already holds a stop string (rare: once per stopped row)."""
+        for k in range(1, len(toks) + 1):
+            if any(s in self._decode(toks[:k]) for s in self.stops):
+                return k
+        return None

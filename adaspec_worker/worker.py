@@ -2,9 +2,11 @@
 
 The controller wraps `ShardWorker` in a Ray actor (one per worker, `num_gpus=gpus_per_worker`) and
 hands it one shard at a time. For a shard the worker reads its row range (`jobs.plan.read_rows`),
-tokenizes and rejects bad rows (`rows.RowCodec`), decodes the rest in batches through the engine,
+tokenizes and rejects bad rows (`rows.RowCodec`), decodes the rest through the engine's batch slots
+(continuous batching: a finished row's slot takes the next row at once),
 (rendering chat rows with the target's chat template, n samples per row, per-row settings grouped into
-separate engine batches), times a sample of rows against plain decoding (`tuning.Baseline`), and commits through
+separate engine batches, log-probabilities when asked), times a sample of rows against plain decoding
+(`tuning.Baseline`), and commits through
 `jobs.layout.ShardFiles.commit`, which writes the files in their exactly-once order.
 
 This is the one module that imports both sides: `jobs` (manifest, plan, layout) and the decoder.
@@ -21,6 +23,7 @@ import platform
 import socket
 import time
 
+from jobs.inputs import is_jsonl
 from jobs.layout import Commit, ErrorRow, OutputRow, ShardFiles, ShardStats
 from jobs.manifest import manifest_from_dict
 from jobs.plan import Shard, input_storage_options, read_rows
@@ -37,8 +40,7 @@ class ShardWorker:
         import transformers
         from transformers import AutoTokenizer
 
-        from .decode.build import build_engine
-        from .decode.model import load_target
+        from .decode.build import build_engine, load_model
         from .decode.sampling import SamplingParams
         from .rows import RowCodec
         from .timing import EnergyMeter
@@ -53,7 +55,8 @@ class ShardWorker:
         torch.manual_seed(0)
         tok = AutoTokenizer.from_pretrained(m.model.target)
         clock.mark("tokenizer")
-        self.target = load_target(m.model.target, m.model.dtype, m.model.device)
+        # our own model; for `method: none` on an architecture it lacks, transformers' (the slower fallback)
+        self.target = load_model(m.model.target, m.speculative.spec(), m.model.dtype, m.model.device)
         clock.mark("model_load")
         self.engine = build_engine(self.target, m.speculative.spec(), draft=m.model.draft, ldlp=m.model.ldlp)
         plain = build_engine(self.target, parse_spec("none", {}))
@@ -140,6 +143,9 @@ class ShardWorker:
             self.autotune["cost_model"] = self.cost_model is not None
         outputs, stats = self._decode(good)
         stats.baseline = self.baseline.run([r for r in good if r.sample_index == 0], self.engine)
+        proposer = getattr(self.engine, "proposer", None)  # the transformers fallback has none
+        if proposer is not None:
+            proposer.persist()  # state the method keeps with the job (token-recycling matrix, datastore)
         res = m.resources
         wall = time.perf_counter() - t0
         stats = dataclasses.replace(
@@ -181,6 +187,9 @@ class ShardWorker:
             ),
             carried=carried,
             metadata=meta,
+            # the log-probability columns: when the job asks, and always for OpenAI batch lines (null where a line
+            # did not ask), so every shard of one file has one schema
+            logprobs=bool(m.decoding.logprobs or m.decoding.top_logprobs or is_jsonl(sh.file)),
         )
         return {
             "shard": sh.index,
@@ -211,41 +220,52 @@ class ShardWorker:
             if err:
                 errors.append(ErrorRow(rid, err))
                 continue
-            sp = SamplingParams(st.max_new_tokens, st.temperature, st.top_p, st.top_k, self.eos)
+            sp = SamplingParams(st.max_new_tokens, st.temperature, st.top_p, st.top_k, self.eos, st.scored)
             for k in range(st.n):
                 good.append(Row(rid, prompt, toks, row_seed(st.seed, rid, k), k, st, i, sp))
         return good, errors
 
     def _decode(self, rows: list) -> tuple[list[OutputRow], ShardStats]:
-        """Decode samples in batches of equal settings and similar prompt length; outputs in input order
-        (samples of a row together), engine stats as ShardStats."""
+        """Decode samples through `batch_size` slots, one engine call per group of equal settings (logprobs aside:
+        the group asks for its largest k, each row keeps its own; with continuous batching a finished row's slot
+        takes the group's next row at once); outputs in input order (samples of a row together), engine stats as
+        ShardStats."""
         from .decode.stats import EngineStats
+        from .rows import group_logprobs
 
         done: dict[int, OutputRow] = {}
         total = EngineStats()
         groups: dict[tuple, list[int]] = {}
         for j, r in enumerate(rows):
             groups.setdefault(r.settings.batch_key, []).append(j)
-        bs = self.m.resources.batch_size
+        res = self.m.resources
         for members in groups.values():
             order = sorted(members, key=lambda j: len(rows[j].tokens))  # similar lengths batch together
-            for i in range(0, len(order), bs):
-                batch = [rows[j] for j in order[i : i + bs]]
-                st = batch[0].settings
-                completions, es = self.engine.generate(
-                    [r.tokens for r in batch], batch[0].sp, [r.seed for r in batch], self.codec.stop_fn(st.stop)
+            group = [rows[j] for j in order]
+            st = group[0].settings
+            sp = dataclasses.replace(group[0].sp, logprobs=group_logprobs([r.settings for r in group]))
+            completions, es = self.engine.generate(
+                [r.tokens for r in group],
+                sp,
+                [r.seed for r in group],
+                self.codec.stop_fn(st.stop),
+                slots=res.batch_size,
+                refill=res.continuous_batching,
+            )
+            total = total + es
+            for j, r, c in zip(order, group, completions):
+                logprobs, top = r.settings.trim_logprobs(c.logprobs, c.top_logprobs)
+                done[j] = OutputRow(
+                    r.id,
+                    r.prompt,
+                    self.codec.text(c.tokens, st.stop),
+                    len(r.tokens),
+                    len(c.tokens),
+                    c.finish_reason,
+                    r.sample_index,
+                    logprobs,
+                    None if top is None else self.codec.top_logprobs(top),
                 )
-                total = total + es
-                for j, r, c in zip(order[i : i + bs], batch, completions):
-                    done[j] = OutputRow(
-                        r.id,
-                        r.prompt,
-                        self.codec.text(c.tokens, st.stop),
-                        len(r.tokens),
-                        len(c.tokens),
-                        c.finish_reason,
-                        r.sample_index,
-                    )
         seq = total.rows
         stats = ShardStats(
             rounds=seq.rounds,
@@ -256,6 +276,9 @@ class ShardWorker:
             draft_seconds=total.draft_seconds,
             verify_seconds=total.verify_seconds,
             other_seconds=total.other_seconds + total.prefill_seconds,
+            target_passes=total.target_passes,
+            slot_rounds=total.slot_rounds,
+            busy_slot_rounds=total.busy_slot_rounds,
         )
         return [done[j] for j in range(len(rows))], stats
 

@@ -7,7 +7,8 @@ carried columns. `jobs.plan` asks it how many rows a file has and whether its co
   one such column when the prompt column is absent). Ids from `input.id_column`, else "<file>:<row>".
 - OpenAI batch JSONL (`*.jsonl`): one request per non-blank line; `custom_id` -> id, `body.messages`
   (chat) or `body.prompt`, and `body.max_tokens` (or `max_completion_tokens`), `temperature`,
-  `top_p`, `seed`, `n`, `stop` as per-row settings. A line that is not JSON becomes an error row.
+  `top_p`, `seed`, `n`, `stop`, `logprobs`, `top_logprobs` as per-row settings (a completions body's integer
+  `logprobs` is its top-k count, as in OpenAI's legacy API). A line that is not JSON becomes an error row.
 - Per-row settings (`input.row_settings`, on by default): Parquet columns named `max_new_tokens`,
   `temperature`, `top_p`, `top_k`, `seed`, `stop`, `n`; a null keeps the job's `decoding` value.
 - Carried columns: every Parquet column but the id, prompt and chat columns (or `input.keep_columns`).
@@ -36,6 +37,8 @@ _JSONL_SETTINGS = {
     "seed": "seed",
     "n": "n",
     "stop": "stop",
+    "logprobs": "logprobs",
+    "top_logprobs": "top_logprobs",
 }
 
 
@@ -193,6 +196,9 @@ def _parse_line(line: str) -> tuple[str | None, object, dict, str | None]:
     settings = {ours: body[k] for k, ours in _JSONL_SETTINGS.items() if body.get(k) is not None}
     if isinstance(settings.get("stop"), str):
         settings["stop"] = [settings["stop"]]
+    if type(settings.get("logprobs")) is int:  # /v1/completions: logprobs k = the token's and its k most likely
+        settings.setdefault("top_logprobs", settings["logprobs"])
+        settings["logprobs"] = True
     if "messages" in body:
         msgs = body["messages"]
         if not isinstance(msgs, list) or not all(isinstance(x, dict) for x in msgs):

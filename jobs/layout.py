@@ -53,13 +53,17 @@ def shard_index(name: str) -> int | None:
 # ------------------------------------------------------------------ rows
 
 
-def _arrow_schema(cls, appended: bool = False) -> pa.Schema:
-    """The Arrow schema of a row record's base fields (or, with `appended`, of its appended fields)."""
-    types = {str: pa.string(), int: pa.int32()}
-    hints = typing.get_type_hints(cls)
-    return pa.schema(
-        [(f.name, types[hints[f.name]]) for f in fields(cls) if bool(f.metadata.get("appended")) == appended]
-    )
+def _arrow_schema(cls, part: str | None = None) -> pa.Schema:
+    """The Arrow schema of a row record's base fields (part None), or of those its fields' metadata marks
+    with `part` ("appended": always written after the base; "logprobs": written only when requested)."""
+    types, hints = {str: pa.string(), int: pa.int32()}, typing.get_type_hints(cls)
+    chosen = [f for f in fields(cls) if f.metadata.get("part") == part]
+    return pa.schema([(f.name, f.metadata.get("arrow") or types[hints[f.name]]) for f in chosen])
+
+
+# one emitted token's k most likely tokens: (token_id, token text, raw log-probability), most likely first
+TOP_LOGPROB = pa.struct([("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32())])
+LOGPROBS, TOP_LOGPROBS = pa.list_(pa.float32()), pa.list_(pa.list_(TOP_LOGPROB))  # per completion token
 
 
 @dataclass
@@ -73,7 +77,11 @@ class OutputRow:
     num_completion_tokens: int
     finish_reason: str  # "stop" (EOS or a stop string) | "length"
     # appended columns: written after the base six (old readers that select the base columns are unaffected)
-    sample_index: int = field(default=0, metadata={"appended": True})  # 0..decoding.n-1
+    sample_index: int = field(default=0, metadata={"part": "appended"})  # 0..decoding.n-1
+    # decoding.logprobs / top_logprobs (or an OpenAI batch line's): one entry per completion token (EOS and
+    # stop-string tokens included); the columns exist only when asked (null for rows that did not ask)
+    completion_logprobs: list | None = field(default=None, metadata={"part": "logprobs", "arrow": LOGPROBS})
+    top_logprobs: list | None = field(default=None, metadata={"part": "logprobs", "arrow": TOP_LOGPROBS})
 
 
 @dataclass
@@ -85,9 +93,10 @@ class ErrorRow:
 
 
 OUTPUT_SCHEMA = _arrow_schema(OutputRow)  # the base columns every adarun version writes, in this order
-APPENDED_SCHEMA = _arrow_schema(OutputRow, appended=True)  # then these (since 0.x: sample_index)
+APPENDED_SCHEMA = _arrow_schema(OutputRow, "appended")  # then these (since 0.x: sample_index)
+LOGPROB_SCHEMA = _arrow_schema(OutputRow, "logprobs")  # then these, when log-probabilities were asked for
 ERROR_SCHEMA = _arrow_schema(ErrorRow)
-OWN_COLUMNS = frozenset(OUTPUT_SCHEMA.names + APPENDED_SCHEMA.names)  # carried input columns never take these names
+OWN_COLUMNS = frozenset(OUTPUT_SCHEMA.names + APPENDED_SCHEMA.names + LOGPROB_SCHEMA.names)  # never carried
 METADATA_PREFIX = "adarun."  # Parquet file metadata keys: adarun.model, adarun.method, adarun.job_hash, ...
 
 
@@ -111,20 +120,8 @@ def _parquet_bytes(
 
 # ------------------------------------------------------------------ per-shard statistics
 
-_IDENTITY = (
-    "shard",
-    "attempt",
-    "method",
-    "params",
-    "autotune",
-    "cost_model",
-    "actor_id",
-    "node_id",
-    "host",
-    "pid",
-    "accelerator",
-    "device",
-)
+_IDENTITY = ("shard", "attempt", "method", "params", "autotune", "cost_model", "actor_id", "node_id", "host", "pid",
+             "accelerator", "device")
 
 
 @dataclass
@@ -154,6 +151,9 @@ class ShardStats:
     draft_seconds: float = 0.0  # the time split: proposing,
     verify_seconds: float = 0.0  # the target pass and verification,
     other_seconds: float = 0.0  # and everything else (prefill, host work)
+    target_passes: int = 0  # batch rounds (one target forward each)
+    slot_rounds: int = 0  # batch slots x rounds, idle slots included
+    busy_slot_rounds: int = 0  # of those, slots whose row was still decoding
     baseline: list = field(default_factory=list)  # rows decoded both ways: {id, spec_seconds, spec_tokens, plain_...}
     energy_kwh: float | None = None
     autotune: dict | None = None  # this actor's autotune measurement and choice, when enabled
@@ -170,9 +170,16 @@ class ShardStats:
         """Tokens emitted per target pass, bonus included (plain decoding = 1.0); 0 with no rounds."""
         return (self.accepted_tokens + self.rounds) / self.rounds if self.rounds else 0.0
 
+    @property
+    def occupancy(self) -> float | None:
+        """Share of batch slot-rounds that did useful work (continuous batching keeps it near 1); None when
+        not measured (stats written before it existed)."""
+        return self.busy_slot_rounds / self.slot_rounds if self.slot_rounds else None
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["tau"] = self.tau
+        d["occupancy"] = self.occupancy
         d["accepted_by_depth"] = dict(sorted(self.accepted_by_depth.items()))
         d["draft_lengths"] = dict(sorted(self.draft_lengths.items()))
         return d
@@ -317,13 +324,14 @@ class ShardFiles:
         commit: Commit,
         carried: pa.Table | None = None,
         metadata: dict[str, str] | None = None,
+        logprobs: bool = False,
     ) -> None:
         """Write shards/ -> errors/ (when any) -> stats/ -> _commits/: the marker last, so a reader that
         sees it sees complete files, and a shard cut short is simply decoded again. `carried` holds input
         columns (one row per output row) appended after adarun's own; `metadata` goes into the Parquet
-        file metadata under `adarun.` keys."""
+        file metadata under `adarun.` keys; `logprobs` adds the log-probability columns."""
         name = shard_name(commit.shard)
-        schema = pa.schema(list(OUTPUT_SCHEMA) + list(APPENDED_SCHEMA))
+        schema = pa.schema(list(OUTPUT_SCHEMA) + list(APPENDED_SCHEMA) + (list(LOGPROB_SCHEMA) if logprobs else []))
         self.store.write_bytes(f"shards/{name}.parquet", _parquet_bytes(rows, schema, carried, metadata))
         if errors:
             self.store.write_bytes(f"errors/{name}.parquet", _parquet_bytes(errors, ERROR_SCHEMA))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 import yaml
 
 from .credentials import mask_secrets
-from .specs import METHOD_SPECS, MethodSpec, SpecError, parse_spec
+from .specs import MethodSpec, SpecError, hashed_params, parse_spec
 
 
 class ManifestError(ValueError):
@@ -69,6 +69,10 @@ class DecodingCfg:
     seed: int = 0
     stop: list = field(default_factory=list)
     n: int = 1  # samples per input row (output column sample_index); sample 0 keeps the n=1 seed
+    # columns completion_logprobs (each completion token's log-probability under the target's raw distribution,
+    # before temperature/top-k/top-p) and, with top_logprobs k > 0 (implies logprobs), each token's k most likely
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 @dataclass
@@ -93,7 +97,8 @@ class ResourcesCfg:
     workers: int = 1
     gpus_per_worker: float = 0
     cpus_per_worker: float = 1
-    batch_size: int = 8
+    batch_size: int = 8  # rows decoded at once per worker (batch slots)
+    continuous_batching: bool = True  # a finished row's slot takes the shard's next row at once
 
 
 @dataclass
@@ -153,10 +158,7 @@ class Manifest:
         for (section, name), default in _ADDED_SINCE_HASH.items():
             if keep[section].get(name) == default:
                 keep[section].pop(name, None)
-        spec_class = METHOD_SPECS.get(keep["speculative"]["method"])
-        for name, default in getattr(spec_class, "added_since_hash", {}).items():  # method parameters added later
-            if keep["speculative"]["params"].get(name) == default:
-                keep["speculative"]["params"].pop(name)
+        keep["speculative"]["params"] = hashed_params(keep["speculative"]["method"], keep["speculative"]["params"])
         tune = keep["speculative"].pop("autotune")
         if tune["enabled"]:
             keep["speculative"]["params"] = {
@@ -181,7 +183,10 @@ _ADDED_SINCE_HASH = {
     ("input", "keep_columns"): None,
     ("input", "row_settings"): True,
     ("decoding", "n"): 1,
+    ("decoding", "logprobs"): False,
+    ("decoding", "top_logprobs"): 0,
 }
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound for top_logprobs; larger k would multiply the output's size
 
 # -------------------------------------------------------------- building from plain data
 
@@ -263,6 +268,8 @@ def _check(m: Manifest) -> None:
     need(0 <= d.seed < 2**63, "decoding.seed", f"must be in [0, 2^63), got {d.seed}")
     need(all(isinstance(s, str) and s for s in d.stop), "decoding.stop", "must be a list of non-empty strings")
     need(1 <= d.n <= 1024, "decoding.n", f"must be in [1, 1024], got {d.n}")
+    top = d.top_logprobs
+    need(0 <= top <= MAX_TOP_LOGPROBS, "decoding.top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {top}")
     kc = m.input.keep_columns
     need(kc is None or all(isinstance(c, str) and c for c in kc), "input.keep_columns", "must be a list of names")
     need(m.input.messages_column != "", "input.messages_column", "must not be empty (leave it out to auto-detect)")
@@ -315,6 +322,7 @@ def _check_limits(m: Manifest, need) -> None:
 _NEEDS = {
     "eagle": "a draft head (an EAGLE head: adarun train-draft)",
     "draft-model": "a draft model (a small LM)",
+    "early-exit": "an early-exit head (adarun train-draft --early-exit N)",
     "ldlp": "an LDLP (adarun fit-ldlp)",
 }
 

@@ -39,9 +39,18 @@ import click
     default=None,
     help="Leave out the shared benchmark's held-out files (1 in 40 by a sha1 rule); off: every file trains.",
 )
+@click.option(
+    "--early-exit",
+    type=int,
+    default=0,
+    show_default=True,
+    help="N > 0: train an early-exit head on the target's layer N instead (method eesd), by self-distillation.",
+)
+@click.option("--no-adapter", is_flag=True, help="With --early-exit: only a norm before the lm_head, no adapter layer.")
 @click.option("--quiet", is_flag=True)
-def train_draft(target, corpus, out, text_column, quiet, **opts):
+def train_draft(target, corpus, out, text_column, quiet, early_exit, no_adapter, **opts):
     """Train an EAGLE-1/2 draft head for TARGET on a corpus; rerun to resume from its checkpoint.
+    With --early-exit N: an early-exit head (EESD) on the target's first N layers, for method eesd.
 
     Every corpus file is used; --exclude-heldout leaves out the benchmark's held-out files (how the
     shipped heads were trained, so they never saw a benchmark prompt's source).
@@ -55,7 +64,14 @@ def train_draft(target, corpus, out, text_column, quiet, **opts):
     from adaspec_worker.train.draft_head import train_draft as run
 
     cfg = DraftTrainConfig(**{k: v for k, v in opts.items() if v is not None})
-    report = run(target, corpus, out, cfg, text_column=text_column, progress=not quiet)
+    if early_exit:
+        from adaspec_worker.train.early_exit import train_early_exit
+
+        report = train_early_exit(
+            target, corpus, out, cfg, early_exit, not no_adapter, text_column=text_column, progress=not quiet
+        )
+    else:
+        report = run(target, corpus, out, cfg, text_column=text_column, progress=not quiet)
     click.echo(json.dumps({k: report[k] for k in ("steps_run", "train_seconds", "val_before", "val_after")}))
 
 
@@ -122,6 +138,21 @@ def _csv(kind):
     return lambda ctx, param, v: tuple(kind(x) for x in v.split(",") if x.strip()) if isinstance(v, str) else v
 
 
+def _methods(ctx, param, v):
+    """Comma-separated methods; commas inside brackets belong to a list value (eesd:lengths=[2,4,8])."""
+    if not isinstance(v, str):
+        return v
+    out, depth, cur = [], 0, ""
+    for ch in v + ",":
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out += [cur.strip()] if cur.strip() else []
+            cur = ""
+        else:
+            cur += ch
+    return tuple(out)
+
+
 @click.command("bench")
 @click.option("--target", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--draft", type=click.Path(exists=True, file_okay=False), help="EAGLE head for the EAGLE-based methods.")
@@ -133,15 +164,20 @@ def _csv(kind):
 @click.option(
     "--ldlp", type=click.Path(exists=True, file_okay=False), help="LDLP for adaeagle, adaeagle-ddd, ldlp-tree."
 )
+@click.option(
+    "--early-exit-head",
+    type=click.Path(exists=True, file_okay=False),
+    help="Early-exit head (adarun train-draft --early-exit N) for eesd.",
+)
 @click.option("--prompts", required=True, type=click.Path(exists=True, dir_okay=False), help="Parquet file of prompts.")
 @click.option("--prompt-column", default="prompt", show_default=True)
 @click.option(
     "--methods",
     default="eagle2",
     show_default=True,
-    callback=_csv(str),
-    help="Comma-separated adarun methods, parameters after colons: eagle2:depth=8:total_tokens=80 "
-    "(none is always run).",
+    callback=_methods,
+    help="Comma-separated adarun methods, parameters after colons: eagle2:depth=8:total_tokens=80, "
+    "eagle-thompson:lengths=[2,4,8] (none is always run).",
 )
 @click.option("--batch-sizes", default="1,4,16,64", show_default=True, callback=_csv(int))
 @click.option("--temperatures", default="0,0.7", show_default=True, callback=_csv(float))
@@ -164,6 +200,14 @@ def _csv(kind):
 @click.option("--profile", is_flag=True, help="Count CUDA kernels per round per adarun cell (torch.profiler).")
 @click.option("--cost-model", is_flag=True, help="Measure the cost model (target pass, draft level): JSON + cost.png.")
 @click.option("--shape", default="", help="Also measure the cost model of a random-weight target of this shape (8b).")
+@click.option(
+    "--workload",
+    type=click.Choice(["fixed", "natural"]),
+    default="fixed",
+    show_default=True,
+    help="fixed: exactly --new-tokens per row, EOS ignored; natural: EOS and stop strings on, all --n-prompts "
+    "through --batch-sizes slots with continuous batching on and off (occupancy, output lengths).",
+)
 def bench(**opts):
     """Benchmark methods side by side: JSON, Markdown table and PNG plots in --out.
 

@@ -2,63 +2,35 @@
 
 Torch-free on purpose: the controller (`jobs/`) validates `speculative.method` and `speculative.params`
 with this module alone, and the decoder (`adaspec_worker.decode`) receives the parsed spec object,
-never the (name, params) pair. One registry, `METHOD_SPECS`, maps a manifest name to its spec
-class; the decoder keys its proposers by that class (`@implements(Eagle2Spec)`), and a test asserts
-that every spec class has exactly one proposer. Adding a method = one spec here + one proposer class.
+never the (name, params) pair. One registry, `METHOD_SPECS` (`method_spec.py`, with the parser), maps a
+manifest name to its spec class; the decoder keys its proposers by that class (`@implements(Eagle2Spec)`),
+and a test asserts that every spec class has exactly one proposer. Adding a method = one spec here (or in
+`specs_drafting.py`: drafting without a trained EAGLE head, from the job's own text, or by early exit;
+re-exported here) + one proposer class.
 
 Each spec class declares, as class attributes (not parameters):
   - `needs`: the `model.*` paths the method needs and what kind each must be, e.g.
-    `{"draft": "eagle", "ldlp": "ldlp"}` (`draft` kinds: "eagle" head or independent "draft-model");
+    `{"draft": "eagle", "ldlp": "ldlp"}` (`draft` kinds: "eagle" head, independent "draft-model",
+    or "early-exit" head);
   - `autotune_grid`: the settings per-job autotune measures, each merged over the given parameters.
+  - `since_hash`: parameters added after the method shipped, with their defaults: at the default they stay
+    out of the config hash (`method_spec.hashed_params`), so outputs written before them still resume.
 """
 
 from __future__ import annotations
 
-import typing
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar
-
-METHOD_SPECS: dict[str, type[MethodSpec]] = {}
-
-
-class SpecError(ValueError):
-    """Bad method name or parameter; the message names it."""
-
-
-class MethodSpec:
-    """Base of every method spec (each subclass is a frozen dataclass made by `@method`)."""
-
-    name: ClassVar[str]
-    needs: ClassVar[dict[str, str]] = {}
-    added_since_hash: ClassVar[dict] = {}  # parameters added after outputs were written -> their defaults
-    autotune_grid: ClassVar[tuple[dict, ...]] = ()
-
-    def check(self) -> None:
-        """Raise SpecError naming a bad parameter (types are checked before this runs)."""
-
-    @property
-    def drafter_kind(self) -> str | None:
-        return self.needs.get("draft")
-
-    def params(self) -> dict:
-        """Every parameter with its resolved value: what job.json records."""
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
-
-    def with_params(self, **changes) -> MethodSpec:
-        return parse_spec(self.name, {**self.params(), **changes})
-
-
-def method(name: str):
-    """Register a spec class under its manifest name (and make it a frozen dataclass)."""
-
-    def deco(cls):
-        assert issubclass(cls, MethodSpec), f"{cls.__name__} must derive from MethodSpec"
-        assert name not in METHOD_SPECS, f"method {name!r} registered twice"
-        cls.name = name
-        METHOD_SPECS[name] = cls
-        return dataclass(frozen=True)(cls)
-
-    return deco
+from .method_spec import (
+    METHOD_SPECS,
+    MethodSpec,
+    SpecError,
+    _non_negative,
+    _positive,
+    autotune_candidates,
+    hashed_params,
+    method,
+    parse_spec,
+)
+from .specs_drafting import EagleThompsonSpec, EESDSpec, RASDSpec, RetrievalSpec, TokenRecyclingSpec
 
 
 @method("none")
@@ -133,7 +105,7 @@ class AdaptiveSpec(MethodSpec):
     probability accept_prior, greedy); per row, the method's signal sets the depth and the row's nodes go
     to its best candidates within it. Where speculation does not pay the call backs off to plain decoding."""
 
-    added_since_hash = {"accept_prior": 0.6}  # at these values: the config hash of outputs written before
+    since_hash = {"accept_prior": 0.6}  # at these values: the config hash of outputs written before
 
     def check(self):
         if not 0 < self.accept_prior < 1:
@@ -155,7 +127,7 @@ class AdaEagleSpec(AdaptiveSpec):
     accept_prior: float = 0.6
     needs = {"draft": "eagle", "ldlp": "ldlp"}
     autotune_grid = ({"k_max": 4}, {"k_max": 6}, {"k_max": 10})
-    added_since_hash = {"accept_prior": 0.6, "top_k": 2, "nodes_per_level": 2}
+    since_hash = {"accept_prior": 0.6, "top_k": 2, "nodes_per_level": 2}
 
 
 @method("adaeagle-ddd")
@@ -170,7 +142,7 @@ class AdaEagleDDDSpec(AdaptiveSpec):
     accept_prior: float = 0.6
     needs = {"draft": "eagle", "ldlp": "ldlp"}
     autotune_grid = ({"threshold": -0.3}, {"threshold": -0.6}, {"threshold": -1.0})
-    added_since_hash = {"accept_prior": 0.6, "top_k": 2, "nodes_per_level": 2}
+    since_hash = {"accept_prior": 0.6, "top_k": 2, "nodes_per_level": 2}
 
 
 @method("adaedl")
@@ -191,7 +163,7 @@ class AdaEDLSpec(AdaptiveSpec):
     accept_prior: float = 0.6
     needs = {"draft": "eagle"}
     autotune_grid = ({"lam0": 0.5}, {"lam0": 0.7}, {"lam0": 0.85})
-    added_since_hash = {"accept_prior": 0.6, "top_k": 2, "nodes_per_level": 2}
+    since_hash = {"accept_prior": 0.6, "top_k": 2, "nodes_per_level": 2}
 
     def check(self):
         super().check()
@@ -273,7 +245,7 @@ class OracleSpec(MethodSpec):
     top_k: int = 8
     total_tokens: int = 0
     needs = {"draft": "eagle"}
-    added_since_hash = {"top_k": 8, "total_tokens": 0}
+    since_hash = {"top_k": 8, "total_tokens": 0}
 
     def check(self):
         _positive("k_max", self.k_max)
@@ -281,120 +253,17 @@ class OracleSpec(MethodSpec):
         _non_negative("total_tokens", self.total_tokens)
 
 
-# ---------------------------------------------------------------- training-free drafting
-
-
-@method("token-recycling")
-class TokenRecyclingSpec(MethodSpec):
-    """Token Recycling (Luo et al., 2024, arXiv 2408.08696): a token-indexed adjacency matrix [V, k] holds,
-    for each token, the target's top-k next tokens the last time it was seen (at any node of any verified
-    tree: rejected candidates are recycled too); each round drafts a static tree from the root by
-    breadth-first lookup through the matrix and writes the round's new top-k back. No drafter, no
-    training; the matrix lives per engine (actor) and stays warm across rows and shards; k = 8 as in the
-    paper. Ours: the default template is the `nodes` most likely paths (depth <= max_depth) under a fixed
-    per-rank acceptance prior (the paper hand-designs an ~80-node tree); `tree` (paths of child ranks,
-    each rank < k) overrides it; on a token seen at several nodes of one round, the accepted path wins,
-    then the later row, then the later node, so the matrix is deterministic."""
-
-    k: int = 8
-    nodes: int = 64
-    max_depth: int = 8
-    tree: tuple[tuple[int, ...], ...] = ()
-    autotune_grid = ({"nodes": 24}, {"nodes": 40}, {"nodes": 80})
-
-    def check(self):
-        for n in ("k", "nodes", "max_depth"):
-            _positive(n, getattr(self, n))
-        for p in self.tree:
-            if not isinstance(p, (list, tuple)) or not p or not all(isinstance(r, int) and 0 <= r < self.k for r in p):
-                raise SpecError(f"tree: each path must be a non-empty list of ranks in [0, k), got {p!r}")
-            if len(p) > 1 and tuple(p[:-1]) not in {tuple(q) for q in self.tree}:
-                raise SpecError(f"tree: path {list(p)!r} lacks its parent {list(p[:-1])!r}")
-
-
-@method("retrieval")
-class RetrievalSpec(MethodSpec):
-    """Prompt lookup (Saxena, 2023; the retrieval half of RASD, arXiv 2503.03434): the longest suffix of
-    the row's text (up to max_ngram tokens, at least min_ngram) that occurred earlier in the row's own
-    prompt + emitted tokens; the k tokens that followed its most recent occurrence are the draft. No
-    drafter, no training, per-row state only. Ours: `branches` > 1 drafts the continuations of the best
-    `branches` matches (longest, then most recent) as chains sharing the root, verified as one tree;
-    branches = 1 is plain prompt lookup."""
-
-    k: int = 8
-    max_ngram: int = 4
-    min_ngram: int = 1
-    branches: int = 1
-    autotune_grid = ({"k": 4}, {"k": 12}, {"branches": 3})
-
-    def check(self):
-        for n in ("k", "max_ngram", "min_ngram", "branches"):
-            _positive(n, getattr(self, n))
-        if self.min_ngram > self.max_ngram:
-            raise SpecError(f"min_ngram ({self.min_ngram}) must be <= max_ngram ({self.max_ngram})")
-
-
-def _non_negative(name: str, v) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise SpecError(f"{name} must be an integer >= 0, got {v!r}")
-
-
-def _positive(name: str, v) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise SpecError(f"{name} must be an integer >= 1, got {v!r}")
-
-
-def _plain(v):
-    """Spec values as plain JSON data (tuples -> lists)."""
-    return [_plain(x) for x in v] if isinstance(v, (tuple, list)) else v
-
-
-def _coerce(name: str, v: Any, hint) -> Any:
-    """A parameter value checked against its annotation; lists become tuples where the spec wants tuples."""
-    origin = typing.get_origin(hint)
-    if hint is bool:
-        if not isinstance(v, bool):
-            raise SpecError(f"{name} must be true or false, got {v!r}")
-    elif hint is int:
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise SpecError(f"{name} must be an integer, got {v!r}")
-    elif hint is float:
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            raise SpecError(f"{name} must be a number, got {v!r}")
-        return float(v)
-    elif origin is tuple:
-        if not isinstance(v, (list, tuple)):
-            raise SpecError(f"{name} must be a list, got {v!r}")
-        item = typing.get_args(hint)[0]
-        return tuple(_coerce(name, x, item) for x in v)
-    return v
-
-
-def parse_spec(name: str, params: dict | None) -> MethodSpec:
-    """Method name + params mapping -> the method's frozen spec; SpecError names what is wrong."""
-    if name not in METHOD_SPECS:
-        raise SpecError(f"unknown method {name!r}; known: {', '.join(sorted(METHOD_SPECS))}")
-    cls = METHOD_SPECS[name]
-    if params is not None and not isinstance(params, dict):
-        raise SpecError(f"params must be a mapping, got {params!r}")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in fields(cls)]
-    for k in params or {}:
-        if k not in known:
-            raise SpecError(f"method {name!r} has no parameter {k!r}; known: {', '.join(known) or 'none'}")
-    spec = cls(**{k: _coerce(k, v, hints[k]) for k, v in (params or {}).items()})
-    spec.check()
-    return spec
-
-
-def autotune_candidates(spec: MethodSpec) -> list[MethodSpec]:
-    """The settings per-job autotune measures: the given spec first, then each grid entry merged over it."""
-    out = [spec]
-    for change in spec.autotune_grid:
-        cand = spec.with_params(**change)
-        if cand not in out:
-            out.append(cand)
-    return out
-
-
-__all__ = ["METHOD_SPECS", "MethodSpec", "SpecError", "autotune_candidates", "method", "parse_spec"]
+__all__ = [
+    "METHOD_SPECS",
+    "EESDSpec",
+    "EagleThompsonSpec",
+    "MethodSpec",
+    "RASDSpec",
+    "RetrievalSpec",
+    "SpecError",
+    "TokenRecyclingSpec",
+    "autotune_candidates",
+    "hashed_params",
+    "method",
+    "parse_spec",
+]

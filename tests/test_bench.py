@@ -13,7 +13,8 @@ def test_bench_writes_json_markdown_and_plots(tmp_path):
     r = CliRunner().invoke(cli, ["bench", "--target", str(TINY), "--draft", str(TINY_HEAD), "--draft-model", str(TINY),
                                  "--ldlp", str(REPO / "models" / "pycoder-tiny-ldlp"),
                                  "--prompts", str(REPO / "manifests" / "prompts.parquet"),
-                                 "--methods", "eagle2:depth=3:total_tokens=10,adaeagle", "--batch-sizes", "1,2",
+                                 "--methods", "eagle2:depth=3:total_tokens=10,adaeagle,eagle-thompson:lengths=[2,4]",
+                                 "--batch-sizes", "1,2",
                                  "--temperatures", "0,0.7",
                                  "--new-tokens", "6", "--n-prompts", "2", "--repeats", "3", "--hf-prompts", "1",
                                  "--dtype", "float32", "--device", "cpu", "--out", str(out)])
@@ -23,7 +24,8 @@ def test_bench_writes_json_markdown_and_plots(tmp_path):
     for k in ("command", "git_commit", "device", "torch", "transformers", "python"):
         assert meta[k], k
     labels = {c["label"] for c in res["cells"]}
-    want = {"none", "eagle2:depth=3:total_tokens=10", "adaeagle", "hf-generate", "hf-prompt-lookup", "hf-assisted"}
+    want = {"none", "eagle2:depth=3:total_tokens=10", "adaeagle", "eagle-thompson:lengths=[2,4]", "hf-generate",
+            "hf-prompt-lookup", "hf-assisted"}
     assert want <= labels
     cell = next(c for c in res["cells"] if c["label"] == "adaeagle" and c["batch"] == 2 and c["temperature"] == 0.7)
     assert cell["tokens"] == 2 * 6 and len(cell["all_seconds"]) == 3 and cell["tau"] >= 1
@@ -57,3 +59,26 @@ def test_bench_cost_model_and_shape(tmp_path):
     for T in (0.0, 0.7):
         cell = next(c for c in res["cells"] if c["label"].startswith("oracle") and c["temperature"] == T)
         assert cell["reference_seconds"] > 0 and cell["tau"] >= 1
+
+
+def test_bench_natural_workload_compares_refill_on_and_off(tmp_path):
+    out = tmp_path / "natural"
+    r = CliRunner().invoke(cli, ["bench", "--target", str(TINY), "--draft", str(TINY_HEAD),
+                                 "--prompts", str(REPO / "manifests" / "prompts.parquet"), "--workload", "natural",
+                                 "--methods", "eagle:k=3", "--batch-sizes", "4", "--temperatures", "0",
+                                 "--new-tokens", "24", "--n-prompts", "12", "--repeats", "1",
+                                 "--dtype", "float32", "--device", "cpu", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    cells = json.loads((out / "bench.json").read_text())["cells"]
+    assert {c["kind"] for c in cells} == {"natural"}  # no transformers rows: they cannot stop like a job
+    assert {(c["label"], c["refill"]) for c in cells} == {(m, f) for m in ("none", "eagle:k=3") for f in (True, False)}
+    for c in cells:
+        assert c["outputs_equal_on_off"] and 0 < c["occupancy"] <= 1
+        assert c["len_max"] <= 24 and c["len_p10"] <= c["len_p50"] <= c["len_p90"]
+        assert (c["refill_speedup"] is not None) == c["refill"]
+        assert c["speedup_vs_none"] > 0
+    on = next(c for c in cells if c["label"] == "none" and c["refill"])
+    off = next(c for c in cells if c["label"] == "none" and not c["refill"])
+    assert on["tokens"] == off["tokens"] and on["stopped_early"] > 0  # the same rows, some stopping early
+    assert on["occupancy"] >= off["occupancy"] and on["rounds"] <= off["rounds"]
+    assert "Natural workload" in (out / "bench.md").read_text()

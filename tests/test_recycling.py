@@ -68,6 +68,30 @@ def test_pycoder_tiny_greedy_identity_and_the_matrix_learns(pycoder_tiny):
     assert cold.rows.tau < taus[2]
 
 
+def test_matrix_is_kept_with_the_job(pycoder_tiny, tmp_path):
+    """`matrix: PATH`: what one engine learnt and persisted (the worker does after each shard), a new engine (a
+    resumed job) loads, so it starts warm; a matrix of another shape is ignored (a cold start)."""
+    from safetensors.torch import load_file, save_file
+
+    tgt, prompts = pycoder_tiny
+    sp = SamplingParams(max_new_tokens=32)
+    path = tmp_path / "job" / "matrix.safetensors"
+    first = build_engine(tgt, parse_spec("token-recycling", {"matrix": str(path)}))
+    for _ in range(2):
+        first.generate(prompts[:1], sp)
+    first.proposer.persist()
+    _, learnt = first.generate(prompts[:1], sp)  # from the matrix it persisted
+    assert load_file(str(path))["table"].shape == (tgt.cfg.vocab_size + 1, 8)
+    ref, cold = build_engine(tgt, parse_spec("token-recycling", {})).generate(prompts[:1], sp)
+    outs, warm = build_engine(tgt, parse_spec("token-recycling", {"matrix": str(path)})).generate(prompts[:1], sp)
+    assert outs[0].tokens == ref[0].tokens and warm.rows.tau == learnt.rows.tau > cold.rows.tau
+    save_file({"table": torch.zeros(3, 8, dtype=torch.int32)}, str(path))
+    _, other = build_engine(tgt, parse_spec("token-recycling", {"matrix": str(path)})).generate(prompts[:1], sp)
+    assert other.rows.tau == cold.rows.tau
+    with pytest.raises(SpecError, match="local path"):
+        parse_spec("token-recycling", {"matrix": "s3://b/m"})
+
+
 def test_greedy_row_alone_equals_row_in_batch(setup):
     _, tgt = setup
     prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]

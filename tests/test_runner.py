@@ -331,6 +331,7 @@ def test_report_of_a_partly_finished_job(finished_job, tmp_path):
     assert "1 missing" in (part / "report" / "report.md").read_text()
     r = CliRunner().invoke(cli, ["report", str(out), str(part)])
     assert r.exit_code == 0 and "| total_rows |" in r.output
+    assert "| total_rows |" in (part / "report" / "compare.md").read_text()  # `report A B` keeps what it printed
 
 
 def test_autotune_picks_a_measured_setting_and_records_it(ray_cluster, prompts, tmp_path):

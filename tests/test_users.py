@@ -56,8 +56,11 @@ def _inputs(d: Path) -> Path:
     pq.write_table(pa.Table.from_pylist(chat), d / "b_chat.parquet")
     lines = [
         {"custom_id": "j0", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3, "n": 3, "temperature": 0.7}},
-        {"custom_id": "j1", "body": {"prompt": "import os\n", "max_tokens": 4, "seed": 5}},
+         "body": {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3, "n": 3, "temperature": 0.7,
+                  "logprobs": True}},
+        # j0's settings but top-2 logprobs: one engine call asks for k=2, j0 keeps its own (no top lists)
+        {"custom_id": "j1", "body": {"prompt": "import os\n", "max_tokens": 3, "temperature": 0.7, "seed": 5,
+                                     "logprobs": 2}},
         "not json",
     ]
     (d / "c_batch.jsonl").write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
@@ -108,6 +111,11 @@ def test_samples_settings_chat_jsonl_and_carried_columns(mixed_job):
     assert {"source", "score", "temperature"} <= set(a.column_names) and a.schema.field("score").type == pa.float64()
     assert by["p2"][0]["source"] == "file2.py" and by["c1"][0]["tag"] == "chat"
     assert by["p5"][0]["completion"] != "an input column named like an output column is not carried"
+    # logprobs: off for the job, so no columns in the Parquet-fed shards; the OpenAI lines' own requests are honoured
+    assert "completion_logprobs" not in a.column_names and "top_logprobs" not in a.column_names
+    assert all(len(r["completion_logprobs"]) == r["num_completion_tokens"] and r["top_logprobs"] is None
+               for r in by["j0"])
+    assert all(len(t) == 2 and t[0]["logprob"] >= t[1]["logprob"] for r in by["j1"] for t in r["top_logprobs"])
     meta = pq.read_schema(out / "shards" / "shard-00000.parquet").metadata
     job = json.loads((out / "job.json").read_text())
     assert meta[b"adarun.job_hash"].decode() == job["job_hash"] and meta[b"adarun.method"] == b"eagle2"
@@ -241,3 +249,30 @@ def test_new_fields_are_validated(section, value, field):
     d[section] = {**d.get(section, {}), **value}
     with pytest.raises(ManifestError, match=field.replace(".", r"\.")):
         manifest_from_dict(d)
+
+
+def test_transformers_length_warning_is_silenced():
+    """The tokenizer's "sequence length is longer than the specified maximum" warning (a long prompt, which
+    becomes an error row anyway) is not emitted once a worker has quietened third parties."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    from adaspec_worker.worker import _quiet_third_parties
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda rec: seen.append(rec.getMessage())
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.addHandler(handler)
+    try:
+        transformers.utils.logging.set_verbosity_warning()
+        AutoTokenizer.from_pretrained(str(TINY))("x = 1\n" * 2000)
+        assert any("Token indices sequence length" in m for m in seen)  # the warning exists: the check bites
+        seen.clear()
+        _quiet_third_parties()
+        AutoTokenizer.from_pretrained(str(TINY))("x = 1\n" * 2000)
+        assert not seen
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -163,6 +163,7 @@ def mc(tmp_path_factory):
     tiny.save(tiny.hf_model("llama", vocab=V, hidden=16, layers=1, seed=3), d / "target")
     tiny.save(tiny.hf_model("llama", vocab=V, hidden=16, layers=1, seed=4), d / "draft")
     tiny.random_eagle_head(d / "target", d / "head", seed=5)
+    tiny.early_exit_head(d / "target", d / "ee", exit_layer=1, seed=6, noise=0.3)
     tgt = load_target(str(d / "target"), dtype="float64", device="cpu")
     # exact joint law of the first two tokens from the target alone
     with torch.no_grad():
@@ -185,7 +186,11 @@ def empirical(tgt, d, method, params, draft):
 
 CASES = [("eagle2", {"top_k": 3, "depth": 3, "total_tokens": 8}, "head"),
          ("eagle", {"k": 2}, "head"),
-         ("draft-model", {"k": 2}, "draft")]
+         ("draft-model", {"k": 2}, "draft"),
+         ("eagle-thompson", {"lengths": [1, 2], "draft_cost": 0.01}, "head"),
+         ("eesd", {"lengths": [1, 2], "draft_cost": 0.01}, "ee"),  # sampled chain: the min(1, p/q) rule
+         ("rasd", {"top_k": 3, "depth": 3, "total_tokens": 8, "k": 2, "branches": 2, "datastore_tokens": 64}, "head")]
+CHAIN_RULE = ("draft-model", "eesd")  # drafts sampled from q, verified by min(1, p/q)
 
 
 @pytest.mark.parametrize("method,params,draft", CASES, ids=[c[0] for c in CASES])
@@ -196,7 +201,7 @@ def test_monte_carlo_matches_target(mc, method, params, draft):
     assert tv(emp, exact) < 0.03
 
 
-BROKEN_CASES = [(c, b) for c in CASES for b in (BROKEN_MATCHES if c[0] != "draft-model" else ["residual"])]
+BROKEN_CASES = [(c, b) for c in CASES for b in (BROKEN_MATCHES if c[0] not in CHAIN_RULE else ["residual"])]
 
 
 @pytest.mark.parametrize("case,broken", BROKEN_CASES, ids=[f"{c[0]}-{b}" for c, b in BROKEN_CASES])

@@ -68,3 +68,19 @@ def hf_and_target(kind: str, d: Path, vocab: int = 24):
     hf = hf_model(kind, vocab=vocab)
     save(hf, d / "target")
     return hf, load_target(str(d / "target"), dtype="float64", device="cpu")
+
+
+def early_exit_head(target_dir: Path, out: Path, exit_layer: int = 1, seed: int = 0, noise: float = 0.0) -> Path:
+    """An untrained early-exit head on the target's first `exit_layer` layers (adapter = the target's next layer,
+    norm = its final norm, as training starts), plus Gaussian noise of std `noise` on the adapter's weights."""
+    from adaspec_worker.decode.early_exit import new_head, save_early_exit_head
+    from adaspec_worker.decode.model import load_target, read_json
+
+    torch.manual_seed(seed)
+    raw = read_json(str(target_dir / "config.json"))
+    head = new_head(load_target(str(target_dir), dtype="float64", device="cpu"), raw, exit_layer)
+    with torch.no_grad():
+        for p in head.adapter.parameters():
+            p.add_(noise * torch.randn_like(p))
+    save_early_exit_head(head.double(), raw, str(out))
+    return out

@@ -27,6 +27,8 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from . import rope_kernel, tree_attention
+from .layers import default_inv_freq
 from .model import (
     MLP,
     Attention,
@@ -39,6 +41,7 @@ from .model import (
     causal_tree,
     compile_wanted,
     compiled,
+    dense,
     gqa_mask,
     load_state_dict,
     load_strict,
@@ -79,6 +82,18 @@ class Drafter:
 
     def select(self, rows: torch.Tensor) -> None:
         self.cache.select(rows)
+
+    def admit(self, rows: torch.Tensor, ids: torch.Tensor, lens: torch.Tensor, feats: torch.Tensor | None):
+        """Continuous batching: prefill new prompts into cache rows `rows` [k] through a scratch cache of the
+        same capacity (so each row's numbers are those of a fresh batch); returns prefill()'s (logits, hidden)."""
+        main = self.cache
+        self.cache = self.new_cache(ids.shape[0], main.capacity)
+        try:
+            out = self.prefill(ids, lens, feats)
+            main.load_rows(rows, self.cache)
+        finally:
+            self.cache = main
+        return out
 
     def prefill(self, ids: torch.Tensor, lens: torch.Tensor, feats: torch.Tensor | None):
         """ids [B, T] right-padded prompts, lens [B]; feats [B, T, F] at every prompt position but the last."""
@@ -134,12 +149,13 @@ class EagleHead(nn.Module, Drafter):
 
     def __init__(self, cfg: ModelConfig, fc_bias: bool):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = cfg.llama_shaped()  # a Llama layer whatever the target (no Qwen3 q/k norm, ...)
         H = cfg.hidden_size
         self.fc = nn.Linear(2 * H, H, bias=fc_bias)
         self.layers = nn.ModuleList([DecoderLayer(cfg, input_norm=False)])
         self.fused = False
         self._compiled = None
+        self.kernel_attention = False  # attention through the target's Triton kernel (set by fuse(), as the target's)
 
     def attach(self, target: CausalLM) -> EagleHead:
         self.target = [target]  # a list keeps the target out of this module's parameters
@@ -158,20 +174,32 @@ class EagleHead(nn.Module, Drafter):
             compile = compile_wanted(self.fc.weight.device)
         if compile and self._compiled is None:
             self._compiled = compiled(self._body)
+        tgt = getattr(self, "target", [None])[0]
+        self.kernel_attention = bool(tgt is not None and tgt.kernel_attention and self.cfg.head_dim == tgt.cfg.head_dim)
+        self.layers[0].self_attn.rope_kernel = self.kernel_attention and rope_kernel.available()
 
     def forward(self, toks, feats, pos, mask, offset):
-        small = self._compiled is not None and toks.shape[1] <= CausalLM.compile_max_tokens
-        return (self._compiled if small else self._body)(toks, feats, pos, self.cache.kv, self.cache.lens, mask,
-                                                          offset)
+        if self._compiled is not None and toks.shape[1] <= CausalLM.compile_max_tokens:  # strides fixed: no recompiles
+            return self._compiled(dense(toks), dense(feats), dense(pos), self.cache.kv, self.cache.lens, dense(mask),
+                                  offset)
+        return self._body(toks, feats, pos, self.cache.kv, self.cache.lens, mask, offset)
 
     def _body(self, toks, feats, pos, kv, lens, mask, offset: int):
         """toks, pos [B, T]; feats [B, T, H]; kv [B, S, 1, 2, Hkv, D]; lens [B] -> (logits [B, T, V], hidden)."""
         tgt = self.target[0]
         h = self.fc(torch.cat((tgt.embed_tokens(toks), feats.to(self.fc.weight.dtype)), -1))
-        slots, full_mask = slots_and_mask(lens, kv.shape[1], toks.shape[1], mask, offset)
-        if self.fused:
+        if self.kernel_attention:  # the kernel reads lens and the tree mask itself
+            slots = lens[:, None] + offset + torch.arange(toks.shape[1], device=lens.device)[None, :]  # [B, T]
+            full_mask = tree_attention.span(lens, mask)
+        else:
+            slots, full_mask = slots_and_mask(lens, kv.shape[1], toks.shape[1], mask, offset)
+        if self.fused and not self.kernel_attention:
             full_mask = gqa_mask(full_mask, self.cfg.num_heads // self.cfg.num_kv_heads, h.dtype)
-        cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        if self.layers[0].self_attn.rope_kernel:
+            inv = default_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, pos.device)
+            cos, sin = rope_kernel.Angles(positions=pos, inv_freq=inv), None
+        else:
+            cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         h = self.layers[0](h, cos, sin, kv[:, :, 0], slots, full_mask)
         return tgt.lm_head(h), h
 
@@ -210,7 +238,7 @@ class Eagle3Head(nn.Module, Drafter):
 
     def __init__(self, cfg: ModelConfig, draft_vocab: int, target_vocab: int):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = cfg.llama_shaped()
         H = cfg.hidden_size
         self.fc = nn.Linear(3 * H, H, bias=False)
         self.midlayer = Eagle3Layer(cfg)

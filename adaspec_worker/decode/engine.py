@@ -1,162 +1,58 @@
 """The decode loop: prefill, then rounds of propose -> verify (one target pass) -> commit.
 
-`Engine.generate(prompts, sampling params, seeds)` is the interface the worker calls. B rows decode
-together; each has its own committed length, accepted count per round and random stream, and a
-row leaves the batch (and stops costing work) when it finishes. Plain autoregressive decoding is
-the same loop with an empty draft (the `none` method), so every speedup is measured against the
-same code. Each round ends with one device-to-host copy (a `RoundOutcome`, laid out by `stats.py`).
+`Engine.generate(prompts, sampling params, seeds, slots=...)` is the interface the worker calls. The
+prompts decode through B batch slots; each row has its own committed length, accepted count per round
+and random stream. With continuous batching (`refill`, the default) a slot whose row finishes is
+prefilled with the next queued prompt at once while the other slots keep decoding; without it the
+slots are filled batch by batch and a finished row only leaves the batch (which shrinks by power-of-two
+buckets). Either way a row's tokens depend only on its prompt and seed. Plain autoregressive decoding
+is the same loop with an empty draft (the `none` method), so every speedup is measured against the
+same code. Each round ends with one device-to-host copy (a `RoundOutcome`, laid out by `stats.py`; with
+the emitted tokens' log-probabilities when `SamplingParams.logprobs` asks, `logprobs.py`).
 
 The engine receives built parts: a target, a proposer and, when the method drafts, a drafter
 (`build.py` makes them from a method spec and model paths). It knows nothing of method names, file
-formats, tokenization (stop strings arrive as a callback), Ray or Parquet.
+formats, tokenization (stop strings arrive as a callback), Ray or Parquet. Slot bookkeeping lives in
+`batch.py`.
 """
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from .batch import Batch, Completion, Outputs, StopFn, Workspace, bucket
 from .drafters import Drafter
+from .logprobs import path_logprobs
 from .model import CausalLM
 from .proposers.base import BatchInfo, Proposer, RoundInput
 from .sampling import SamplingParams, target_probs
-from .stats import (
-    OUTCOME_COLUMNS,
-    EngineStats,
-    PhaseClock,
-    RoundOutcome,
-    RowOutcome,
-    SeqStats,
-    pack_outcome,
-    unpack_outcomes,
-)
+from .stats import EngineStats, PhaseClock, RoundOutcome, RowOutcome, SeqStats, pack_outcome, unpack_outcomes
 from .trees import DraftTree
 from .verify import Verdict, verify_chain_sampling, verify_greedy, verify_tree_sampling
 
-StopFn = Callable[[int, list[int]], "int | None"]  # (row, tokens so far) -> keep this many tokens, or None
 RoundHook = Callable[[torch.Tensor, torch.Tensor, DraftTree], None]  # (ldlp_feat [B, 2H], n_accepted [B], tree)
 
 
 @dataclass
-class Completion:
-    tokens: list[int]
-    finish_reason: str  # "stop" (EOS or stop string) | "length"
-    stats: SeqStats
+class Flight:
+    """A launched round: its outcome on its way to the host."""
+
+    origin: list[int]  # [B] each slot's prompt when the round was launched (slots may be re-pointed before it lands)
+    host: torch.Tensor  # [B, columns] the outcome's host copy (pinned on CUDA), laid out by stats.py
+    done: torch.cuda.Event | None  # recorded after the copy (CUDA)
 
 
-def bucket(n: int) -> int:
-    """Static batch sizes: the next power of two."""
-    return 1 << max(n - 1, 0).bit_length()
+@dataclass
+class Prefilled:
+    """What a prompt prefill hands the slots it fills (all indexed by the prefilled rows)."""
 
-
-class Workspace:
-    """Per-engine buffers every round reads and writes in place, sized (B rows, S slots).
-
-    Row state lives in views of capacity-sized buffers, so shapes and addresses repeat from round to
-    round and from call to call: the condition for replaying captured CUDA graphs."""
-
-    def __init__(self, target: CausalLM, B: int, S: int, max_nodes: int):
-        device, dtype = target.device, target.dtype
-        H, V = target.cfg.hidden_size, target.cfg.vocab_size
-        self.B_cap, self.S = B, S
-        self.cache = target.new_cache(B, S)
-        self.full = {
-            "root": torch.zeros(B, dtype=torch.long, device=device),  # pending token
-            "seed": torch.zeros(B, dtype=torch.long, device=device),
-            "counter": torch.zeros(B, dtype=torch.long, device=device),  # tokens emitted so far
-            "alive": torch.zeros(B, dtype=torch.bool, device=device),
-            "draft_logits": torch.zeros(B, V, dtype=dtype, device=device),  # drafter output at the last entry
-            "draft_hidden": torch.zeros(B, H, dtype=dtype, device=device),
-            "ldlp_feat": torch.zeros(B, 2 * H, dtype=dtype, device=device),  # emb(root) ++ hidden that produced it
-            "outcome": torch.zeros(B, OUTCOME_COLUMNS + max_nodes, dtype=torch.long, device=device),  # see stats.py
-        }
-        self.graphs: dict = {}
-        self.seen: set = set()
-        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
-        self.view(B)
-
-    def view(self, B: int) -> None:
-        self.B = B
-        for name, buffer in self.full.items():
-            setattr(self, name, buffer[:B])
-        self.cache.view(B)
-
-    def select(self, rows: torch.Tensor) -> None:
-        n = rows.shape[0]
-        for buffer in self.full.values():
-            buffer[:n] = buffer[rows]
-        self.cache.select(rows)
-        self.view(n)
-
-
-class Batch:
-    """Everything aligned by batch row during one generate(); `select` re-orders all of it together."""
-
-    def __init__(self, workspace: Workspace, proposer: Proposer, drafter: Drafter | None, origin: list[int]):
-        self.workspace, self.proposer, self.drafter = workspace, proposer, drafter
-        self.origin = origin  # prompt index of each batch row (>= the number of prompts: padding)
-        self.plan: list[int] | None = None  # the proposer's plan for the next round, on the host
-
-    def select(self, order: list[int]) -> None:
-        """Keep batch rows `order`, in that order: workspace, proposer and drafter state, origin and plan."""
-        index = torch.tensor(order, device=self.workspace.root.device)
-        self.workspace.select(index)
-        self.proposer.select(index)
-        if self.drafter is not None:
-            self.drafter.select(index)
-        self.origin = [self.origin[i] for i in order]
-        if self.plan is not None:
-            self.plan = [self.plan[i] for i in order]
-
-
-class Outputs:
-    """Per-prompt tokens, counters and completions of one generate(); applies the stop rules."""
-
-    def __init__(self, n_prompts: int, sampling: SamplingParams, stop_fn: StopFn | None):
-        self.sampling, self.stop_fn = sampling, stop_fn
-        self.eos = set(sampling.eos_token_ids)
-        self.tokens: list[list[int]] = [[] for _ in range(n_prompts)]
-        self.stats = [SeqStats() for _ in range(n_prompts)]
-        self.done: list[Completion | None] = [None] * n_prompts
-        self.live = n_prompts
-
-    def running(self, prompt: int) -> bool:
-        return prompt < len(self.done) and self.done[prompt] is None
-
-    def record(self, origin: list[int], outcomes: list[RowOutcome]) -> list[int]:
-        """Account a round; return the batch rows that finished in it."""
-        finished = []
-        for i, (prompt, row) in enumerate(zip(origin, outcomes)):
-            if not self.running(prompt):
-                continue
-            self.stats[prompt].observe(row)
-            reason = self._append(prompt, row.tokens)
-            if reason:
-                self.done[prompt] = Completion(self.tokens[prompt], reason, self.stats[prompt])
-                finished.append(i)
-        self.live -= len(finished)
-        return finished
-
-    def _append(self, prompt: int, tokens: list[int]) -> str | None:
-        """Add a round's tokens to a row; return a finish reason when the row is done."""
-        out = self.tokens[prompt]
-        for t in tokens:
-            out.append(t)
-            if t in self.eos:
-                return "stop"
-            if len(out) >= self.sampling.max_new_tokens:
-                return "stop" if self._stop_string(prompt, out) else "length"
-        return "stop" if self._stop_string(prompt, out) else None
-
-    def _stop_string(self, prompt: int, out: list[int]) -> bool:
-        """Ask the stop callback; cut the row where it says."""
-        cut = self.stop_fn(prompt, out) if self.stop_fn else None
-        if cut is None:
-            return False
-        del out[cut:]
-        return True
+    root: torch.Tensor  # [k] each prompt's last token: the first pending token
+    ldlp_feat: torch.Tensor  # [k, 2H] emb(root) ++ the hidden state before it (zeros for one-token prompts)
+    features: torch.Tensor | None  # [k, T-1, F] the drafter's features at the prefilled positions (None without one)
 
 
 def verify_round(tree: DraftTree, logits: torch.Tensor, sampling: SamplingParams, seeds: torch.Tensor,
@@ -184,6 +80,13 @@ class Engine:
         self.fast = fast  # static batch buckets, plus CUDA graphs on CUDA
         self.workspace: Workspace | None = None
         self.warmup_seconds = 0.0  # compile + capture, accumulated since the last generate() reported it
+        # continuous batching refills once 1/refill_every of the slots are free: one prefill call serves several
+        # rows (a prefill costs about a round), and occupancy stays above ~1 - 1/(2 * refill_every). 16 since prefills
+        # are compiled (at 8, 64 slots ran at occupancy 0.88-0.90 on an H100: bench/results/h100-fast-attention)
+        self.refill_every = 16
+        # launch round r+1 before the host records round r (CUDA: the host's work hides behind the GPU's; each
+        # row costs one wasted round at its end; on CPU nothing runs concurrently, so off unless a test asks)
+        self.overlap = target.device.type == "cuda"
 
     @property
     def spec(self):
@@ -218,76 +121,144 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], sampling: SamplingParams, seeds: list[int] | None = None,
-                 stop_fn: StopFn | None = None) -> tuple[list[Completion], EngineStats]:
-        """Decode every prompt to completion; one Completion per prompt, in order, and the call's stats."""
+                 stop_fn: StopFn | None = None, slots: int | None = None,
+                 refill: bool = True) -> tuple[list[Completion], EngineStats]:
+        """Decode every prompt to completion; one Completion per prompt, in order, and the call's stats.
+
+        slots: rows decoded at once (default: all prompts); refill: a finished row's slot takes the next
+        queued prompt at once (continuous batching) rather than when the whole batch is done."""
         n_prompts = len(prompts)
         assert n_prompts > 0 and all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
-        stats = EngineStats()
-        clock = PhaseClock(self.target.device)
-        clock.mark("prefill")
-        batch = self._prefill(prompts, sampling, seeds if seeds is not None else [0] * n_prompts)
-        outputs = Outputs(n_prompts, sampling, stop_fn)
+        width = n_prompts if slots is None else max(1, min(slots, n_prompts))
+        seeds = list(seeds) if seeds is not None else [0] * n_prompts
+        longest, limit = max(len(p) for p in prompts), self.target.cfg.max_position_embeddings
+        assert longest + sampling.max_new_tokens <= limit, (
+            f"prompt ({longest}) + max_new_tokens ({sampling.max_new_tokens}) exceeds the model's context {limit}")
+        # a row may commit up to a whole tree past max_new_tokens in its last round, one more round launched before
+        # its end was seen, and once frozen in its slot still has the next tree written after it
+        S = longest + sampling.max_new_tokens + 3 * self.proposer.max_nodes + 1
+        stats, clock = EngineStats(), PhaseClock(self.target.device)
+        outputs, queue = Outputs(n_prompts, sampling, stop_fn), deque(range(n_prompts))
+        # the next round is launched before this one's host work when its shapes do not wait on this one's plan
+        overlap = self.overlap and not self.proposer.returns_plan and self.on_round is None
+        batch: Batch | None = None
+        flight: Flight | None = None
         while outputs.live:
-            outcomes = self._round(batch, sampling, clock)
+            if flight is None:
+                if batch is None or not batch.live(outputs):  # the first batch, or (refill off) the last one is done
+                    clock.mark("prefill")
+                    take = [queue.popleft() for _ in range(min(width, len(queue)))]
+                    batch = self._start(prompts, take, seeds, sampling, S)
+                flight = self._launch(batch, sampling, clock)
+            outcomes = self._land(flight, batch)
             clock.flush(stats)
+            ahead = self._launch(batch, sampling, clock) if overlap else None  # the GPU works while the host records
             stats.target_passes += 1
-            finished = outputs.record(batch.origin, outcomes)
-            if finished:
-                self._retire(batch, finished, outputs)
+            stats.slot_rounds += len(flight.origin)
+            stats.busy_slot_rounds += sum(outputs.running(prompt) for prompt in flight.origin)
+            ended = {flight.origin[i] for i in outputs.record(flight.origin, outcomes)}
+            flight = ahead
+            if not ended:
+                continue
+            slots = [i for i, prompt in enumerate(batch.origin) if prompt in ended]  # where they sit now
+            batch.workspace.alive[torch.tensor(slots, device=self.target.device)] = False  # frozen from now on
+            live = len(batch.live(outputs))
+            room = min(len(queue), width - live)  # rows that may start now
+            if refill and queue and room >= min(len(queue), max(1, width // self.refill_every)):  # several per prefill
+                clock.mark("prefill")
+                free = [i for i, prompt in enumerate(batch.origin) if not outputs.running(prompt)]
+                take = [queue.popleft() for _ in range(room)]
+                self._refill(batch, free[:room], take, prompts, seeds, sampling)
+                clock.mark("other")
+            elif not refill or not queue:
+                self._shrink(batch, outputs)
+            if not live and not (refill and queue):
+                flight = None  # the round launched ahead has no row left to serve
         clock.mark("other")
         clock.flush(stats)
         stats.rows = sum(outputs.stats, SeqStats())
         stats.warmup_seconds, self.warmup_seconds = self.warmup_seconds, 0.0
         return outputs.done, stats
 
-    def _prefill(self, prompts: list[list[int]], sampling: SamplingParams, seeds: list[int]) -> Batch:
-        """Pad the batch to its bucket, prefill target and drafter, and start the proposer."""
-        device, n_prompts = self.target.device, len(prompts)
-        B = bucket(n_prompts) if self.fast else n_prompts
-        padded = list(prompts) + [prompts[0]] * (B - n_prompts)  # padding rows start dead
-        lens = torch.tensor([len(p) for p in padded], device=device)  # [B]
-        longest, limit = int(lens.max()), self.target.cfg.max_position_embeddings
-        assert longest + sampling.max_new_tokens <= limit, (
-            f"prompt ({longest}) + max_new_tokens ({sampling.max_new_tokens}) exceeds the model's context {limit}")
-        # a row may commit up to a whole tree past max_new_tokens in its last round, and a finished row
-        # (frozen in its bucket) still has the next tree written after it
-        work = self._workspace(B, longest + sampling.max_new_tokens + 2 * self.proposer.max_nodes + 1)
-        ids = torch.zeros(B, longest, dtype=torch.long, device=device)  # [B, T] right-padded prompts
-        for i, p in enumerate(padded):
-            ids[i, : len(p)] = torch.tensor(p, device=device)
-        features = self._prefill_target(ids, lens)
-        work.seed.copy_(torch.tensor(seeds + [0] * (B - n_prompts), device=device))
+    def _start(self, prompts: list[list[int]], take: list[int], seeds: list[int], sampling: SamplingParams,
+               S: int) -> Batch:
+        """A fresh batch for prompts `take`: padded to its bucket, target and drafter prefilled, proposer begun."""
+        device, n = self.target.device, len(take)
+        B = bucket(n) if self.fast else n
+        chosen = [prompts[i] for i in take]
+        padded = chosen + [chosen[0]] * (B - n)  # padding slots start dead
+        work = self._workspace(B, S)
+        work.fit_outcome(sampling.logprobs)
+        ids, lens = self._right_padded(padded)
+        pre = self._prefill_target(ids, lens, work.cache)
+        work.root.copy_(pre.root)
+        work.ldlp_feat.copy_(pre.ldlp_feat)
+        work.seed.copy_(torch.tensor([seeds[i] for i in take] + [0] * (B - n), device=device))
         work.counter.zero_()
-        work.alive.copy_(torch.arange(B, device=device) < n_prompts)
+        work.alive.copy_(torch.arange(B, device=device) < n)
         self.proposer.begin(BatchInfo(B=B, device=device, sampling=sampling, prompts=padded))
         if self.drafter is not None and self.proposer.drafting:  # a call that backs off leaves the drafter idle
-            self._prefill_drafter(ids, lens, features)
-        batch = Batch(work, self.proposer, self.drafter, origin=list(range(B)))
+            self._prefill_drafter(ids, lens, pre.features)
+        batch = Batch(work, self.proposer, self.drafter, origin=take + [len(prompts) + i for i in range(B - n)])
         first_plan = self.proposer.first_plan(self._round_input(sampling))  # planning proposers: one sync of its own
         batch.plan = first_plan.tolist() if first_plan is not None else None
         return batch
 
-    def _prefill_target(self, ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor | None:
-        """Every prompt token but the last into the target's cache; the last becomes the root.
-        Returns the drafter's features at the prefilled positions [B, T-1, F] (None without a drafter)."""
-        work, target = self.workspace, self.target
+    def _refill(self, batch: Batch, slots: list[int], take: list[int], prompts: list[list[int]], seeds: list[int],
+                sampling: SamplingParams) -> None:
+        """Continuous batching: prefill prompts `take` into the free slots `slots` while the other slots keep
+        their state; each new row starts exactly as it would in a batch of its own."""
+        work, device = batch.workspace, self.target.device
+        index = torch.tensor(slots, device=device)  # [k]
+        chosen = [prompts[i] for i in take]
+        ids, lens = self._right_padded(chosen)
+        scratch = self.target.new_cache(len(take), work.S)  # the new rows' prefill, then copied into their slots
+        pre = self._prefill_target(ids, lens, scratch)
+        work.cache.load_rows(index, scratch)
+        work.root[index] = pre.root
+        work.ldlp_feat[index] = pre.ldlp_feat
+        work.seed[index] = torch.tensor([seeds[i] for i in take], device=device)
+        work.counter[index] = 0
+        work.alive[index] = True
+        if self.drafter is not None and self.proposer.drafting:
+            logits, hidden = self.drafter.admit(index, ids, lens, pre.features)
+            work.draft_logits[index] = logits
+            if hidden is not None:
+                work.draft_hidden[index] = hidden
+        self.proposer.admit(index, chosen)
+        plan = self.proposer.first_plan(self._round_input(sampling)) if self.proposer.returns_plan else None
+        batch.refill(slots, take, plan.tolist() if plan is not None else None)
+
+    def _right_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts -> ids [B, T] right-padded with 0, lens [B]."""
+        device = self.target.device
+        lens = torch.tensor([len(p) for p in prompts], device=device)  # [B]
+        ids = torch.zeros(len(prompts), max(len(p) for p in prompts), dtype=torch.long, device=device)  # [B, T]
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p, device=device)
+        return ids, lens
+
+    def _prefill_target(self, ids: torch.Tensor, lens: torch.Tensor, cache) -> Prefilled:
+        """Every prompt token but the last into `cache`; the last becomes the root."""
+        target = self.target
         B, T = ids.shape
         rows = torch.arange(B, device=ids.device)
-        work.cache.lens.zero_()
+        cache.lens.zero_()
         features = None
         last_hidden = torch.zeros(B, target.cfg.hidden_size, dtype=target.dtype, device=ids.device)  # [B, H]
         if T > 1:
             positions = torch.arange(T - 1, device=ids.device).expand(B, -1)
-            _, hidden, aux = target(ids[:, :-1], positions, work.cache)  # hidden [B, T-1, H]
+            _, hidden, aux = target(ids[:, :-1], positions, cache)  # hidden [B, T-1, H]
             features = self.drafter.pick_features(hidden, aux) if self.drafter is not None else None
             last_hidden = hidden[rows, (lens - 2).clamp(min=0)]
-        work.cache.lens.copy_(lens - 1)
-        work.root.copy_(ids[rows, lens - 1])
+        cache.lens.copy_(lens - 1)
+        root = ids[rows, lens - 1]
         one_token = (lens > 1)[:, None]  # a one-token prompt has no hidden state before its root
-        work.ldlp_feat.copy_(torch.cat([target.embed_tokens(work.root), torch.where(one_token, last_hidden, 0.0)], -1))
-        return features
+        ldlp_feat = torch.cat([target.embed_tokens(root), torch.where(one_token, last_hidden, 0.0)], -1)
+        return Prefilled(root=root, ldlp_feat=ldlp_feat, features=features)
 
     def _prefill_drafter(self, ids: torch.Tensor, lens: torch.Tensor, features: torch.Tensor | None) -> None:
+        """The drafter's cache for the workspace's slots, then the prompts into it."""
         work, drafter = self.workspace, self.drafter
         if drafter.begin(work.B_cap, work.S + self.proposer.scratch):
             work.graphs.clear()  # graphs captured against the old drafter cache
@@ -299,10 +270,11 @@ class Engine:
         if hidden is not None:
             work.draft_hidden.copy_(hidden)
 
-    def _round(self, batch: Batch, sampling: SamplingParams, clock: PhaseClock) -> list[RowOutcome]:
-        """Draft, one target pass with verification and commit, then the round's one device-to-host copy."""
+    def _launch(self, batch: Batch, sampling: SamplingParams, clock: PhaseClock) -> Flight:
+        """Draft, one target pass with verification and commit, and the outcome's copy to the host, all queued on
+        the device; `_land` waits for it."""
         # the sampling rule is baked into a captured graph (temperature, top-k/p are Python constants there)
-        rule = (sampling.temperature, sampling.top_k, sampling.top_p)
+        rule = (sampling.temperature, sampling.top_k, sampling.top_p, sampling.logprobs)
         key = (batch.workspace.B, rule, tuple(self.proposer.plan_key(batch.plan)))
         if self.proposer.references:  # benchmark-only oracle: its reference verification is timed apart, uncharged
             clock.mark("reference")
@@ -316,22 +288,33 @@ class Engine:
         tree = self._run(("draft", *key), lambda: self.proposer.propose(self._round_input(sampling), batch.plan))
         clock.mark("verify")
         self._run(("verify", *key), lambda: self._verify_commit(tree, sampling))
+        work = batch.workspace
+        host = work.landing[work.flip][: work.B]  # [B, columns] alternating buffers: one landing, one in flight
+        work.flip ^= 1
+        host.copy_(work.outcome, non_blocking=True)
+        done = None
+        if host.is_pinned():
+            done = torch.cuda.Event()
+            done.record()
         clock.mark("other")
-        outcomes = unpack_outcomes(batch.workspace.outcome, self.proposer.returns_plan)  # the one sync
+        return Flight(origin=list(batch.origin), host=host, done=done)
+
+    def _land(self, flight: Flight, batch: Batch) -> list[RowOutcome]:
+        """The round's one device-to-host wait; the outcome per slot, and the proposer's plan into the batch."""
+        if flight.done is not None:
+            flight.done.synchronize()
+        outcomes = unpack_outcomes(flight.host, self.proposer.returns_plan)
         if self.proposer.returns_plan:
             batch.plan = [row.plan for row in outcomes]
         return outcomes
 
-    def _retire(self, batch: Batch, finished: list[int], outputs: Outputs) -> None:
-        """Freeze rows that finished; shrink the batch when the live rows fit a smaller bucket (or always, eager)."""
-        work = batch.workspace
-        work.alive[torch.tensor(finished, device=work.alive.device)] = False
-        live = outputs.live
-        if live and (not self.fast or bucket(live) < work.B):
-            alive = [i for i, prompt in enumerate(batch.origin) if outputs.running(prompt)]
+    def _shrink(self, batch: Batch, outputs: Outputs) -> None:
+        """Drop finished slots when the live rows fit a smaller bucket (or always, eager)."""
+        alive = batch.live(outputs)
+        if alive and (not self.fast or bucket(len(alive)) < batch.workspace.B):
             kept = set(alive)
             dead = [i for i in range(len(batch.origin)) if i not in kept]
-            batch.select((alive + dead)[: bucket(live) if self.fast else live])
+            batch.select((alive + dead)[: bucket(len(alive)) if self.fast else len(alive)])
 
     def _round_input(self, sampling: SamplingParams, target_logits: torch.Tensor | None = None) -> RoundInput:
         work = self.workspace
@@ -386,8 +369,10 @@ class Engine:
         work.root.copy_(new_root)
         work.counter.add_(keep)
         plan = self.proposer.observe(verdict, tree, self._round_input(sampling, target_logits=logits))
+        scores = None if sampling.logprobs is None else path_logprobs(logits, path, emitted, sampling.logprobs)
         outcome = RoundOutcome(n_accepted=n_accepted, n_drafted=tree.valid.sum(1) - 1,
-                               draft_depth=(tree.depth * tree.valid).amax(1), emitted=emitted, plan=plan)
+                               draft_depth=(tree.depth * tree.valid).amax(1), emitted=emitted, plan=plan,
+                               logprobs=scores)
         pack_outcome(outcome, work.outcome)
 
     def _extend_drafter(self, emitted: torch.Tensor, features: torch.Tensor, path: torch.Tensor,

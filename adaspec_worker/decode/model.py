@@ -1,169 +1,51 @@
 """The target model: a small Llama-family transformer of our own, run over a static KV cache.
 
-What it does: loads `LlamaForCausalLM`, `Qwen2ForCausalLM` (q/k/v biases) and `MistralForCausalLM`
-checkpoints from a local Hugging Face directory (safetensors first; a pickled `.bin` only through
+What it does: loads `LlamaForCausalLM`, `Qwen2ForCausalLM` (q/k/v biases), `Qwen3ForCausalLM` (q/k norm),
+`MistralForCausalLM`, `Phi3ForCausalLM` (fused `qkv_proj` / `gate_up_proj` checkpoint names, split on load;
+partial rotary) and `Gemma2ForCausalLM` (scaled embeddings, (1 + w) sandwich norms, soft caps) checkpoints
+from a local Hugging Face directory (safetensors first; a pickled `.bin` only through
 `torch.load(weights_only=True)`), and runs a forward pass over new tokens that sit at explicit
 positions, attend to a per-row prefix of the cache plus an arbitrary (tree) mask among themselves,
 and returns logits, the final-norm hidden state and, on request, intermediate layer features.
 
-What it does not know: tokenization, drafting, sampling, Ray or files other than the checkpoint.
-It is deliberately not a copy of HF's modeling file: one attention block, one MLP, one cache layout.
+What it does not know: tokenization, drafting, sampling, Ray or files other than the checkpoint, nor
+architectures outside `SUPPORTED_ARCHITECTURES` (plain decoding runs those through transformers:
+`hf_engine.py`). It is deliberately not a copy of HF's modeling file: the blocks (`layers.py`) are one
+attention, one MLP and one norm whose per-architecture differences are config fields; one cache layout.
 
 Fast path (`CausalLM.fuse()`, done by `build_engine(fast=True)`): q/k/v and gate/up weights are
 concatenated once (the separate projections become views of the fused weight, so checkpoints still
 load and save by their usual names), grouped-query attention runs as one SDPA call over
-[B, Hkv, T*G, D] with an additive mask built once per forward, and on CUDA the decode-shaped forward
-(T <= `compile_max_tokens`) runs through `torch.compile` (inductor, dynamic shapes) so RMSNorm, RoPE,
-the KV write and SiLU*mul fuse. Prefill and CPU stay on the plain PyTorch ops.
+[B, Hkv, T*G, D] with an additive mask built once per forward, and on CUDA every forward of at most
+`compile_max_tokens` tokens per row (prompt prefills included) runs through `torch.compile` (inductor,
+dynamic shapes) so RMSNorm, RoPE, the KV write and SiLU*mul fuse. With ADARUN_TREE_KERNEL=1 (CUDA, opt-in)
+attention is one Triton kernel (`tree_attention.py`) reading the cache up to each row's live length with the
+tree mask over the new slots only, and RoPE one more (`rope_kernel.py`). CPU stays on the plain PyTorch ops.
 
 Cache layout: one tensor `kv` of shape [B, S, L, 2, Hkv, D]. Slot s of row b holds the rotated key
 and the value of the token at sequence position s. Keeping the layer axis inside the slot lets
 KV compaction after verification move every layer of a row in one gather (see `KVCache.compact`).
 """
+
 from __future__ import annotations
 
 import os
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from . import rope
+from . import rope, rope_kernel, tree_attention
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig, ModelLoadError, read_json  # noqa: F401  (re-exported)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):
-        dtype = x.dtype
-        x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [B, T] -> cos, sin [B, T, D] (HF's half-rotation convention)."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions[..., None].float() * inv  # [B, T, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, D]; cos/sin [B, T, D]."""
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, :, None] + rot * sin[:, :, None]
-
-
-class Attention(nn.Module):
-    """GQA attention over the cache. `in_features` differs from hidden only for EAGLE-3's midlayer."""
-
-    def __init__(self, cfg: ModelConfig, in_features: int | None = None, bias: bool | None = None):
-        super().__init__()
-        d, h, hk = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-        fin = in_features or cfg.hidden_size
-        b = cfg.attention_bias if bias is None else bias
-        self.q_proj = nn.Linear(fin, h * d, bias=b)
-        self.k_proj = nn.Linear(fin, hk * d, bias=b)
-        self.v_proj = nn.Linear(fin, hk * d, bias=b)
-        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
-        self.h, self.hk, self.d = h, hk, d
-        self.qkv: nn.Linear | None = None  # set by fuse(): [q; k; v] in one GEMM
-
-    def fuse(self) -> None:
-        object.__setattr__(self, "qkv", fuse_linears(self.q_proj, self.k_proj, self.v_proj))  # not a submodule
-
-    def forward(self, x, cos, sin, kv_layer, slots, mask):
-        """x [B, T, Fin]; kv_layer [B, S, 2, Hkv, D] (a view into the cache); slots [B, T];
-        mask [B, T, S] bool (plain) or, once fused, [B, 1, T*G, S] additive (see `gqa_mask`)."""
-        B, T, _ = x.shape
-        h, hk, d = self.h, self.hk, self.d
-        if self.qkv is not None:
-            q, k, v = self.qkv(x).split((h * d, hk * d, hk * d), -1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = apply_rope(q.view(B, T, h, d), cos, sin)
-        k = apply_rope(k.view(B, T, hk, d), cos, sin)
-        v = v.view(B, T, hk, d)
-        bi = torch.arange(B, device=x.device)[:, None]
-        kv_layer[bi, slots] = torch.stack((k, v), dim=2).to(kv_layer.dtype)  # write [B, T, 2, Hkv, D]
-        keys = kv_layer[:, :, 0].transpose(1, 2)  # [B, Hkv, S, D]
-        vals = kv_layer[:, :, 1].transpose(1, 2)
-        if self.qkv is None:
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask[:, None],
-                                                 enable_gqa=True)
-            return self.o_proj(out.transpose(1, 2).reshape(B, T, h * d))
-        g = h // hk  # query heads per KV head: one SDPA over [B, Hkv, T*G, D], no K/V repeat
-        qg = q.view(B, T, hk, g, d).permute(0, 2, 1, 3, 4).reshape(B, hk, T * g, d)
-        out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)  # [B, Hkv, T*G, D]
-        return self.o_proj(out.view(B, hk, T, g, d).permute(0, 2, 1, 3, 4).reshape(B, T, h * d))
-
-
-def fuse_linears(*linears: nn.Linear) -> nn.Linear:
-    """One Linear whose output is the concatenation of `linears`' outputs; each input Linear's weight
-    (and bias) becomes a view of the fused one, so memory stays as it was. Owners keep it outside their
-    submodules, so state_dict names stay as they were; fuse after `.to(device, dtype)`, not before."""
-    w = torch.cat([lin.weight for lin in linears], 0)
-    has_bias = linears[0].bias is not None
-    fused = nn.Linear(w.shape[1], w.shape[0], bias=has_bias, device=w.device, dtype=w.dtype)
-    fused.weight = nn.Parameter(w, requires_grad=False)
-    if has_bias:
-        fused.bias = nn.Parameter(torch.cat([lin.bias for lin in linears], 0), requires_grad=False)
-    at = 0
-    for lin in linears:
-        n = lin.weight.shape[0]
-        lin.weight = nn.Parameter(fused.weight[at: at + n], requires_grad=False)
-        if has_bias:
-            lin.bias = nn.Parameter(fused.bias[at: at + n], requires_grad=False)
-        at += n
-    return fused
-
-
-def gqa_mask(mask: torch.Tensor, groups: int, dtype) -> torch.Tensor:
-    """mask [B, T, S] bool -> additive [B, 1, T*G, S] in `dtype`, rows ordered as the fused attention's queries."""
-    B, T, S = mask.shape
-    add = torch.zeros(B, T, S, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
-    return add[:, None, :, None, :].expand(B, 1, T, groups, S).reshape(B, 1, T * groups, S)
-
-
-class MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
-        self.gate_up: nn.Linear | None = None  # set by fuse(): [gate; up] in one GEMM
-
-    def fuse(self) -> None:
-        object.__setattr__(self, "gate_up", fuse_linears(self.gate_proj, self.up_proj))  # not a submodule
-
-    def forward(self, x):
-        if self.gate_up is not None:
-            gate, up = self.gate_up(x).chunk(2, -1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, input_norm: bool = True):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if input_norm else nn.Identity()
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
-
-    def forward(self, h, cos, sin, kv_layer, slots, mask):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_layer, slots, mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
-
-    def fuse(self) -> None:
-        self.self_attn.fuse()
-        self.mlp.fuse()
+from .layers import (  # noqa: F401  (re-exported: drafters build their layers from the same blocks)
+    MLP,
+    Attention,
+    DecoderLayer,
+    RMSNorm,
+    apply_rope,
+    fuse_linears,
+    gqa_mask,
+    rope_cos_sin,
+)
 
 
 def attention_mask(lens: torch.Tensor, tree_mask: torch.Tensor, S: int) -> torch.Tensor:
@@ -188,7 +70,9 @@ def compiled(fn):
     """torch.compile (inductor, dynamic shapes: one graph serves every batch and tree size) with room for
     the few specialisations decoding meets (B or T of 1, offsets)."""
     import torch._dynamo
+    import torch.fx.experimental._config
 
+    torch.fx.experimental._config.use_duck_shape = False  # equal sizes (heads, rows) need not stay equal: no guard
     cfg = torch._dynamo.config
     for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(cfg, name):
@@ -199,6 +83,16 @@ def compiled(fn):
 def compile_wanted(device: torch.device) -> bool:
     """Compile on CUDA unless ADARUN_COMPILE=0."""
     return device.type == "cuda" and os.environ.get("ADARUN_COMPILE", "1") != "0"
+
+
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """t with row-major strides for every dim (size-1 dims included, which `.contiguous()` leaves as they are):
+    the compiled pass guards on strides, so an expanded or sliced input would recompile it."""
+    want, step = [], 1
+    for n in reversed(t.shape):
+        want.append(step)
+        step *= n
+    return t if t.stride() == tuple(reversed(want)) else t.clone(memory_format=torch.contiguous_format)
 
 
 def causal_tree(B: int, T: int, device) -> torch.Tensor:
@@ -247,23 +141,32 @@ class KVCache:
         self.full_lens[:n] = self.full_lens[rows]
         self.view(n)
 
+    def load_rows(self, rows: torch.Tensor, src: KVCache) -> None:
+        """Rows `rows` [k] of this cache become a copy of `src` (k rows, capacity at most this one's)."""
+        self.kv[rows, : src.capacity] = src.kv
+        self.lens[rows] = src.lens
+
 
 class CausalLM(nn.Module):
     """Llama-family causal LM. `forward` returns (logits [B,T,V], final-norm hidden [B,T,H], aux features)."""
 
-    compile_max_tokens = 128  # longer passes (prefill) run the plain ops: no compile per prompt length
+    # passes of more tokens per row run the plain ops; ADARUN_COMPILE_MAX_TOKENS overrides. Prefills are compiled
+    # too (refills are frequent under continuous batching: 1.29x instead of 1.19x on an H100). The recompiles once
+    # met there were stride guards (an expanded `positions`): `forward` hands the compiled pass contiguous inputs.
+    compile_max_tokens = int(os.environ.get("ADARUN_COMPILE_MAX_TOKENS", "8192"))
 
     def __init__(self, cfg: ModelConfig, aux_layers: tuple[int, ...] = ()):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma_norms)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.aux_layers = aux_layers  # layer outputs EAGLE-3 heads read (set by the drafter)
         self.fused = False
+        self.kernel_attention = False  # attention through tree_attention.py's Triton kernel (set by fuse())
         self._compiled = None
 
     @property
@@ -278,12 +181,21 @@ class CausalLM(nn.Module):
         c = self.cfg
         return KVCache(B, S, c.num_layers, c.num_kv_heads, c.head_dim, self.dtype, self.device)
 
-    def fuse(self, compile: bool | None = None) -> CausalLM:
-        """Fused QKV and gate|up weights (idempotent); compile (default: on CUDA) the decode-shaped forward."""
+    def fuse(self, compile: bool | None = None, kernel: bool | None = None) -> CausalLM:
+        """Fused QKV and gate|up weights (idempotent); compile (default: on CUDA) the decode-shaped forward; the
+        Triton tree-attention and RoPE kernels (default: on CUDA with ADARUN_TREE_KERNEL=1; never with a soft cap)."""
         if not self.fused:
             for layer in self.layers:
                 layer.fuse()
             self.fused = True
+        if kernel is None:  # opt-in until measured as an opaque op (bench/results/h100-fast-attention/NOTE.md)
+            kernel = self.device.type == "cuda" and os.environ.get("ADARUN_TREE_KERNEL", "0") == "1"
+        fits = self.cfg.attn_softcap is None and self.cfg.head_dim in (16, 32, 64, 128, 256)
+        self.kernel_attention = bool(kernel and fits and tree_attention.available())
+        longrope = self.cfg.rope_scaling.rope_type == "longrope"  # frequencies per position: the plain tables
+        rope_fits = self.kernel_attention and not self.cfg.qk_norm and not longrope and rope_kernel.available()
+        for layer in self.layers:
+            layer.self_attn.rope_kernel = rope_fits
         if compile is None:
             compile = compile_wanted(self.device)
         if compile and self._compiled is None:
@@ -297,17 +209,28 @@ class CausalLM(nn.Module):
         B, T = ids.shape
         if tree_mask is None:
             tree_mask = causal_tree(B, T, ids.device)
-        body = self._compiled if self._compiled is not None and T <= self.compile_max_tokens else self._body
-        return body(ids, positions, cache.kv, cache.lens, tree_mask, offset)
+        if self._compiled is not None and T <= self.compile_max_tokens:  # one layout per input: no stride recompiles
+            return self._compiled(dense(ids), dense(positions), cache.kv, cache.lens, dense(tree_mask), offset)
+        return self._body(ids, positions, cache.kv, cache.lens, tree_mask, offset)
 
     def _body(self, ids, positions, kv, lens, tree_mask, offset: int):
         """The pass itself over the cache tensors kv [B, S, L, 2, Hkv, D] and lens [B] (what torch.compile sees)."""
         T = ids.shape[1]
-        slots, mask = slots_and_mask(lens, kv.shape[1], T, tree_mask, offset)
-        h = self.embed_tokens(ids)
-        if self.fused:
+        if self.kernel_attention:  # the kernel reads lens and the tree mask itself: no [B, T, S] mask
+            slots = lens[:, None] + offset + torch.arange(T, device=lens.device)[None, :]  # [B, T]
+            mask = tree_attention.span(lens, tree_mask)
+        else:
+            slots, mask = slots_and_mask(lens, kv.shape[1], T, tree_mask, offset)
+        h = self.embed_tokens(ids)  # [B, T, H]
+        if self.cfg.embed_scale != 1.0:  # Gemma-2: sqrt(hidden), rounded to the weights' dtype first
+            h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype, device=h.device)
+        if not self.kernel_attention and (self.fused or self.cfg.attn_softcap is not None):  # grouped additive mask
             mask = gqa_mask(mask, self.cfg.num_heads // self.cfg.num_kv_heads, h.dtype)
-        cos, sin = rope.cos_sin(positions, self.cfg, h.dtype)  # RoPE scaling: rope.py
+        if self.layers[0].self_attn.rope_kernel:  # the kernel computes cos/sin itself (no per-layer tables)
+            inv, att = rope.frequencies(self.cfg, positions.device)
+            cos, sin = rope_kernel.Angles(positions=positions, inv_freq=inv, scale=att), None
+        else:
+            cos, sin = rope.cos_sin(positions, self.cfg, h.dtype)  # RoPE scaling: rope.py
         outs = {}
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, kv[:, :, i], slots, mask)
@@ -315,10 +238,14 @@ class CausalLM(nn.Module):
                 outs[i] = h
         hidden = self.norm(h)
         aux = torch.cat([outs[i] for i in self.aux_layers], -1) if self.aux_layers else None
-        return self.lm_head(hidden), hidden, aux
+        logits = self.lm_head(hidden)  # [B, T, V]
+        if self.cfg.final_softcap is not None:  # Gemma-2
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits, hidden, aux
 
 
 # ---------------------------------------------------------------- loading
+
 
 def load_state_dict(model_dir: str) -> dict[str, torch.Tensor]:
     """safetensors (single or sharded) first; a `.bin` only through torch.load(weights_only=True)."""
@@ -350,13 +277,35 @@ def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], where: str, opti
     missing = sorted(k for k in own if k not in sd)
     unexpected = sorted(k for k in sd if k not in own and k not in optional)
     if missing or unexpected:
-        parts = (([f"missing keys {missing}"] if missing else [])
-                 + ([f"unexpected keys {unexpected}"] if unexpected else []))
+        parts = ([f"missing keys {missing}"] if missing else []) + (
+            [f"unexpected keys {unexpected}"] if unexpected else []
+        )
         raise ModelLoadError(f"{where}: " + "; ".join(parts))
     for k, t in own.items():
         if tuple(sd[k].shape) != tuple(t.shape):
             raise ModelLoadError(f"{where}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(t.shape)}")
     module.load_state_dict({k: sd[k] for k in own}, strict=False)  # every own key checked above
+
+
+def split_fused(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Phi-3's fused names -> ours: `qkv_proj` [(H + 2 Hkv) * D, hidden] into q/k/v_proj, `gate_up_proj` [2I, hidden]
+    into gate/up_proj (gate first). Views of the loaded tensors; `fuse()` concatenates them back."""
+    d, sizes = cfg.head_dim, (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(".qkv_proj.weight") or k.endswith(".qkv_proj.bias"):
+            stem, kind = k.rsplit(".qkv_proj.", 1)
+            if v.shape[0] != sizes[0] + 2 * sizes[1]:
+                raise ModelLoadError(f"{k} has {v.shape[0]} rows, expected {sizes[0] + 2 * sizes[1]} (heads x {d})")
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), v.split((sizes[0], sizes[1], sizes[1]), 0)):
+                out[f"{stem}.{name}.{kind}"] = part
+        elif k.endswith(".gate_up_proj.weight"):
+            stem = k.removesuffix(".gate_up_proj.weight")
+            gate, up = v.chunk(2, 0)  # [I, hidden] each
+            out[f"{stem}.gate_proj.weight"], out[f"{stem}.up_proj.weight"] = gate, up
+        else:
+            out[k] = v
+    return out
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -378,6 +327,8 @@ def load_target(model_dir: str, dtype: str = "auto", device: str = "auto") -> Ca
         raise ModelLoadError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
     cfg = ModelConfig.from_hf(read_json(cfg_path), where=cfg_path)
     sd = {k.removeprefix("model."): v for k, v in load_state_dict(model_dir).items()}
+    if cfg.fused_checkpoint:
+        sd = split_fused(sd, cfg)
     model = CausalLM(cfg)
     load_strict(model, sd, model_dir, optional=("lm_head.weight",) if cfg.tie_word_embeddings else ())
     dev = resolve_device(device)

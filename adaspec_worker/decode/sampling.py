@@ -24,12 +24,16 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     eos_token_ids: tuple[int, ...] = ()
+    # None: no log-probabilities; k >= 0: each emitted token's raw log-probability plus its k most likely
+    # alternatives (`logprobs.py`), as vLLM's SamplingParams.logprobs
+    logprobs: int | None = None
 
     def __post_init__(self):
         assert self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"
         assert self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"
         assert 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"
         assert self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"
+        assert self.logprobs is None or self.logprobs >= 0, f"logprobs must be None or >= 0, got {self.logprobs}"
 
     @property
     def greedy(self) -> bool:

@@ -8,11 +8,14 @@ module, so registration happens there, explicitly.
 
 A round, as the engine drives it:
 
-    proposer.begin(BatchInfo(...))              once per generate()
+    proposer.begin(BatchInfo(...))              once per batch (the start of generate(), or of each batch
+                                                when continuous batching is off)
+    proposer.admit(rows, prompts)               continuous batching: new rows took these slots
     plan = proposer.first_plan(round_input)     planning proposers only: [B] device plan, or None
     tree = proposer.propose(round_input, plan)  plan: the host list the engine keeps, or None
     ... one target pass and verification ...
     plan = proposer.observe(verdict, tree, round_input)   [B] next plan (rides the round's one sync), or None
+    proposer.persist()                          the worker, after a shard: state the spec keeps with the job
 
 The engine owns the plan; `plan_key(plan)` says what of it changes the round's shapes (part of the
 CUDA-graph key). Proposers know nothing about the target's cache, verification or batching.
@@ -25,7 +28,7 @@ import torch
 
 from jobs.specs import MethodSpec
 
-from ..sampling import SamplingParams
+from ..sampling import STREAM_DRAFT, SamplingParams, sample, target_probs, uniform
 from ..trees import DraftTree
 
 PROPOSERS: dict[type[MethodSpec], type[Proposer]] = {}
@@ -106,17 +109,28 @@ class Proposer:
         """Feedback after verification; may return the next round's [B] plan."""
         return None
 
+    def persist(self) -> None:
+        """Write what the spec asks to keep with the job (token-recycling's matrix, a retrieval datastore) to its
+        path; called by the worker after each shard, outside generate(). Most proposers keep nothing."""
+
     def row_state(self, name: str, B: int, fill, dtype, device, width: int | None = None) -> torch.Tensor:
         """A per-row state tensor [B] (or [B, width]) that keeps its address across calls (a view of a capacity
-        buffer)."""
+        buffer); admit() resets a new row's entry to `fill`."""
         full = self.__dict__.setdefault("_full", {}).get(name)
         shape = (B,) if width is None else (B, width)
         if full is None or full.shape[0] < B or full.shape[1:] != shape[1:] or full.device != torch.device(device):
             full = self._full[name] = torch.empty(shape, dtype=dtype, device=device)
+        self.__dict__.setdefault("_fill", {})[name] = fill  # what admit() resets a row to
         view = full[:B]
         view.fill_(fill)
         setattr(self, name, view)
         return view
+
+    def admit(self, rows: torch.Tensor, prompts: list[list[int]]) -> None:
+        """Continuous batching: new rows (prompts, token ids) took batch slots `rows` [k]. Every `row_state`
+        goes back to its start value there; proposers with prompt-dependent state extend this."""
+        for name, fill in self.__dict__.get("_fill", {}).items():
+            getattr(self, name)[rows] = fill
 
     def select(self, rows: torch.Tensor) -> None:
         """Rows left the batch: keep per-row state aligned, in place."""
@@ -143,6 +157,25 @@ def draft_chain(r: RoundInput, k: int) -> tuple[torch.Tensor, torch.Tensor, torc
             out, hid = r.drafter.step(t[:, None], None if hidden is None else hidden[:, None], j + 1, j, chain)
             logits, hidden = out[:, 0], (None if hid is None else hid[:, 0])
     return torch.stack(toks, 1), torch.stack(lps, 1), torch.stack(ents, 1)
+
+
+def sampled_chain(r: RoundInput, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K drafts, each drawn from the drafter's processed distribution q (the row's own draft stream):
+    tokens [B, K] and q at every node [B, K + 1, V] (the last row zero: no draft follows the chain)."""
+    B = r.root.shape[0]
+    u = uniform(r.seeds, r.counter, STREAM_DRAFT, K)  # [B, K]
+    logits, toks, qs = r.root_logits, [], []
+    for j in range(K):
+        q = target_probs(logits.float(), r.sampling)  # [B, V]
+        y = sample(q, u[:, j])
+        toks.append(y)
+        qs.append(q)
+        if j + 1 < K:
+            chain = torch.ones(B, 1, j + 1, dtype=torch.bool, device=y.device)  # sees every earlier draft
+            out, _ = r.drafter.step(y[:, None], None, j + 1, j, chain)
+            logits = out[:, 0]
+    qs.append(torch.zeros_like(qs[0]))
+    return torch.stack(toks, 1), torch.stack(qs, 1)
 
 
 def eagle2_max_nodes(top_k: int, depth: int, total_tokens: int) -> int:

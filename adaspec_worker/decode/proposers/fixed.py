@@ -6,13 +6,10 @@ empty chain, so plain decoding runs through the same loop as every speedup.
 """
 from __future__ import annotations
 
-import torch
-
 from jobs.specs import DraftModelSpec, Eagle2Spec, EagleSpec, EagleTreeSpec, NoneSpec
 
-from ..sampling import STREAM_DRAFT, sample, target_probs, uniform
 from ..trees import DEFAULT_STATIC_TREE, StaticShape, chain_tree, grow_dynamic, grow_static
-from .base import Proposer, draft_chain, eagle2_max_nodes, implements
+from .base import Proposer, draft_chain, eagle2_max_nodes, implements, sampled_chain
 
 
 @implements(NoneSpec)
@@ -67,17 +64,5 @@ class DraftModelChain(Proposer):
         k = self.spec.k
         if r.sampling.greedy:
             return chain_tree(r.root, draft_chain(r, k)[0])
-        B = r.root.shape[0]
-        u = uniform(r.seeds, r.counter, STREAM_DRAFT, k)  # [B, k]
-        logits, toks, qs = r.root_logits, [], []
-        for j in range(k):
-            q = target_probs(logits.float(), r.sampling)  # [B, V]
-            y = sample(q, u[:, j])
-            toks.append(y)
-            qs.append(q)
-            if j + 1 < k:
-                chain = torch.ones(B, 1, j + 1, dtype=torch.bool, device=y.device)  # sees every earlier draft
-                out, _ = r.drafter.step(y[:, None], None, j + 1, j, chain)
-                logits = out[:, 0]
-        qs.append(torch.zeros_like(qs[0]))
-        return chain_tree(r.root, torch.stack(toks, 1), draft_probs=torch.stack(qs, 1))
+        toks, q = sampled_chain(r, k)  # [B, k], [B, k + 1, V]
+        return chain_tree(r.root, toks, draft_probs=q)

@@ -14,14 +14,18 @@ A round:
     (a max over priorities, so the result does not depend on the order the device applies writes in).
 
 All tensor ops with shapes fixed by the template: no host sync, CUDA-graph safe. Parameters, defaults and
-what is ours are documented on `TokenRecyclingSpec`.
+what is ours are documented on `TokenRecyclingSpec`. With the spec's `matrix` path the table is loaded when it
+is made (if the file exists: safetensors, never pickle; a table of another shape is ignored) and `persist`
+(the worker, after each shard) writes it back atomically, so a resumed or rerun job starts warm.
 """
 from __future__ import annotations
 
 import heapq
 import math
+import os
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from jobs.specs import TokenRecyclingSpec
 
@@ -68,6 +72,20 @@ class TokenRecycling(Proposer):
         V = self.vocab_size
         if self.table is None or self.table.device != torch.device(batch.device) or self.table.shape[0] != V + 1:
             self.table = torch.full((V + 1, self.spec.k), -1, dtype=torch.int32, device=batch.device)
+            if self.spec.matrix and os.path.exists(self.spec.matrix):
+                saved = load_file(self.spec.matrix)["table"]
+                if saved.shape == self.table.shape:  # another vocabulary or k: start cold
+                    self.table.copy_(saved.to(self.table.dtype))
+
+    def persist(self) -> None:
+        """Write the table to the spec's `matrix` path (atomically: a temporary file, then a rename)."""
+        path = self.spec.matrix
+        if not path or self.table is None:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        save_file({"table": self.table.cpu().contiguous()}, tmp, metadata={"format": "adarun-token-recycling"})
+        os.replace(tmp, path)
 
     def reset(self) -> None:
         """Forget everything learnt (a cold start)."""
