@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 SCRIPT = textwrap.dedent('''
     import sys
     import torch
-    from adaspec_worker.decode.model import attention_mask, load_target
+    from adaspec_worker.decode.model import LayerCache, attention_mask, load_target
     from adaspec_worker.decode.tree_attention import available, span, tree_attention
     from adaspec_worker.decode.build import build_engine, load_drafter
     from adaspec_worker.decode.sampling import SamplingParams
@@ -34,16 +34,17 @@ SCRIPT = textwrap.dedent('''
 
     for B, T, H, Hkv, D, S, off in [(3, 5, 6, 2, 64, 150, 2), (2, 1, 4, 4, 16, 70, 0), (1, 40, 8, 2, 32, 200, 0)]:
         q = torch.randn(B, T, H, D)
-        kv = torch.randn(B, S, 3, 2, Hkv, D)[:, :, 1]  # a strided view, as the cache's per-layer slice is
+        cache = LayerCache(torch.randn(B, S, 3, 2, Hkv, D), 1)  # layer 1 of 3: a strided slice, as in the cache
+        kv = cache.view
         lens = torch.randint(0, S - off - T, (B,))
         lens[0] = 0
         tm = torch.rand(B, T, off + T) < 0.5
         tm[:, torch.arange(T), off + torch.arange(T)] = True  # every token sees itself
-        got = tree_attention(q, kv, span(lens, tm), None)
+        got = tree_attention(q, cache, span(lens, tm), None)
         err = (got - reference(q, kv, lens, tm)).abs().max().item()
         assert err < 1e-5, (B, T, H, Hkv, D, err)
         if T > 1:  # the comparison sees the tree mask: the kernel handed an all-True tree differs
-            wrong = tree_attention(q, kv, span(lens, torch.ones_like(tm)), None)
+            wrong = tree_attention(q, cache, span(lens, torch.ones_like(tm)), None)
             assert (wrong - reference(q, kv, lens, tm)).abs().max().item() > 1e-3
 
     from adaspec_worker.decode.layers import apply_rope

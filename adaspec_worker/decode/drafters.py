@@ -35,6 +35,7 @@ from .model import (
     CausalLM,
     DecoderLayer,
     KVCache,
+    LayerCache,
     ModelConfig,
     ModelLoadError,
     RMSNorm,
@@ -177,6 +178,7 @@ class EagleHead(nn.Module, Drafter):
         tgt = getattr(self, "target", [None])[0]
         self.kernel_attention = bool(tgt is not None and tgt.kernel_attention and self.cfg.head_dim == tgt.cfg.head_dim)
         self.layers[0].self_attn.rope_kernel = self.kernel_attention and rope_kernel.available()
+        self.rope_inv = default_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.fc.weight.device)  # made once
 
     def forward(self, toks, feats, pos, mask, offset):
         if self._compiled is not None and toks.shape[1] <= CausalLM.compile_max_tokens:  # strides fixed: no recompiles
@@ -196,11 +198,10 @@ class EagleHead(nn.Module, Drafter):
         if self.fused and not self.kernel_attention:
             full_mask = gqa_mask(full_mask, self.cfg.num_heads // self.cfg.num_kv_heads, h.dtype)
         if self.layers[0].self_attn.rope_kernel:
-            inv = default_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, pos.device)
-            cos, sin = rope_kernel.Angles(positions=pos, inv_freq=inv), None
+            cos, sin = rope_kernel.Angles(positions=pos, inv_freq=self.rope_inv), None
         else:
             cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
-        h = self.layers[0](h, cos, sin, kv[:, :, 0], slots, full_mask)
+        h = self.layers[0](h, cos, sin, LayerCache(kv, 0), slots, full_mask)
         return tgt.lm_head(h), h
 
     def train_forward(self, emb, feats, pos):
@@ -210,7 +211,7 @@ class EagleHead(nn.Module, Drafter):
         h = self.fc(torch.cat((emb, feats), -1))
         slots, mask = cache.slots_and_mask(T, causal_tree(B, T, emb.device))
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
-        return self.layers[0](h, cos, sin, cache.kv[:, :, 0].clone(), slots, mask)
+        return self.layers[0](h, cos, sin, LayerCache(cache.kv, 0), slots, mask)
 
 
 class Eagle3Layer(nn.Module):
@@ -223,9 +224,9 @@ class Eagle3Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps)
         self.mlp = MLP(H, cfg.intermediate_size)
 
-    def forward(self, emb, hidden, cos, sin, kv_layer, slots, mask):
+    def forward(self, emb, hidden, cos, sin, cache: LayerCache, slots, mask):
         x = torch.cat((self.input_layernorm(emb), self.hidden_norm(hidden)), -1)
-        h = hidden + self.self_attn(x, cos, sin, kv_layer, slots, mask)
+        h = hidden + self.self_attn(x, cos, sin, cache, slots, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -266,7 +267,7 @@ class Eagle3Head(nn.Module, Drafter):
         emb = tgt.embed_tokens(toks).to(hidden.dtype)
         slots, full_mask = self.cache.slots_and_mask(toks.shape[1], mask, offset)
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, hidden.dtype)
-        h = self.midlayer(emb, hidden, cos, sin, self.cache.kv[:, :, 0], slots, full_mask)
+        h = self.midlayer(emb, hidden, cos, sin, LayerCache(self.cache.kv, 0), slots, full_mask)
         draft_logits = self.lm_head(self.norm(h))  # [B, T, Vd]
         full = draft_logits.new_full((*draft_logits.shape[:-1], tgt.cfg.vocab_size), float("-inf"))
         ids = torch.arange(draft_logits.shape[-1], device=h.device) + self.d2t

@@ -25,6 +25,7 @@ from .model import (
     CausalLM,
     DecoderLayer,
     KVCache,
+    LayerCache,
     ModelConfig,
     ModelLoadError,
     RMSNorm,
@@ -93,7 +94,7 @@ class EarlyExitHead(nn.Module, Drafter):
                 if fused_mask is None:
                     fused_mask = gqa_mask(full_mask, self.cfg.num_heads // self.cfg.num_kv_heads, h.dtype)
                 m = fused_mask
-            h = layer(h, cos, sin, kv[:, :, i], slots, m)
+            h = layer(h, cos, sin, LayerCache(kv, i), slots, m)
         return tgt.lm_head(self.norm(h))
 
     def head_forward(self, exit_hidden: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -105,7 +106,7 @@ class EarlyExitHead(nn.Module, Drafter):
             cache = KVCache(B, T, 1, c.num_kv_heads, c.head_dim, h.dtype, h.device)
             slots, mask = cache.slots_and_mask(T, causal_tree(B, T, h.device))
             cos, sin = rope.cos_sin(pos, c, h.dtype)
-            h = self.adapter(h, cos, sin, cache.kv[:, :, 0].clone(), slots, mask)
+            h = self.adapter(h, cos, sin, LayerCache(cache.kv, 0), slots, mask)
         return self.target[0].lm_head(self.norm(h).to(self.target[0].dtype))
 
 

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .kv_cache import LayerCache
 from .rope_kernel import Angles, rope_qkv
 from .tree_attention import TreeSpan, tree_attention
 
@@ -91,18 +92,17 @@ class Attention(nn.Module):
     def fuse(self) -> None:
         object.__setattr__(self, "qkv", fuse_linears(self.q_proj, self.k_proj, self.v_proj))  # not a submodule
 
-    def forward(self, x, cos, sin, kv_layer, slots, mask):
-        """x [B, T, Fin]; cos, sin [B, T, R] (or, with `rope_kernel` set, `Angles` and None); kv_layer [B, S, 2, Hkv, D]
-        (a view into the cache); slots [B, T];
+    def forward(self, x, cos, sin, cache: LayerCache, slots, mask):
+        """x [B, T, Fin]; cos, sin [B, T, R] (or, with `rope_kernel` set, `Angles` and None); cache: this layer of
+        the KV cache; slots [B, T];
         mask [B, T, S] bool (plain) or, once fused or soft-capped, [B, 1, T*G, S] additive (see `gqa_mask`), or
         a `TreeSpan` for the Triton kernel (`tree_attention.py`), which reads the cache up to each row's length."""
         B, T, _ = x.shape
         h, hk, d = self.h, self.hk, self.d
-        bi = torch.arange(B, device=x.device)[:, None]
         if isinstance(cos, Angles):  # the fast path (`rope_kernel`): 1 GEMM + 2 kernels (+ the KV write); sin unused
             q, kv_new = rope_qkv(self.qkv(x), cos, h, hk, d)  # [B, T, H, D], [B, T, 2, Hkv, D]
-            kv_layer[bi, slots] = kv_new.to(kv_layer.dtype)
-            return self.o_proj(tree_attention(q, kv_layer, mask, self.scale).reshape(B, T, h * d))
+            cache.write(slots, kv_new)
+            return self.o_proj(tree_attention(q, cache, mask, self.scale).reshape(B, T, h * d))
         if self.qkv is not None:
             q, k, v = self.qkv(x).split((h * d, hk * d, hk * d), -1)
         else:
@@ -112,11 +112,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(B, T, hk, d)
-        kv_layer[bi, slots] = torch.stack((k, v), dim=2).to(kv_layer.dtype)  # write [B, T, 2, Hkv, D]
+        cache.write(slots, torch.stack((k, v), dim=2))  # [B, T, 2, Hkv, D]
         if isinstance(mask, TreeSpan):
-            return self.o_proj(tree_attention(q, kv_layer, mask, self.scale).reshape(B, T, h * d))
-        keys = kv_layer[:, :, 0].transpose(1, 2)  # [B, Hkv, S, D]
-        vals = kv_layer[:, :, 1].transpose(1, 2)
+            return self.o_proj(tree_attention(q, cache, mask, self.scale).reshape(B, T, h * d))
+        keys = cache.kv[:, :, cache.index, 0].transpose(1, 2)  # [B, Hkv, S, D]
+        vals = cache.kv[:, :, cache.index, 1].transpose(1, 2)
         if mask.dtype == torch.bool and self.softcap is None:  # plain path (unfused, no cap)
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), keys, vals, attn_mask=mask[:, None], enable_gqa=True, scale=self.scale
@@ -203,9 +203,9 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(H, eps, gemma)
         self.gemma = gemma
 
-    def forward(self, h, cos, sin, kv_layer, slots, mask):
+    def forward(self, h, cos, sin, cache: LayerCache, slots, mask):
         """h [B, T, H] -> [B, T, H]: attention, then MLP, each added to the residual."""
-        a = self.self_attn(self.input_layernorm(h), cos, sin, kv_layer, slots, mask)  # [B, T, H]
+        a = self.self_attn(self.input_layernorm(h), cos, sin, cache, slots, mask)  # [B, T, H]
         if self.gemma:
             h = h + self.post_attention_layernorm(a)
             return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))

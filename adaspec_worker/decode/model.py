@@ -22,9 +22,7 @@ dynamic shapes) so RMSNorm, RoPE, the KV write and SiLU*mul fuse. With ADARUN_TR
 attention is one Triton kernel (`tree_attention.py`) reading the cache up to each row's live length with the
 tree mask over the new slots only, and RoPE one more (`rope_kernel.py`). CPU stays on the plain PyTorch ops.
 
-Cache layout: one tensor `kv` of shape [B, S, L, 2, Hkv, D]. Slot s of row b holds the rotated key
-and the value of the token at sequence position s. Keeping the layer axis inside the slot lets
-KV compaction after verification move every layer of a row in one gather (see `KVCache.compact`).
+The cache and its mask arithmetic: `kv_cache.py`.
 """
 
 from __future__ import annotations
@@ -36,6 +34,7 @@ import torch.nn as nn
 
 from . import rope, rope_kernel, tree_attention
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig, ModelLoadError, read_json  # noqa: F401  (re-exported)
+from .kv_cache import KVCache, LayerCache, attention_mask, causal_tree, slots_and_mask  # noqa: F401  (re-exported)
 from .layers import (  # noqa: F401  (re-exported: drafters build their layers from the same blocks)
     MLP,
     Attention,
@@ -46,24 +45,6 @@ from .layers import (  # noqa: F401  (re-exported: drafters build their layers f
     gqa_mask,
     rope_cos_sin,
 )
-
-
-def attention_mask(lens: torch.Tensor, tree_mask: torch.Tensor, S: int) -> torch.Tensor:
-    """Row b's new token t sees cache slots < lens[b] and slot lens[b]+j where tree_mask[b, t, j].
-
-    lens [B]; tree_mask [B, T, W] bool (W = slots of the uncommitted region) -> [B, T, S] bool."""
-    B, T, W = tree_mask.shape
-    rel = torch.arange(S, device=lens.device)[None, :] - lens[:, None]  # [B, S]
-    in_new = (rel >= 0) & (rel < W)
-    idx = rel.clamp(0, W - 1)[:, None, :].expand(B, T, S)
-    return (rel < 0)[:, None, :] | (in_new[:, None, :] & torch.gather(tree_mask, 2, idx))
-
-
-def slots_and_mask(lens: torch.Tensor, S: int, T: int, tree_mask: torch.Tensor, offset: int = 0):
-    """lens [B] -> slots [B, T] the T new tokens are written to, and their attention mask [B, T, S] bool."""
-    assert tree_mask.shape[-1] == offset + T, f"tree mask covers {tree_mask.shape[-1]} slots, expected {offset + T}"
-    slots = lens[:, None] + offset + torch.arange(T, device=lens.device)[None, :]
-    return slots, attention_mask(lens, tree_mask, S)
 
 
 def compiled(fn):
@@ -95,58 +76,6 @@ def dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride() == tuple(reversed(want)) else t.clone(memory_format=torch.contiguous_format)
 
 
-def causal_tree(B: int, T: int, device) -> torch.Tensor:
-    return torch.ones(T, T, dtype=torch.bool, device=device).tril().expand(B, T, T)
-
-
-class KVCache:
-    """Pre-allocated cache: kv [B, S, L, 2, Hkv, D]; lens [B] = committed slots per row.
-
-    `kv` and `lens` are views of the first B rows of buffers allocated once at capacity, so a batch
-    that shrinks keeps its memory addresses (what CUDA graphs captured over it need)."""
-
-    def __init__(self, B: int, S: int, L: int, Hkv: int, D: int, dtype, device):
-        self.full_kv = torch.zeros(B, S, L, 2, Hkv, D, dtype=dtype, device=device)
-        self.full_lens = torch.zeros(B, dtype=torch.long, device=device)
-        self.view(B)
-
-    def view(self, B: int) -> None:
-        self.kv, self.lens = self.full_kv[:B], self.full_lens[:B]
-
-    @property
-    def capacity(self) -> int:
-        return self.kv.shape[1]
-
-    def fits(self, B: int, S: int) -> bool:
-        return self.full_kv.shape[0] >= B and self.full_kv.shape[1] == S
-
-    def slots_and_mask(self, T: int, tree_mask: torch.Tensor, offset: int = 0):
-        """Slots [B, T] the T new tokens are written to, and their attention mask [B, T, S]."""
-        return slots_and_mask(self.lens, self.capacity, T, tree_mask, offset)
-
-    def compact(self, src: torch.Tensor, n_keep: torch.Tensor) -> None:
-        """Move new slots lens+src[b, j] to lens+j (j < P) and commit n_keep[b] of them.
-
-        src [B, P] indexes the block written by the last forward (0 = its first token)."""
-        B, P = src.shape
-        bi = torch.arange(B, device=src.device)[:, None]
-        dst = self.lens[:, None] + torch.arange(P, device=src.device)[None, :]
-        self.kv[bi, dst] = self.kv[bi, self.lens[:, None] + src]
-        self.lens += n_keep
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep `rows` (indices into the current batch), moved to the front, in place."""
-        n = rows.shape[0]
-        self.full_kv[:n] = self.full_kv[rows]
-        self.full_lens[:n] = self.full_lens[rows]
-        self.view(n)
-
-    def load_rows(self, rows: torch.Tensor, src: KVCache) -> None:
-        """Rows `rows` [k] of this cache become a copy of `src` (k rows, capacity at most this one's)."""
-        self.kv[rows, : src.capacity] = src.kv
-        self.lens[rows] = src.lens
-
-
 class CausalLM(nn.Module):
     """Llama-family causal LM. `forward` returns (logits [B,T,V], final-norm hidden [B,T,H], aux features)."""
 
@@ -168,6 +97,7 @@ class CausalLM(nn.Module):
         self.fused = False
         self.kernel_attention = False  # attention through tree_attention.py's Triton kernel (set by fuse())
         self._compiled = None
+        self.rope_freq: tuple[torch.Tensor, float] | None = None  # (inverse frequencies [R/2], attention factor)
 
     @property
     def device(self):
@@ -196,6 +126,8 @@ class CausalLM(nn.Module):
         rope_fits = self.kernel_attention and not self.cfg.qk_norm and not longrope and rope_kernel.available()
         for layer in self.layers:
             layer.self_attn.rope_kernel = rope_fits
+        # made once, outside the compiled pass: traced inside it, inductor recomputes the table for every layer
+        self.rope_freq = rope.frequencies(self.cfg, self.device) if rope_fits else None
         if compile is None:
             compile = compile_wanted(self.device)
         if compile and self._compiled is None:
@@ -227,13 +159,13 @@ class CausalLM(nn.Module):
         if not self.kernel_attention and (self.fused or self.cfg.attn_softcap is not None):  # grouped additive mask
             mask = gqa_mask(mask, self.cfg.num_heads // self.cfg.num_kv_heads, h.dtype)
         if self.layers[0].self_attn.rope_kernel:  # the kernel computes cos/sin itself (no per-layer tables)
-            inv, att = rope.frequencies(self.cfg, positions.device)
+            inv, att = self.rope_freq
             cos, sin = rope_kernel.Angles(positions=positions, inv_freq=inv, scale=att), None
         else:
             cos, sin = rope.cos_sin(positions, self.cfg, h.dtype)  # RoPE scaling: rope.py
         outs = {}
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, kv[:, :, i], slots, mask)
+            h = layer(h, cos, sin, LayerCache(kv, i), slots, mask)
             if i in self.aux_layers:
                 outs[i] = h
         hidden = self.norm(h)

@@ -2,7 +2,7 @@
 
 What it does: for new tokens whose keys and values are already written to the cache, attends each query to
 its row's committed slots (< lens[b]) and to the uncommitted slots lens[b] + j its tree mask allows, reading
-the keys and values straight out of the cache layout (`kv_layer` [B, S, 2, Hkv, D], any strides) and only up
+the keys and values straight out of the cache layout (one layer of [B, S, L, 2, Hkv, D], any strides) and only up
 to lens[b] + W, the row's live length (the static capacity S is never touched past it). One program serves
 BLOCK_M query rows of one (row, KV head): the G query heads sharing a KV head are flattened with the tokens
 (row m = token m // G, head m % G), so grouped-query attention needs no K/V repeat. Online softmax in float32.
@@ -20,6 +20,8 @@ import functools
 from dataclasses import dataclass
 
 import torch
+
+from .kv_cache import LayerCache
 
 
 @dataclass
@@ -107,23 +109,25 @@ def _define():
     return tree_attention_kernel
 
 
-def tree_attention(q: torch.Tensor, kv_layer: torch.Tensor, where: TreeSpan, scale: float | None) -> torch.Tensor:
-    """q [B, T, H, D] (rotated), kv_layer [B, S, 2, Hkv, D] with the new tokens' keys and values already written
+def tree_attention(q: torch.Tensor, cache: LayerCache, where: TreeSpan, scale: float | None) -> torch.Tensor:
+    """q [B, T, H, D] (rotated), one layer of the cache with the new tokens' keys and values already written
     at lens + offset + arange(T) -> [B, T, H, D]. Query t of row b sees slot s < lens[b], and slot lens[b] + j
     where tree_mask[b, t, j] (j < W)."""
     D = q.shape[-1]
     assert _KERNEL is not None, "tree_attention needs Triton: check available() first"
     assert D in (16, 32, 64, 128, 256), f"head_dim {D}: the kernel takes a power of two from 16 to 256"
-    assert q.stride(-1) == 1 and kv_layer.stride(-1) == 1, "q and the cache need a contiguous head_dim"
-    return _tree_attention_op(q, kv_layer, where.lens, where.tree_mask, D**-0.5 if scale is None else scale)
+    assert q.stride(-1) == 1 and cache.kv.stride(-1) == 1, "q and the cache need a contiguous head_dim"
+    scale = D**-0.5 if scale is None else scale
+    return _tree_attention_op(q, cache.kv, cache.index, where.lens, where.tree_mask, scale)
 
 
-# An opaque custom op, not a kernel inductor traces: inductor cannot prove the kernel leaves the cache alone, and a
-# user kernel it cannot analyse gets its inputs cloned first -- the whole cache, every layer (measured on an H100:
-# batch-64 decoding 3.4x slower, +480 MiB). Declared here: it reads q, the cache, lens and the mask; writes only out.
+# An opaque custom op, not a kernel inductor traces: it reads q, the cache, lens and the mask and writes only its
+# output. It takes the whole cache and the layer's index, not a per-layer view: the compiled graph then hands it
+# the cache buffer itself, with nothing to materialise (kv_cache.py says what a view costs under compile).
 @torch.library.custom_op("adarun::tree_attention", mutates_args=())
-def _tree_attention_op(q: torch.Tensor, kv_layer: torch.Tensor, lens: torch.Tensor, mask: torch.Tensor,
+def _tree_attention_op(q: torch.Tensor, kv: torch.Tensor, layer: int, lens: torch.Tensor, mask: torch.Tensor,
                        scale: float) -> torch.Tensor:
+    kv_layer = kv[:, :, layer]  # [B, S, 2, Hkv, D]
     B, T, H, D = q.shape
     hkv = kv_layer.shape[3]
     G = H // hkv
@@ -143,7 +147,7 @@ def _tree_attention_op(q: torch.Tensor, kv_layer: torch.Tensor, lens: torch.Tens
 
 
 @_tree_attention_op.register_fake
-def _(q, kv_layer, lens, mask, scale):
+def _(q, kv, layer, lens, mask, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
