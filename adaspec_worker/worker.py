@@ -129,6 +129,7 @@ class ShardWorker:
             else (platform.processor() or platform.machine())
         )
         self.engine.generate([[0]], SamplingParams(2, 0.0, 1.0, 0, ()))  # warm-up: first-call allocation/compile
+        self.cost_model = self._measure_cost(m.resources.batch_size)
         clock.mark("warmup")
 
     def _codec(self, tok):
@@ -136,6 +137,23 @@ class ShardWorker:
 
         d, context = self.m.decoding, self.target.cfg.max_position_embeddings
         return RowCodec(tok, d.stop, d.max_new_tokens, context, self.m.input.system_prompt)
+
+    def _measure_cost(self, batch_size: int) -> dict | None:
+        """The cost model on this actor's device, handed to the engine's policy; None for plain decoding."""
+        from .decode.build import set_cost
+        from .decode.cost import measure_cost
+        from .decode.engine import bucket
+
+        if self.engine.spec.name == "none":
+            return None
+        cuda = self.target.device.type == "cuda"
+        top = bucket(max(batch_size, 1))
+        batches = sorted({b for b in ((1, 4, 16, 64) if cuda else (1,)) if b <= top} | {top})
+        cost = measure_cost(self.target, self.engine.drafter, name=self.m.model.target, batches=batches,
+                            tokens=(1, 2, 4, 8, 16, 32, 64) if cuda else (1, 4, 16), widths=(1, 2, 4, 8, 16) if cuda
+                            else (1, 4), context=256 if cuda else 32, repeats=5 if cuda else 2)
+        set_cost(self.engine, cost)
+        return cost.to_json()
 
     @staticmethod
     def preflight(m) -> None:
@@ -198,15 +216,18 @@ class ShardWorker:
 
     def _device(self, job: _Job, p: _Prepared) -> _Decoded:
         """Device thread: autotune (once per actor), decode, the measured baseline; the shard's records."""
+        from .decode.cost import CostModel
         from .tuning import autotune
 
         t0, started, e0 = time.perf_counter(), time.time(), self.energy.read()
         _kill_drill(job.shard.index, job.attempt)
         m, sh, good, errors = self.m, job.shard, p.good, p.errors
         if m.speculative.autotune.enabled and self.autotune is None and good:
+            cost = CostModel.from_json(self.cost_model) if self.cost_model else None
             self.engine, self.autotune = autotune(
-                self.engine, good, self.sp, m.speculative.autotune.fraction, m.resources.batch_size
+                self.engine, good, self.sp, m.speculative.autotune.fraction, m.resources.batch_size, cost
             )
+            self.autotune["cost_model"] = self.cost_model is not None
         outputs, stats = self._decode(good)
         stats.baseline = self.baseline.run([r for r in good if r.sample_index == 0], self.engine)
         proposer = getattr(self.engine, "proposer", None)  # the transformers fallback has none
@@ -233,6 +254,7 @@ class ShardWorker:
             energy_kwh=self.energy.kwh(e0, self.energy.read()),
             autotune=self.autotune,
             stages={"read": p.read_seconds, "queued": max(t0 - p.read_done, 0.0), "decode": wall},
+            cost_model=self.cost_model,
             **self.info(),
         )
         carried = p.data.carried.take([r.input_index for r in good]) if p.data.carried is not None else None
