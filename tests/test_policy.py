@@ -31,6 +31,9 @@ SMALL = {
     "oracle": {"k_max": 4, "top_k": 3},
     "token-recycling": {"nodes": 12},
     "retrieval": {"k": 4},
+    "rasd": {"top_k": 3, "depth": 3, "total_tokens": 8, "k": 3, "branches": 2, "datastore_tokens": 256},
+    "eesd": {"lengths": [1, 2, 3]},
+    "eagle-thompson": {"lengths": [1, 2, 3]},
 }
 
 
@@ -90,6 +93,7 @@ def models(tmp_path_factory):
     tiny.save(tiny.hf_model("llama", vocab=24), d / "target")
     tiny.save(tiny.hf_model("llama", vocab=24, seed=3, layers=1), d / "draft")
     tiny.random_eagle_head(d / "target", d / "head")
+    tiny.early_exit_head(d / "target", d / "early-exit", exit_layer=1, noise=0.05)
     torch.manual_seed(0)
     m = LDLP(64, 32, 4)
     with torch.no_grad():
@@ -100,7 +104,7 @@ def models(tmp_path_factory):
 
 def _engine(d, tgt, method):
     spec = parse_spec(method, SMALL.get(method, {}))
-    draft = {"draft-model": d / "draft", None: None}.get(spec.drafter_kind, d / "head")
+    draft = {"draft-model": d / "draft", "early-exit": d / "early-exit", None: None}.get(spec.drafter_kind, d / "head")
     return build_engine(tgt, spec, draft=str(draft) if draft else None, ldlp=str(d / "ldlp"))
 
 
