@@ -101,7 +101,8 @@ class ShardWorker:
         """On the device thread: target, drafter, plain engine for the baseline, warm-up (compile, graph capture)."""
         import torch
 
-        from .decode.build import build_engine, load_model
+        from .decode.build import build_engine, load_model, set_cost
+        from .decode.cost import measure_for_actor
         from .decode.sampling import SamplingParams
         from .timing import EnergyMeter
         from .tuning import Baseline
@@ -129,7 +130,11 @@ class ShardWorker:
             else (platform.processor() or platform.machine())
         )
         self.engine.generate([[0]], SamplingParams(2, 0.0, 1.0, 0, ()))  # warm-up: first-call allocation/compile
-        self.cost_model = self._measure_cost(m.resources.batch_size)
+        self.cost_model: dict | None = None  # this device's measured cost model, handed to the engine's policy
+        if self.engine.spec.name != "none":
+            cost = measure_for_actor(self.target, self.engine.drafter, m.model.target, m.resources.batch_size)
+            set_cost(self.engine, cost)
+            self.cost_model = cost.to_json()
         clock.mark("warmup")
 
     def _codec(self, tok):
@@ -137,23 +142,6 @@ class ShardWorker:
 
         d, context = self.m.decoding, self.target.cfg.max_position_embeddings
         return RowCodec(tok, d.stop, d.max_new_tokens, context, self.m.input.system_prompt)
-
-    def _measure_cost(self, batch_size: int) -> dict | None:
-        """The cost model on this actor's device, handed to the engine's policy; None for plain decoding."""
-        from .decode.build import set_cost
-        from .decode.cost import measure_cost
-        from .decode.engine import bucket
-
-        if self.engine.spec.name == "none":
-            return None
-        cuda = self.target.device.type == "cuda"
-        top = bucket(max(batch_size, 1))
-        batches = sorted({b for b in ((1, 4, 16, 64) if cuda else (1,)) if b <= top} | {top})
-        cost = measure_cost(self.target, self.engine.drafter, name=self.m.model.target, batches=batches,
-                            tokens=(1, 2, 4, 8, 16, 32, 64) if cuda else (1, 4, 16), widths=(1, 2, 4, 8, 16) if cuda
-                            else (1, 4), context=256 if cuda else 32, repeats=5 if cuda else 2)
-        set_cost(self.engine, cost)
-        return cost.to_json()
 
     @staticmethod
     def preflight(m) -> None:
@@ -354,19 +342,12 @@ class ShardWorker:
                     None if top is None else self.codec.top_logprobs(top),
                 )
         seq = total.rows
-        stats = ShardStats(
-            rounds=seq.rounds,
-            drafted_tokens=seq.drafted,
-            accepted_tokens=seq.accepted,
-            accepted_by_depth=dict(seq.accepted_by_depth),
-            draft_lengths=dict(seq.draft_lengths),
-            draft_seconds=total.draft_seconds,
-            verify_seconds=total.verify_seconds,
-            other_seconds=total.other_seconds + total.prefill_seconds,
-            target_passes=total.target_passes,
-            slot_rounds=total.slot_rounds,
-            busy_slot_rounds=total.busy_slot_rounds,
-        )
+        stats = ShardStats(rounds=seq.rounds, drafted_tokens=seq.drafted, accepted_tokens=seq.accepted,
+                           accepted_by_depth=dict(seq.accepted_by_depth), draft_lengths=dict(seq.draft_lengths),
+                           draft_seconds=total.draft_seconds, verify_seconds=total.verify_seconds,
+                           other_seconds=total.other_seconds + total.prefill_seconds,
+                           target_passes=total.target_passes, slot_rounds=total.slot_rounds,
+                           busy_slot_rounds=total.busy_slot_rounds)
         return [done[j] for j in range(len(rows))], stats
 
 

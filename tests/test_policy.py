@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from adaspec_worker.decode.build import build_engine
-from adaspec_worker.decode.cost import CostModel, measure_cost
+from adaspec_worker.decode.cost import CostModel, measure_cost, measure_for_actor
 from adaspec_worker.decode.ldlp import LDLP, save_ldlp
 from adaspec_worker.decode.model import load_target
 from adaspec_worker.decode.policy import NO_DRAFT, ShapePolicy, menu
@@ -70,6 +70,8 @@ def test_cost_model_measured_on_cpu():
     c = measure_cost(tgt, head, name="tiny", batches=(1, 4), tokens=(1, 8), widths=(1, 4), context=32, repeats=2)
     assert len(c.target_s) == 2 and all(v > 0 for line in c.target_s + c.draft_s for v in line)
     assert c.target(4, 8) > 0 and CostModel.from_json(c.to_json()).draft(2, 2) == pytest.approx(c.draft(2, 2))
+    actor = measure_for_actor(tgt, head, "tiny", batch_size=3)  # a worker's start-up grid: 1 and 3's bucket
+    assert (actor.batches, actor.tokens, actor.widths, actor.device) == ([1, 4], [1, 4, 16], [1, 4], "cpu")
 
 
 def test_policy_drafts_deep_when_verification_is_flat_and_backs_off_when_it_is_steep():

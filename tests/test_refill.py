@@ -18,6 +18,7 @@ SMALL = {  # small shapes keep the test quick; every registered method runs
     "token-recycling": {"k": 3, "nodes": 8, "max_depth": 3}, "retrieval": {"k": 3, "branches": 2},
     "oracle": {"k_max": 4, "top_k": 3}, "ddd": {"top_k": 3, "max_depth": 4, "total_tokens": 12, "check_depths": [2]},
     "opt-tree": {"n": 3, "max_depth": 4}, "ldlp-tree": {"top_k": 3, "nodes_per_level": 3, "max_depth": 4},
+    "rasd": {"top_k": 3, "depth": 3, "total_tokens": 8, "k": 3, "branches": 2, "datastore_tokens": 256},
 }
 LENGTHS = [3, 14, 1, 9, 20, 2, 6, 11]  # each row's own stopping point: rows finish at very different rounds
 

@@ -156,6 +156,19 @@ def measure_cost(
     )
 
 
+def measure_for_actor(target: CausalLM, drafter, name: str, batch_size: int) -> CostModel:
+    """The start-up measurement of a worker decoding batches of up to `batch_size` rows: batch buckets up to that
+    size's bucket (1, 4, 16, 64 on CUDA; 1 and the bucket elsewhere) and a short grid on the CPU."""
+    from .batch import bucket
+
+    cuda = target.device.type == "cuda"
+    top = bucket(max(batch_size, 1))
+    batches = sorted({b for b in (BATCHES if cuda else (1,)) if b <= top} | {top})
+    if cuda:
+        return measure_cost(target, drafter, name=name, batches=batches)
+    return measure_cost(target, drafter, name=name, batches=batches, tokens=(1, 4, 16), widths=(1, 4), context=32,
+                        repeats=2)
+
 def _time_target(target: CausalLM, B: int, tokens, context: int, repeats: int, g) -> list[float]:
     """Seconds of a target pass of T new tokens per row, for each T, over `context` committed slots."""
     device = target.device
