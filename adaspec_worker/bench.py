@@ -59,6 +59,8 @@ class BenchConfig:
     device: str = "auto"
     out: str = "bench/results/run"
     profile: bool = False  # count CUDA kernels per round per adarun cell (torch.profiler)
+    cost_model: bool = False  # measure the cost model (bench_cost.py): bench.json "cost_models", cost.png
+    shape: str = ""  # also measure it for a random-weight target of this shape (decode/cost.py SHAPES, e.g. 8b)
     workload: str = "fixed"  # fixed: exactly new_tokens per row, EOS ignored; natural: see bench_natural.py
 
 
@@ -121,7 +123,8 @@ def bench_adarun(engine: Engine, prompts, B: int, n: int, sampling: SamplingPara
     return {"tokens": emitted, "tau": total.rows.tau if total.rows.rounds else None,
             "draft_seconds": total.draft_seconds, "verify_seconds": total.verify_seconds,
             "other_seconds": total.other_seconds, "prefill_seconds": total.prefill_seconds,
-            "warmup_seconds": total.warmup_seconds, "rounds": total.target_passes}
+            "warmup_seconds": total.warmup_seconds, "rounds": total.target_passes,
+            "reference_seconds": total.reference_seconds}
 
 
 def kernels_per_round(engine: Engine, prompts, B: int, sampling: SamplingParams) -> dict:
@@ -187,19 +190,29 @@ def run_bench(cfg: BenchConfig, argv: list[str], log=print) -> dict:
         log(f"{label:32s} B={B:<3d} T={T:<4} {res['tokens_per_s']:10.1f} tok/s  {res['ms_per_token']:8.3f} ms/tok  "
             f"tau={tau}")
 
+    extra = {}
+    if cfg.cost_model or cfg.shape:
+        from .bench_cost import cost_section
+
+        extra["cost_models"] = cost_section(cfg, target, dev, cfg.out, log)
     if cfg.baselines and cfg.workload == "fixed":
         bench_transformers(cfg, prompts, dev, record)
         if dev.type == "cuda":
             torch.cuda.empty_cache()  # the transformers models are gone with bench_transformers' frame
+    cost = None  # the measured cost model, handed to every engine's policy (as the worker does at warm-up)
+    if extra:
+        from .decode.cost import CostModel
+
+        cost = CostModel.from_json(extra["cost_models"]["models"]["target"])
     for label in ["none"] + [m for m in cfg.methods if m != "none"]:
         if cfg.workload == "natural":
-            name, engine = method_engine(cfg, target, label)
+            name, engine = method_engine(cfg, target, label, cost)
             natural_cells(cfg, engine, name, label, prompts, tok, eos_ids(target, tok), dev, record, timed, cells)
         else:
-            bench_method(cfg, target, label, prompts, dev, record)
-        write_outputs({"meta": meta, "config": {}, "cells": cells, "partial": True}, cfg.out)  # keep what is measured
+            bench_method(cfg, target, label, prompts, dev, record, cost)
+        write_outputs({"meta": meta, "config": {}, "cells": cells, "partial": True, **extra}, cfg.out)
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}
-    result = {"meta": meta, "config": config, "cells": cells}
+    result = {"meta": meta, "config": config, "cells": cells, **extra}
     write_outputs(result, cfg.out)
     return result
 
@@ -235,20 +248,18 @@ def bench_transformers(cfg: BenchConfig, prompts, dev, record) -> None:
                 record(name, name, B, T, res, "transformers")
 
 
-def method_engine(cfg: BenchConfig, target, label: str) -> tuple[str, Engine]:
-    """The method name of a `parse_method` label, and its engine over `target`."""
+def method_engine(cfg: BenchConfig, target, label: str, cost=None) -> tuple[str, Engine]:
+    """The method name of a `parse_method` label, and its engine over `target` (with the measured cost model)."""
     name, params, _ = parse_method(label)
     spec = parse_spec(name, params)
     draft = {"draft-model": cfg.draft_model, "early-exit": cfg.early_exit_head}.get(spec.drafter_kind, cfg.draft)
-    return name, build_engine(target, spec, draft=draft, ldlp=cfg.ldlp)
+    return name, build_engine(target, spec, draft=draft, ldlp=cfg.ldlp, cost=cost)
 
 
-def bench_method(cfg: BenchConfig, target, label: str, prompts, dev, record) -> None:
+def bench_method(cfg: BenchConfig, target, label: str, prompts, dev, record, cost=None) -> None:
     """One adarun method (a `parse_method` label) over every batch size and temperature."""
-    name, engine = method_engine(cfg, target, label)
+    name, engine = method_engine(cfg, target, label, cost)
     for T in cfg.temperatures:
-        if name == "oracle" and T > 0:
-            continue
         sampling = SamplingParams(max_new_tokens=cfg.new_tokens, temperature=T)
         for B in cfg.batch_sizes:
             calls: list[dict] = []  # every run's counts: the first is the untimed warm-up
@@ -258,6 +269,7 @@ def bench_method(cfg: BenchConfig, target, label: str, prompts, dev, record) -> 
                 return calls[-1]
             res = timed(run, dev, cfg.repeats)
             res["warmup_run_seconds"] = calls[0]["warmup_seconds"]  # compile + capture met in the warm-up run
+            res["seconds"] -= res["reference_seconds"]  # the oracle's reference verification is not charged to it
             if cfg.profile and dev.type == "cuda":
                 res.update(kernels_per_round(engine, prompts, B, sampling))
             record(name, label, B, T, res, "adarun")

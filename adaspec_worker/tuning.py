@@ -1,8 +1,12 @@
 """Measurements an actor makes on its own rows: per-job autotune and the measured baseline.
 
 - `autotune`: decode a slice of rows with each setting of the method's autotune grid (the spec's
-  `autotune_grid`, merged over the manifest's parameters) and keep the fastest for this actor. The
-  choice and every candidate's tokens/s go into the shard stats.
+  `autotune_grid`, merged over the manifest's parameters) and with a few fixed and adaptive alternatives
+  the actor's models can run (`ALTERNATIVES`: none, an EAGLE chain, an EAGLE-2 tree, OPT-Tree, ldlp-tree),
+  and keep the one of most tokens/s predicted by the actor's measured cost model from each candidate's own
+  counters (rounds, nodes, depth: `predicted_seconds`), robust to one run's timing noise; without a cost
+  model, the measured tokens/s. The choice and every candidate's evidence (measured and predicted tokens/s,
+  tau, rounds) go into the shard stats.
 - `baseline`: decode a sample of rows both ways, one at a time, with the job's engine and with plain
   decoding; the report's measured speedup comes from these pairs.
 
@@ -14,34 +18,96 @@ from __future__ import annotations
 import math
 import time
 
-from jobs.specs import MethodSpec, autotune_candidates
+from jobs.specs import MethodSpec, autotune_candidates, parse_spec
 
 from .decode.build import build_engine
+from .decode.engine import bucket
+from .decode.policy import Shape, round_seconds
 from .decode.sampling import SamplingParams
 from .rows import Row, in_baseline_sample
 from .timing import measure, time_call
 
+ALTERNATIVES = (
+    ("none", {}),
+    ("eagle", {"k": 4}),
+    ("eagle2", {"depth": 5, "total_tokens": 40}),
+    ("opt-tree", {}),
+    ("ldlp-tree", {}),
+)
 
-def autotune(engine, rows: list[Row], sp: SamplingParams, fraction: float, batch_size: int) -> tuple[object, dict]:
-    """(the fastest engine, the record for the shard stats) over the spec's candidate settings."""
+
+def candidates(engine) -> list[MethodSpec]:
+    """The spec's own grid, then the alternatives whose models this actor holds (an EAGLE head, an LDLP). Not for
+    draft-model jobs: their sampled text follows their drafts, so a switch of method would change it."""
+    out = autotune_candidates(engine.spec)
+    if engine.spec.drafter_kind == "draft-model":
+        return out
+    head = engine.spec.drafter_kind == "eagle"
+    for name, params in ALTERNATIVES:
+        spec = parse_spec(name, params)
+        usable = spec.drafter_kind is None or (head and ("ldlp" not in spec.needs or engine.ldlp is not None))
+        if usable and all(type(spec) is not type(c) for c in out):
+            out.append(spec)
+    return out
+
+
+def predicted_seconds(cost, engine, stats, B: int) -> float:
+    """The cost model's time for the rounds a candidate ran: each batch round a target pass over the shape it
+    verifies, its draft levels and the drafter's catch-up (`policy.round_seconds`)."""
+    rows = stats.rows
+    if not rows.rounds or engine.drafter is None:
+        return stats.target_passes * cost.target(B, 1)
+    shape = getattr(engine.proposer, "shape", None)
+    if shape is None:  # fixed shapes: the verified width is the proposer's tree, the depth as drafted
+        depth = max(round(sum(d * n for d, n in rows.draft_lengths.items()) / rows.rounds), 1)
+        nodes = engine.proposer.max_nodes - 1
+        shape = Shape(depth, nodes, max(nodes // depth, 1))
+    return stats.target_passes * round_seconds(cost, B, shape)
+
+
+def autotune(
+    engine, rows: list[Row], sp: SamplingParams, fraction: float, batch_size: int, cost=None
+) -> tuple[object, dict]:
+    """(the chosen engine, the record for the shard stats) over the candidate settings."""
     n = max(batch_size, math.ceil(fraction * len(rows)))
     prompts, seeds = [r.tokens for r in rows[:n]], [r.seed for r in rows[:n]]
-    device = engine.target.device
-    tried, best, t0 = [], None, time.perf_counter()
-    for spec in autotune_candidates(engine.spec):
-        cand = build_engine(engine.target, spec, draft=engine.drafter, ldlp=engine.ldlp)
-        run = measure(lambda eng=cand: eng.generate(prompts, sp, seeds), device, warmup=1, repeats=1)
-        tps = sum(len(c.tokens) for c in run.result[0]) / run.seconds
-        tried.append({"params": spec.params(), "tokens_per_second": tps})
-        if best is None or tps >= best[0]:
-            best = (tps, cand)
+    device, B = engine.target.device, bucket(min(batch_size, n))
+    tried, engines, t0 = [], [], time.perf_counter()
+    for spec in candidates(engine):
+        cand = build_engine(engine.target, spec, draft=engine.drafter, ldlp=engine.ldlp, cost=cost)
+        run = measure(lambda eng=cand: _decode(eng, prompts, sp, seeds, batch_size), device, warmup=1, repeats=1)
+        tokens, stats = run.result
+        rec = {
+            "method": spec.name,
+            "params": spec.params(),
+            "tokens_per_second": tokens / run.seconds,
+            "tau": stats.rows.tau,
+            "rounds": stats.target_passes,
+        }
+        if cost is not None:
+            rec["predicted_tokens_per_second"] = tokens / predicted_seconds(cost, cand, stats, B)
+        tried.append(rec)
+        engines.append(cand)
+    key = "predicted_tokens_per_second" if cost is not None else "tokens_per_second"
+    best = max(range(len(tried)), key=lambda i: tried[i][key])
     record = {
         "rows": n,
         "seconds": time.perf_counter() - t0,
         "candidates": tried,
-        "chosen": max(tried, key=lambda x: x["tokens_per_second"])["params"],
+        "chosen_by": key,
+        "chosen": {"method": tried[best]["method"], "params": tried[best]["params"]},
     }
-    return best[1], record
+    return engines[best], record
+
+
+def _decode(engine, prompts, sp, seeds, batch_size: int):
+    """(completion tokens, summed EngineStats) of the prompts in batches of batch_size."""
+    tokens, total = 0, None
+    for i in range(0, len(prompts), batch_size):
+        outs, stats = engine.generate(prompts[i : i + batch_size], sp, seeds[i : i + batch_size])
+        tokens += sum(len(c.tokens) for c in outs)
+        total = stats if total is None else total + stats
+    return tokens, total
 
 
 class Baseline:

@@ -101,7 +101,8 @@ class ShardWorker:
         """On the device thread: target, drafter, plain engine for the baseline, warm-up (compile, graph capture)."""
         import torch
 
-        from .decode.build import build_engine, load_model
+        from .decode.build import build_engine, load_model, set_cost
+        from .decode.cost import measure_for_actor
         from .decode.sampling import SamplingParams
         from .timing import EnergyMeter
         from .tuning import Baseline
@@ -129,6 +130,11 @@ class ShardWorker:
             else (platform.processor() or platform.machine())
         )
         self.engine.generate([[0]], SamplingParams(2, 0.0, 1.0, 0, ()))  # warm-up: first-call allocation/compile
+        self.cost_model: dict | None = None  # this device's measured cost model, handed to the engine's policy
+        if self.engine.spec.name != "none":
+            cost = measure_for_actor(self.target, self.engine.drafter, m.model.target, m.resources.batch_size)
+            set_cost(self.engine, cost)
+            self.cost_model = cost.to_json()
         clock.mark("warmup")
 
     def _codec(self, tok):
@@ -198,15 +204,18 @@ class ShardWorker:
 
     def _device(self, job: _Job, p: _Prepared) -> _Decoded:
         """Device thread: autotune (once per actor), decode, the measured baseline; the shard's records."""
+        from .decode.cost import CostModel
         from .tuning import autotune
 
         t0, started, e0 = time.perf_counter(), time.time(), self.energy.read()
         _kill_drill(job.shard.index, job.attempt)
         m, sh, good, errors = self.m, job.shard, p.good, p.errors
         if m.speculative.autotune.enabled and self.autotune is None and good:
+            cost = CostModel.from_json(self.cost_model) if self.cost_model else None
             self.engine, self.autotune = autotune(
-                self.engine, good, self.sp, m.speculative.autotune.fraction, m.resources.batch_size
+                self.engine, good, self.sp, m.speculative.autotune.fraction, m.resources.batch_size, cost
             )
+            self.autotune["cost_model"] = self.cost_model is not None
         outputs, stats = self._decode(good)
         stats.baseline = self.baseline.run([r for r in good if r.sample_index == 0], self.engine)
         proposer = getattr(self.engine, "proposer", None)  # the transformers fallback has none
@@ -233,6 +242,7 @@ class ShardWorker:
             energy_kwh=self.energy.kwh(e0, self.energy.read()),
             autotune=self.autotune,
             stages={"read": p.read_seconds, "queued": max(t0 - p.read_done, 0.0), "decode": wall},
+            cost_model=self.cost_model,
             **self.info(),
         )
         carried = p.data.carried.take([r.input_index for r in good]) if p.data.carried is not None else None
@@ -332,19 +342,12 @@ class ShardWorker:
                     None if top is None else self.codec.top_logprobs(top),
                 )
         seq = total.rows
-        stats = ShardStats(
-            rounds=seq.rounds,
-            drafted_tokens=seq.drafted,
-            accepted_tokens=seq.accepted,
-            accepted_by_depth=dict(seq.accepted_by_depth),
-            draft_lengths=dict(seq.draft_lengths),
-            draft_seconds=total.draft_seconds,
-            verify_seconds=total.verify_seconds,
-            other_seconds=total.other_seconds + total.prefill_seconds,
-            target_passes=total.target_passes,
-            slot_rounds=total.slot_rounds,
-            busy_slot_rounds=total.busy_slot_rounds,
-        )
+        stats = ShardStats(rounds=seq.rounds, drafted_tokens=seq.drafted, accepted_tokens=seq.accepted,
+                           accepted_by_depth=dict(seq.accepted_by_depth), draft_lengths=dict(seq.draft_lengths),
+                           draft_seconds=total.draft_seconds, verify_seconds=total.verify_seconds,
+                           other_seconds=total.other_seconds + total.prefill_seconds,
+                           target_passes=total.target_passes, slot_rounds=total.slot_rounds,
+                           busy_slot_rounds=total.busy_slot_rounds)
         return [done[j] for j in range(len(rows))], stats
 
 

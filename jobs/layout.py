@@ -121,7 +121,7 @@ def _parquet_bytes(
 # ------------------------------------------------------------------ per-shard statistics
 
 _IDENTITY = (  # fields that name a shard's decoder, not measure it: kept by `+` only when equal
-    *("shard", "attempt", "method", "params", "autotune"),
+    *("shard", "attempt", "method", "params", "autotune", "cost_model"),
     *("actor_id", "node_id", "host", "pid", "accelerator", "device"),
 )
 
@@ -160,6 +160,7 @@ class ShardStats:
     energy_kwh: float | None = None
     stages: dict = field(default_factory=dict)  # seconds: read (rows read, tokenized), queued (to the device), decode
     autotune: dict | None = None  # this actor's autotune measurement and choice, when enabled
+    cost_model: dict | None = None  # this actor's measured cost model (adaspec_worker/decode/cost.py CostModel)
     actor_id: str | None = None
     node_id: str | None = None
     host: str | None = None

@@ -84,19 +84,24 @@ def train_draft(target, corpus, out, text_column, quiet, early_exit, no_adapter,
 @click.option("--prompts", type=int, default=None, help="Prefixes to decode for labels (default 400).")
 @click.option("--new-tokens", type=int, default=None, help="Tokens decoded per prefix (default 96).")
 @click.option("--batch-size", type=int, default=None, help="Prefixes decoded together (default 16).")
-@click.option(
-    "--draft-cost",
-    type=float,
-    default=None,
-    help="Draft step cost relative to a verification pass, for selection (default 0.15).",
-)
+@click.option("--steps", type=int, default=None, help="Training steps per grid point (default 400).")
+@click.option("--lambdas", callback=lambda c, p, v: _csv(float)(c, p, v) if v else None, help="Loss asymmetries "
+              "(default 1.5,2,3).")
+@click.option("--offsets", callback=lambda c, p, v: _csv(float)(c, p, v) if v else None, help="Rounding thresholds: "
+              "length = floor(prediction + offset) (default 0.5,1).")
+@click.option("--widths", callback=lambda c, p, v: _csv(int)(c, p, v) if v else None, help="MLP widths (64,128,256).")
+@click.option("--k-maxes", callback=lambda c, p, v: _csv(int)(c, p, v) if v else None, help="k_max grid (4,6,8,10).")
+@click.option("--batch", type=int, default=None, help="Batch size the simulated tokens/s is for (default 1).")
+@click.option("--cost-model", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A cost model JSON (e.g. from bench.json or shard stats); default: measured here.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True)
 def fit_ldlp(target, draft, corpus, out, text_column, **opts):
     """Fit AdaEAGLE's draft-length predictor (LDLP) for TARGET and its head.
 
-    Labels: the accepted length of a greedy EAGLE chain of 10 on corpus prefixes. Width, lambda and
-    k_max are chosen on held-out rounds; the choice and its validation scores go in config.json.
+    Labels: the accepted length of a greedy EAGLE chain of 10 on corpus prefixes. Width, lambda, k_max and
+    the rounding offset are chosen on held-out rounds by simulated tokens/s under the cost model measured
+    on this device; the choice, the grid and the cost model go in config.json.
 
     \b
     Example:
@@ -116,6 +121,7 @@ def fit_ldlp(target, draft, corpus, out, text_column, **opts):
                     "k_max",
                     "width",
                     "lambda",
+                    "offset",
                     "val_mae",
                     "val_exact_share",
                     "constant_mae",
@@ -192,6 +198,8 @@ def _methods(ctx, param, v):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", default="bench/results/run", show_default=True, type=click.Path(file_okay=False))
 @click.option("--profile", is_flag=True, help="Count CUDA kernels per round per adarun cell (torch.profiler).")
+@click.option("--cost-model", is_flag=True, help="Measure the cost model (target pass, draft level): JSON + cost.png.")
+@click.option("--shape", default="", help="Also measure the cost model of a random-weight target of this shape (8b).")
 @click.option(
     "--workload",
     type=click.Choice(["fixed", "natural"]),

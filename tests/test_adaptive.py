@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from adaspec_worker.decode.build import build_engine
 from adaspec_worker.decode.ldlp import LDLP, save_ldlp
 from adaspec_worker.decode.model import load_target
+from adaspec_worker.decode.policy import Shape
 from adaspec_worker.decode.proposers.adaptive import AdaEDL, adaedl_update
 from adaspec_worker.decode.proposers.base import PROPOSERS, BatchInfo, Proposer, RoundInput
 from adaspec_worker.decode.proposers.fixed import EagleChain
@@ -67,10 +68,14 @@ def test_proposers_alone_with_a_fake_drafter():
     tree = EagleChain(EagleSpec(k=3)).propose(r, None)
     assert tree.tokens.tolist() == [[4, 5, 6, 7], [8, 9, 0, 1]] and tree.valid.all()
     # AdaEDL: a sure drafter has zero entropy, so 1 - sqrt(gamma * H) = 1 >= lambda and the whole chain is kept
-    adaedl = AdaEDL(AdaEDLSpec(k_max=4))
+    adaedl = AdaEDL(AdaEDLSpec(k_max=4, top_k=1, nodes_per_level=1))
     adaedl.begin(BatchInfo(B=2, device=torch.device("cpu"), sampling=SamplingParams(), prompts=[[1], [2]]))
+    adaedl.shape = Shape(depth=4, nodes=4, width=1)
     tree = adaedl.propose(r, None)
     assert tree.tokens[:, 1:].tolist() == [[5, 6, 7, 8], [9, 0, 1, 2]] and tree.valid.all()
+    adaedl.lam[1] = 1.5  # nothing passes the bound for row 1: it keeps only its first level (the floor)
+    tree = adaedl.propose(r, None)
+    assert tree.valid.tolist() == [[True] * 5, [True, True, False, False, False]]
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +200,20 @@ def test_fit_ldlp_beats_a_constant_predictor(tmp_path):
     cfg = LDLPFitConfig(prompts=80, new_tokens=40, widths=(64,), lambdas=(2.0,), k_maxes=(6,), steps=300, device="cpu",
                         dtype="float32")
     corpus = sysconfig.get_paths()["stdlib"] + "/*.py"
-    meta = fit_ldlp(str(TINY), str(TINY_HEAD), corpus, str(tmp_path / "ldlp"), cfg, log=lambda m: None)
+    lines = []
+    meta = fit_ldlp(str(TINY), str(TINY_HEAD), corpus, str(tmp_path / "ldlp"), cfg, log=lines.append)
     assert meta["val_mae"] < meta["constant_mae"]
     saved = json.loads((tmp_path / "ldlp" / "config.json").read_text())
-    for k in ("width", "lambda", "k_max", "val_mae", "val_exact_share"):
+    for k in ("width", "lambda", "k_max", "offset", "val_mae", "val_exact_share", "cost_model"):
         assert k in saved
+    # chosen by simulated tokens/s under the measured cost model: the best of the grid, at least the constant k's
+    assert len(saved["grid"]) == 2 and meta["val_simulated_speed"] == max(g["simulated_tokens_per_s"]
+                                                                          for g in saved["grid"])
+    assert saved["cost_model"]["device"] == "cpu" and any(m.startswith("[1/1]") for m in lines)
+    assert any(m.startswith("collect: 80/80") for m in lines)
+    from transformers import AutoTokenizer
+
+    from adaspec_worker.train.fit_ldlp import _prefixes
+    told = []
+    assert len(_prefixes(AutoTokenizer.from_pretrained(TINY), ["x = 1\n" * 40, "y"], cfg, told.append)) == 1
+    assert "only 1 of 80 prefixes" in told[0] and "1 of them under 32 tokens" in told[0]

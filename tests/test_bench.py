@@ -38,6 +38,29 @@ def test_bench_writes_json_markdown_and_plots(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and mpimg.imread(out / png).std() > 0.01
 
 
+def test_bench_cost_model_and_shape(tmp_path):
+    """--cost-model --shape: both cost models in bench.json with the policy's choices, cost.png; the oracle's
+    reference verification is recorded apart and not charged."""
+    out = tmp_path / "bench"
+    r = CliRunner().invoke(cli, ["bench", "--target", str(TINY), "--draft", str(TINY_HEAD),
+                                 "--prompts", str(REPO / "manifests" / "prompts.parquet"),
+                                 "--methods", "oracle:k_max=4:top_k=3", "--batch-sizes", "1,2",
+                                 "--temperatures", "0,0.7",
+                                 "--new-tokens", "6", "--n-prompts", "1", "--repeats", "1", "--baselines", "",
+                                 "--dtype", "float32", "--device", "cpu", "--out", str(out), "--cost-model",
+                                 "--shape", "tiny"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "bench.json").read_text())
+    models = res["cost_models"]["models"]
+    assert set(models) == {"target", "tiny"} and models["target"]["batches"] == [1, 2]
+    assert all(v > 0 for line in models["tiny"]["target_s"] + models["tiny"]["draft_s"] for v in line)
+    assert {c["batch"] for c in res["cost_models"]["policy"]["tiny"]} == {1, 2}
+    assert mpimg.imread(out / "cost.png").std() > 0.01
+    for T in (0.0, 0.7):
+        cell = next(c for c in res["cells"] if c["label"].startswith("oracle") and c["temperature"] == T)
+        assert cell["reference_seconds"] > 0 and cell["tau"] >= 1
+
+
 def test_bench_natural_workload_compares_refill_on_and_off(tmp_path):
     out = tmp_path / "natural"
     r = CliRunner().invoke(cli, ["bench", "--target", str(TINY), "--draft", str(TINY_HEAD),

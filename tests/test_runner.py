@@ -350,7 +350,11 @@ def test_autotune_picks_a_measured_setting_and_records_it(ray_cluster, prompts, 
     assert state.committed == 5
     stats = [json.loads(p.read_text()) for p in sorted((out / "stats").iterdir())]
     tune = stats[0]["autotune"]
-    assert len(tune["candidates"]) == 4 and all(c["tokens_per_second"] > 0 for c in tune["candidates"])
-    best = max(tune["candidates"], key=lambda c: c["tokens_per_second"])
-    assert tune["chosen"] == best["params"] and all(s["autotune"] == tune for s in stats)  # one choice per actor
+    cands = tune["candidates"]  # eagle2's grid (4), then none, an eagle chain and opt-tree (no LDLP here)
+    assert [c["method"] for c in cands] == ["eagle2"] * 4 + ["none", "eagle", "opt-tree"]
+    assert all(c["tokens_per_second"] > 0 and c["predicted_tokens_per_second"] > 0 for c in cands)
+    best = max(cands, key=lambda c: c["predicted_tokens_per_second"])  # by the actor's measured cost model
+    assert tune["chosen"] == {"method": best["method"], "params": best["params"]} and tune["cost_model"]
+    assert stats[0]["cost_model"]["device"] == "cpu"
+    assert all(s["autotune"] == tune for s in stats)  # one choice per actor
     assert_exactly_once(prompts, out)

@@ -5,7 +5,8 @@
 loads the drafter the spec needs (`spec.needs["draft"]`, a kind in `drafters.DRAFTERS`) and the LDLP
 (when `"ldlp" in spec.needs`), builds the proposer registered for the spec's class, and hands the
 built parts to the engine. `draft` and `ldlp` may also be already-loaded objects (autotune reuses
-them: `build_engine(target, candidate, draft=engine.drafter, ldlp=engine.ldlp)`).
+them: `build_engine(target, candidate, draft=engine.drafter, ldlp=engine.ldlp)`); `cost`, a measured
+`cost.CostModel`, goes to the proposer (`set_cost`) for the policies that read one.
 
 `load_model(dir, spec, dtype, device)` loads the target: our own model, or, when it does not implement the
 checkpoint's architecture (or RoPE) and the method is `none`, transformers' (`hf_engine.HFTarget`, the slower
@@ -19,16 +20,7 @@ from __future__ import annotations
 
 import os
 
-from jobs.specs import (
-    EagleThompsonSpec,
-    EESDSpec,
-    MethodSpec,
-    NoneSpec,
-    OracleSpec,
-    RASDSpec,
-    RetrievalSpec,
-    TokenRecyclingSpec,
-)
+from jobs.specs import EagleThompsonSpec, EESDSpec, MethodSpec, NoneSpec, RASDSpec, RetrievalSpec, TokenRecyclingSpec
 
 from . import early_exit  # noqa: F401  (importing it registers the "early-exit" drafter kind)
 from .config import UnsupportedModel
@@ -40,15 +32,15 @@ from .model import CausalLM, ModelLoadError, load_target
 from .proposers import (  # noqa: F401  (importing them registers every proposer in PROPOSERS)
     adaptive,
     fixed,
+    oracle,
     rasd,
     recycling,
     retrieval,
     thompson_chain,
 )
 from .proposers.base import PROPOSERS, Proposer
-from .sampling import SamplingParams
 
-__all__ = ["build_engine", "build_proposer", "greedy_reference", "load_drafter", "load_model"]
+__all__ = ["build_engine", "build_proposer", "load_drafter", "load_model", "set_cost"]
 
 
 def load_model(model_dir: str, spec: MethodSpec, dtype: str = "auto", device: str = "auto") -> CausalLM | HFTarget:
@@ -64,7 +56,7 @@ def load_model(model_dir: str, spec: MethodSpec, dtype: str = "auto", device: st
 
 def build_engine(target: CausalLM | HFTarget, spec: MethodSpec, draft: str | os.PathLike | Drafter | None = None,
                  ldlp: str | os.PathLike | LDLP | None = None, fast: bool = True, *,
-                 on_round: RoundHook | None = None) -> Engine | HFEngine:
+                 on_round: RoundHook | None = None, cost=None) -> Engine | HFEngine:
     """An engine running `spec` on `target`. draft / ldlp: a path or a loaded object; ignored when the
     spec does not need it; ModelLoadError naming model.draft / model.ldlp when it does and is missing.
     fast on CUDA also fuses target and drafter weights in place and compiles their decode passes.
@@ -76,7 +68,16 @@ def build_engine(target: CausalLM | HFTarget, spec: MethodSpec, draft: str | os.
         target.fuse()
         if drafter is not None:
             drafter.fuse()
-    return Engine(target, build_proposer(target, spec, ldlp, drafter), drafter, on_round=on_round, fast=fast)
+    engine = Engine(target, build_proposer(target, spec, ldlp, drafter), drafter, on_round=on_round, fast=fast)
+    if cost is not None:
+        set_cost(engine, cost)
+    return engine
+
+
+def set_cost(engine: Engine | HFEngine, cost) -> None:
+    """Hand a measured `cost.CostModel` to the engine's proposer (policies that read one; others ignore it)."""
+    if isinstance(engine, Engine):  # the transformers fallback runs `none` only: nothing reads a cost model
+        engine.proposer.cost = cost
 
 
 def load_drafter(target: CausalLM, spec: MethodSpec, draft) -> Drafter | None:
@@ -107,15 +108,4 @@ def build_proposer(target: CausalLM, spec: MethodSpec, ldlp=None, drafter: Draft
         if not cost and isinstance(spec, EESDSpec) and drafter is not None:  # 0: the head's share of the layers
             cost = len(drafter.stack()) / target.cfg.num_layers
         return cls(spec, draft_cost=cost)
-    if isinstance(spec, OracleSpec):
-        return cls(spec, reference=greedy_reference(target))
     return cls(spec)
-
-
-def greedy_reference(target: CausalLM):
-    """(prompts, sampling) -> each prompt's plain-decoding tokens: the oracle's reference continuation."""
-
-    def reference(prompts: list[list[int]], sampling: SamplingParams) -> list[list[int]]:
-        completions, _ = Engine(target, fixed.NoDraft(NoneSpec())).generate(prompts, sampling)
-        return [c.tokens for c in completions]
-    return reference

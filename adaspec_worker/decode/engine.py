@@ -196,10 +196,10 @@ class Engine:
         work.seed.copy_(torch.tensor([seeds[i] for i in take] + [0] * (B - n), device=device))
         work.counter.zero_()
         work.alive.copy_(torch.arange(B, device=device) < n)
-        if self.drafter is not None:
+        self.proposer.begin(BatchInfo(B=B, device=device, sampling=sampling, prompts=padded))
+        if self.drafter is not None and self.proposer.drafting:  # a call that backs off leaves the drafter idle
             self._prefill_drafter(ids, lens, pre.features)
         batch = Batch(work, self.proposer, self.drafter, origin=take + [len(prompts) + i for i in range(B - n)])
-        self.proposer.begin(BatchInfo(B=B, device=device, sampling=sampling, prompts=padded))
         first_plan = self.proposer.first_plan(self._round_input(sampling))  # planning proposers: one sync of its own
         batch.plan = first_plan.tolist() if first_plan is not None else None
         return batch
@@ -220,7 +220,7 @@ class Engine:
         work.seed[index] = torch.tensor([seeds[i] for i in take], device=device)
         work.counter[index] = 0
         work.alive[index] = True
-        if self.drafter is not None:
+        if self.drafter is not None and self.proposer.drafting:
             logits, hidden = self.drafter.admit(index, ids, lens, pre.features)
             work.draft_logits[index] = logits
             if hidden is not None:
@@ -276,6 +276,14 @@ class Engine:
         # the sampling rule is baked into a captured graph (temperature, top-k/p are Python constants there)
         rule = (sampling.temperature, sampling.top_k, sampling.top_p, sampling.logprobs)
         key = (batch.workspace.B, rule, tuple(self.proposer.plan_key(batch.plan)))
+        if self.proposer.references:  # benchmark-only oracle: its reference verification is timed apart, uncharged
+            clock.mark("reference")
+            w = batch.workspace  # judge(tree): the round's own target pass and rule, nothing committed
+            judge = lambda t: verify_round(t, self.target(t.tokens, t.positions(w.cache.lens), w.cache,  # noqa: E731
+                                                          t.ancestors())[0], sampling, w.seed, w.counter)
+            ref = lambda: self.proposer.reference(self._round_input(sampling), judge)  # noqa: E731
+            batch.plan = self._run(("reference", w.B, rule), ref).tolist()
+            key = (w.B, rule, tuple(self.proposer.plan_key(batch.plan)))
         clock.mark("draft")
         tree = self._run(("draft", *key), lambda: self.proposer.propose(self._round_input(sampling), batch.plan))
         clock.mark("verify")
@@ -351,7 +359,7 @@ class Engine:
         path_tokens = torch.gather(tree.tokens, 1, path)  # [B, P] root, accepted...
         emitted = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], 1)
         emitted = emitted.scatter(1, n_accepted[:, None], verdict.bonus[:, None])  # [B, P] accepted..., bonus
-        if self.drafter is not None:
+        if self.drafter is not None and self.proposer.drafting:
             self._extend_drafter(emitted, self.drafter.pick_features(hidden, aux), path, keep)
         if self.on_round is not None:
             self.on_round(work.ldlp_feat, n_accepted, tree)

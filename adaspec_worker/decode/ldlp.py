@@ -19,9 +19,10 @@ import torch.nn as nn
 
 
 class LDLP(nn.Module):
-    def __init__(self, in_dim: int, width: int, k_max: int):
+    def __init__(self, in_dim: int, width: int, k_max: int, offset: float = 0.5):
         super().__init__()
         self.k_max = k_max
+        self.offset = offset  # predicted length = floor(regression + offset): 0.5 rounds, higher drafts longer
         self.inp = nn.Linear(in_dim, width)
         self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, width))
                                     for _ in range(3))
@@ -36,14 +37,15 @@ class LDLP(nn.Module):
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Integer draft length in [0, k_max]: [B]."""
-        return self(x).round().clamp(0, self.k_max).long()
+        return (self(x) + self.offset).floor().clamp(0, self.k_max).long()
 
 
 def save_ldlp(model: LDLP, path: str, meta: dict) -> None:
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    cfg = {"in_dim": model.inp.in_features, "width": model.inp.out_features, "k_max": model.k_max, **meta}
+    cfg = {"in_dim": model.inp.in_features, "width": model.inp.out_features, "k_max": model.k_max,
+           "offset": model.offset, **meta}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, os.path.join(path, "model.safetensors"))
@@ -61,7 +63,7 @@ def load_ldlp(path: str, target) -> LDLP:
     if cfg["in_dim"] != 2 * target.cfg.hidden_size:
         raise ModelLoadError(f"{cfg_path}: in_dim {cfg['in_dim']} does not match 2 x the target's hidden size "
                              f"{target.cfg.hidden_size}")
-    m = LDLP(cfg["in_dim"], cfg["width"], cfg["k_max"])
+    m = LDLP(cfg["in_dim"], cfg["width"], cfg["k_max"], cfg.get("offset", 0.5))
     load_strict(m, load_file(os.path.join(path, "model.safetensors")), path)
     m.meta = cfg
     return m.to(target.device).eval().requires_grad_(False)

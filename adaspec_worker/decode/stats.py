@@ -9,7 +9,7 @@
   - `EngineStats`   one generate() call: target passes, the rows' summed `SeqStats`, the time split,
     slot occupancy;
     `a + b` is the one way stats add up;
-  - `PhaseClock`    splits wall time into prefill / draft / verify / other.
+  - `PhaseClock`    splits wall time into prefill / draft / verify / other (/ the oracle's uncharged reference).
 
 Vocabulary as in `verify.py`: accepted tokens exclude the bonus token; tau = tokens emitted per target
 pass, bonus included (plain decoding = 1.0). Knows nothing of models, proposers or trees.
@@ -161,6 +161,7 @@ class EngineStats:
     other_seconds: float = 0.0  # host-side accounting, stop rules, shrinking the batch
     prefill_seconds: float = 0.0
     warmup_seconds: float = 0.0  # first-use (compiling) rounds and CUDA graph captures, inside the phases above
+    reference_seconds: float = 0.0  # the benchmark-only oracle's reference verification: not charged to it
     slot_rounds: int = 0  # batch slots x rounds (padding and finished-but-frozen slots included)
     busy_slot_rounds: int = 0  # of those, slots whose row was still decoding
 
@@ -176,6 +177,7 @@ class EngineStats:
                            other_seconds=self.other_seconds + other.other_seconds,
                            prefill_seconds=self.prefill_seconds + other.prefill_seconds,
                            warmup_seconds=self.warmup_seconds + other.warmup_seconds,
+                           reference_seconds=self.reference_seconds + other.reference_seconds,
                            slot_rounds=self.slot_rounds + other.slot_rounds,
                            busy_slot_rounds=self.busy_slot_rounds + other.busy_slot_rounds)
 
@@ -183,7 +185,7 @@ class EngineStats:
 class PhaseClock:
     """Splits wall time into phases. On CUDA it records events and reads them at the round's sync."""
 
-    PHASES = ("prefill", "draft", "verify", "other")
+    PHASES = ("prefill", "draft", "verify", "other", "reference")
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -210,4 +212,5 @@ class PhaseClock:
         stats.draft_seconds += spent["draft"]
         stats.verify_seconds += spent["verify"]
         stats.other_seconds += spent["other"]
+        stats.reference_seconds += spent["reference"]
         self.marks = self.marks[-1:]

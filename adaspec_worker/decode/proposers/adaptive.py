@@ -1,100 +1,127 @@
-"""Adaptive proposers: how far (and how wide) to draft, decided per round and per row.
+"""Adaptive proposers: a cost-aware shape per call, and per row a depth from the method's own signal.
 
-Registered by spec class like the fixed methods (`base.PROPOSERS`); parameters and sources are
-documented on their specs in `jobs/specs.py`. Chains are drafted to a bound on the device and cut by
-a per-row `valid` mask, so a stopping rule costs no host sync; LDLP's next-round length is computed
-right after verification and rides on that round's one sync (the engine hands it back as `plan`).
-Exceptions, by design of the published algorithms: DDD syncs at its few check depths, OPT-Tree once
-per level, and the benchmark-only oracle once per round before verification. All are lossless: they
-only change what is proposed, never how it is verified.
+Registered by spec class like the fixed methods (`base.PROPOSERS`); parameters and sources are documented
+on their specs in `jobs/specs.py`. Every method here is a `Budgeted` proposer:
 
-Knows nothing of the engine: the LDLP and the oracle's reference decode are handed in by the builder.
+  - the round's shape (depth, node budget, width) is chosen once per generate() call by `policy.ShapePolicy`
+    from the method's menu, the batch bucket, the sampling rule and the measured cost model (`self.cost`,
+    set by the builder or the worker): expected tokens per second, `none` (drafter idle) when nothing pays;
+  - per row, `limit(r, stats, shape)` turns the method's signal into that row's depth limit, and
+    `ranked.grow_ranked` spends the row's node budget on its best candidates within it:
+      adaeagle      LDLP's predicted accepted length (AdaEAGLE)
+      adaeagle-ddd  LDLP's length, or deeper while the best path's log-probability stays above the threshold
+      adaedl        levels while 1 - sqrt(gamma * H) >= lambda, lambda adapted per row (AdaEDL)
+      ddd           stop at the first check depth where the beams' total probability falls below the threshold
+      opt-tree      stop at the first level whose frontier adds less than delta to E = sum of path probabilities
+      ldlp-tree     LDLP's length + 1, within [min_depth, max_depth]
+Per-row state lives in `row_state` tensors; propose and observe never leave the device (no host sync), so
+every round is a CUDA graph (one per shape). Lossless: they only change what is proposed.
+
+Knows nothing of the engine: the LDLP and the cost model are handed in by the builder.
 """
-from __future__ import annotations
 
-from collections.abc import Callable
+from __future__ import annotations
 
 import torch
 
-from jobs.specs import (
-    AdaEagleDDDSpec,
-    AdaEagleSpec,
-    AdaEDLSpec,
-    DDDSpec,
-    LDLPTreeSpec,
-    MethodSpec,
-    OptTreeSpec,
-    OracleSpec,
-)
+from jobs.specs import AdaEagleDDDSpec, AdaEagleSpec, AdaEDLSpec, DDDSpec, LDLPTreeSpec, MethodSpec, OptTreeSpec
 
-from ..sampling import SamplingParams
-from ..trees import chain_tree, grow_dynamic
-from .base import BatchInfo, Proposer, RoundInput, draft_chain, eagle2_max_nodes, implements
-
-ReferenceFn = Callable[[list[list[int]], SamplingParams], list[list[int]]]  # (prompts, sampling) -> greedy tokens
+from ..policy import NO_DRAFT, RoundTally, Shape, ShapePolicy, menu, rule_key
+from ..ranked import LevelStats, grow_ranked, leading
+from ..trees import chain_tree
+from .base import BatchInfo, Proposer, RoundInput, implements
 
 
-class LDLPPlanned(Proposer):
-    """Base of the proposers whose shape follows LDLP's predicted accepted length (chains and trees).
+class Budgeted(Proposer):
+    """Base of the adaptive proposers: the shape from the cost policy, the per-row depth from `limit`."""
 
-    The per-row prediction lives on the device in `self.k` (read by graph replays); its host copy is
-    the plan the engine passes back each round."""
-
-    returns_plan = True
-
-    def __init__(self, spec: MethodSpec, ldlp):
+    def __init__(self, spec: MethodSpec, max_depth: int, width: int, nodes_per_level: int):
         super().__init__(spec)
-        assert ldlp is not None, f"{spec.name} needs an LDLP (model.ldlp)"
-        self.ldlp = ldlp
-        self.k_max = getattr(spec, "k_max", 0) or ldlp.k_max
-        self.scratch, self.max_nodes = self.k_max, self.k_max + 1
+        self.policy = ShapePolicy(menu(max_depth, width, nodes_per_level), spec.accept_prior)
+        self.tally = RoundTally()
+        self.shape = NO_DRAFT
+        self.max_nodes = 1 + max(s.nodes for s in self.policy.shapes)
+        self.scratch = width * max_depth
+
+    @property
+    def cost(self):
+        return self.policy.cost
+
+    @cost.setter
+    def cost(self, value) -> None:
+        self.policy.cost = value
+
+    @property
+    def drafting(self) -> bool:
+        """False when this call backs off to plain decoding: the engine then leaves the drafter idle."""
+        return self.shape.drafts
 
     def begin(self, batch: BatchInfo) -> None:
-        self.row_state("k", batch.B, 0, torch.long, batch.device)  # the plan on the device, for graph replays
-
-    def first_plan(self, r: RoundInput) -> torch.Tensor:
-        """First round of a generate(): no verification sync to ride on yet, so the engine makes one of its own."""
-        return self.observe(None, None, r)
+        self.tally.flush(self.policy)  # the previous call's rounds (one read, outside any round)
+        self.shape = self.policy.choose(batch.B, batch.sampling)
+        self.tally.start(batch.device, rule_key(batch.sampling), self.shape)
+        self.row_state("last_counter", batch.B, 0, torch.long, batch.device)  # [B] counter after the last round
 
     def plan_key(self, plan):
-        return (max(plan),)
+        return (self.shape,)
+
+    def propose(self, r: RoundInput, plan):
+        s = self.shape
+        if not s.drafts:
+            return chain_tree(r.root, r.root.new_zeros(r.root.shape[0], 0))
+        limit = lambda stats: self.limit(r, stats, s).clamp(1, s.depth)  # noqa: E731
+        return grow_ranked(r.root, r.root_logits, r.root_hidden, r.drafter.step, s.width, s.depth, s.nodes, limit)
+
+    def limit(self, r: RoundInput, stats: LevelStats, shape: Shape) -> torch.Tensor:
+        """[B] the depth each row may draft to this round (clamped to [1, shape.depth] by the caller)."""
+        raise NotImplementedError
 
     def observe(self, verdict, tree, r):
-        self.k.copy_(self.ldlp.predict(r.ldlp_feat).clamp(max=self.k_max))
-        return self.k
+        self.tally.add(r.counter - self.last_counter)  # tokens each row emitted (0: finished or padding)
+        self.last_counter.copy_(r.counter)
+        self.observe_rows(verdict, tree, r)
+        return None
+
+    def observe_rows(self, verdict, tree, r) -> None:
+        """Per-row feedback of the method's own signal (AdaEDL's lambda)."""
+
+
+def _depths(stats: LevelStats) -> torch.Tensor:
+    """[1, D] the levels 1..D."""
+    return torch.arange(1, stats.entropy.shape[1] + 1, device=stats.entropy.device)[None, :]
+
+
+class LDLPBudgeted(Budgeted):
+    """A Budgeted proposer that reads AdaEAGLE's draft-length predictor."""
+
+    def __init__(self, spec: MethodSpec, ldlp, max_depth: int, width: int, nodes_per_level: int):
+        assert ldlp is not None, f"{spec.name} needs an LDLP (model.ldlp)"
+        self.ldlp = ldlp
+        super().__init__(spec, max_depth or ldlp.k_max, width, nodes_per_level)
+
+    def predicted(self, r: RoundInput) -> torch.Tensor:
+        """[B] LDLP's accepted length for the round about to be drafted."""
+        return self.ldlp.predict(r.ldlp_feat)
 
 
 @implements(AdaEagleSpec)
-class AdaEagle(LDLPPlanned):
-    def plan_key(self, plan):
-        return (self.chain_len(plan),)
+class AdaEagle(LDLPBudgeted):
+    def __init__(self, spec: AdaEagleSpec, ldlp):
+        super().__init__(spec, ldlp, spec.k_max, spec.top_k, spec.nodes_per_level)
 
-    def chain_len(self, plan: list[int]) -> int:
-        """Chain drafted this round: the longest row's LDLP length, rounded up to a few sizes so the
-        graphs captured per size stay few (rows with shorter predictions mask their extra nodes)."""
-        longest = int(max(plan))
-        if longest == 0:
-            return 0
-        return min(next(b for b in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 10**9) if b >= longest), self.k_max)
-
-    def propose(self, r, plan):
-        K = self.chain_len(plan)
-        if K == 0:
-            return chain_tree(r.root, r.root.new_zeros(r.root.shape[0], 0))
-        toks, _, _ = draft_chain(r, K)
-        return chain_tree(r.root, toks, valid=torch.arange(K, device=self.k.device)[None, :] < self.k[:, None])
+    def limit(self, r, stats, shape):
+        return self.predicted(r)
 
 
 @implements(AdaEagleDDDSpec)
-class AdaEagleDDD(LDLPPlanned):
-    def plan_key(self, plan):
-        return ()
+class AdaEagleDDD(LDLPBudgeted):
+    def __init__(self, spec: AdaEagleDDDSpec, ldlp):
+        super().__init__(spec, ldlp, spec.k_max, spec.top_k, spec.nodes_per_level)
 
-    def propose(self, r, plan):
-        toks, logp, _ = draft_chain(r, self.k_max)  # [B, k_max]
-        j = torch.arange(self.k_max, device=self.k.device)[None, :]
-        go = (j < self.k[:, None]) | (logp.cumsum(-1) > self.spec.threshold)  # stop only when both say stop
-        return chain_tree(r.root, toks, valid=go.long().cumprod(-1).bool())
+    def limit(self, r, stats, shape):
+        best_path = stats.frontier_logp[:, :, 0]  # [B, D] log-probability of the best path to each level
+        go = (_depths(stats) <= self.predicted(r)[:, None]) | (best_path > self.spec.threshold)
+        return leading(go)  # stop only when both say stop
 
 
 def adaedl_update(lam: torch.Tensor, ema: torch.Tensor, acc_rate: torch.Tensor, beta1: float, alpha: float, eps: float):
@@ -105,121 +132,58 @@ def adaedl_update(lam: torch.Tensor, ema: torch.Tensor, acc_rate: torch.Tensor, 
 
 
 @implements(AdaEDLSpec)
-class AdaEDL(Proposer):
+class AdaEDL(Budgeted):
     def __init__(self, spec: AdaEDLSpec):
-        super().__init__(spec)
-        self.scratch, self.max_nodes = spec.k_max, spec.k_max + 1
+        super().__init__(spec, spec.k_max, spec.top_k, spec.nodes_per_level)
 
     def begin(self, batch):
-        self.row_state("lam", batch.B, self.spec.lam0, torch.float64, batch.device)
-        self.row_state("ema", batch.B, self.spec.alpha, torch.float64, batch.device)
+        super().begin(batch)
+        self.row_state("lam", batch.B, self.spec.lam0, torch.float64, batch.device)  # [B]
+        self.row_state("ema", batch.B, self.spec.alpha, torch.float64, batch.device)  # [B]
 
-    def propose(self, r, plan):
-        toks, _, entropy = draft_chain(r, self.spec.k_max)  # [B, k_max]
-        go = (1 - (self.spec.gamma * entropy).clamp(min=0).sqrt()) >= self.lam[:, None]
-        return chain_tree(r.root, toks, valid=go.long().cumprod(-1).bool())
+    def limit(self, r, stats, shape):
+        go = (1 - (self.spec.gamma * stats.entropy.double()).clamp(min=0).sqrt()) >= self.lam[:, None]  # [B, D]
+        return leading(go)
 
-    def observe(self, verdict, tree, r):
-        drafted = tree.valid[:, 1:].sum(1)
-        rate = verdict.n_accepted.double() / drafted.clamp(min=1)
+    def observe_rows(self, verdict, tree, r):
+        offered = (tree.depth * tree.valid).amax(1)  # [B] the row's deepest level this round
+        rate = verdict.n_accepted.double() / offered.clamp(min=1)
         lam, ema = adaedl_update(self.lam, self.ema, rate, self.spec.beta1, self.spec.alpha, self.spec.eps)
-        had = drafted > 0  # a round without drafts says nothing about acceptance
+        had = offered > 0  # a round without drafts says nothing about acceptance
         self.lam.copy_(torch.where(had, lam, self.lam))
         self.ema.copy_(torch.where(had, ema, self.ema))
-        return None
 
 
 @implements(DDDSpec)
-class DDD(Proposer):
-    graphable = False  # syncs at its check depths
-
+class DDD(Budgeted):
     def __init__(self, spec: DDDSpec):
-        super().__init__(spec)
-        self.max_nodes = eagle2_max_nodes(spec.top_k, spec.max_depth, spec.total_tokens)
-        self.scratch = spec.top_k * spec.max_depth
-        self.checks = set(spec.check_depths)
+        super().__init__(spec, spec.max_depth, spec.top_k, -(-spec.total_tokens // spec.max_depth))
 
-    def stop(self, level: int, frontier_scores: torch.Tensor) -> bool:
-        """At a check depth: stop when every row's beams together have too little probability left."""
-        return level in self.checks and bool((torch.logsumexp(frontier_scores, -1) < self.spec.threshold).all())
-
-    def propose(self, r, plan):
-        s = self.spec
-        return grow_dynamic(r.root, r.root_logits, r.root_hidden, r.drafter.step, s.top_k, s.max_depth, s.total_tokens,
-                            stop=self.stop)
+    def limit(self, r, stats, shape):
+        """The first check depth (below the shape's depth) where log(sum of the beams' probabilities) < threshold."""
+        B = stats.entropy.shape[0]
+        limit = torch.full((B,), shape.depth, dtype=torch.long, device=stats.entropy.device)
+        for c in sorted(set(self.spec.check_depths), reverse=True):  # the shallowest failing check wins
+            if c < shape.depth:
+                low = torch.logsumexp(stats.frontier_logp[:, c - 1], -1) < self.spec.threshold
+                limit = torch.where(low, c, limit)
+        return limit
 
 
 @implements(OptTreeSpec)
-class OptTree(Proposer):
-    graphable = False  # syncs once per level
-
+class OptTree(Budgeted):
     def __init__(self, spec: OptTreeSpec):
-        super().__init__(spec)
-        self.max_nodes = 1 + spec.n * spec.max_depth
-        self.scratch = spec.n * spec.max_depth
+        super().__init__(spec, spec.max_depth, spec.n, spec.n)
 
-    def stop(self, level: int, frontier_scores: torch.Tensor) -> bool:
-        """The nodes a level adds raise E by the sum of their path probabilities: stop when that is below delta."""
-        return bool((frontier_scores.exp().sum(-1) < self.spec.delta).all())
-
-    def propose(self, r, plan):
-        s = self.spec
-        return grow_dynamic(r.root, r.root_logits, r.root_hidden, r.drafter.step, s.n, s.max_depth, 0, keep="frontier",
-                            stop=self.stop)
+    def limit(self, r, stats, shape):
+        gain = stats.frontier_logp.exp().sum(-1)  # [B, D] what each level's frontier adds to E
+        return 1 + leading(gain[:, :-1] >= self.spec.delta)
 
 
 @implements(LDLPTreeSpec)
-class LDLPTree(LDLPPlanned):
+class LDLPTree(LDLPBudgeted):
     def __init__(self, spec: LDLPTreeSpec, ldlp):
-        super().__init__(spec, ldlp)
-        self.max_nodes = 1 + spec.nodes_per_level * spec.max_depth
-        self.scratch = spec.top_k * spec.max_depth
+        super().__init__(spec, ldlp, spec.max_depth, spec.top_k, spec.nodes_per_level)
 
-    def plan_key(self, plan):
-        return (self.depth(plan),)
-
-    def depth(self, plan: list[int]) -> int:
-        s = self.spec
-        return min(max(int(max(plan)) + 1, s.min_depth), s.max_depth)
-
-    def propose(self, r, plan):
-        s = self.spec
-        depth = self.depth(plan)
-        return grow_dynamic(r.root, r.root_logits, r.root_hidden, r.drafter.step, s.top_k, depth,
-                            s.nodes_per_level * depth)
-
-
-@implements(OracleSpec)
-class Oracle(Proposer):
-    """Drafts a chain of k_max and cuts it where it leaves the target's own greedy continuation,
-    which `reference(prompts, sampling)` computes ahead at `begin`."""
-
-    graphable = False  # one extra sync per round sizes the verification exactly
-
-    def __init__(self, spec: OracleSpec, reference: ReferenceFn):
-        super().__init__(spec)
-        self.reference = reference
-        self.scratch, self.max_nodes = spec.k_max, spec.k_max + 1
-
-    def begin(self, batch):
-        assert batch.sampling.greedy, "the oracle is defined for greedy decoding only"
-        width = batch.sampling.max_new_tokens + self.spec.k_max + 1
-        # [B, width] the reference tokens, -1 past the end
-        self.ref = torch.full((batch.B, width), -1, dtype=torch.long, device=batch.device)
-        self.sampling = batch.sampling
-        self._full = {"ref": self.ref}
-        self.admit(torch.arange(batch.B, device=batch.device), batch.prompts)
-
-    def admit(self, rows, prompts):
-        """New rows' reference continuations."""
-        self.ref[rows] = -1
-        for row, tokens in zip(rows.tolist(), self.reference(prompts, self.sampling)):
-            self.ref[row, : len(tokens)] = torch.tensor(tokens, device=self.ref.device)
-
-    def propose(self, r, plan):
-        k = self.spec.k_max
-        toks, _, _ = draft_chain(r, k)  # [B, k]
-        pos = (r.counter[:, None] + torch.arange(k, device=toks.device)[None, :]).clamp(max=self.ref.shape[1] - 1)
-        good = (toks == torch.gather(self.ref, 1, pos)).long().cumprod(-1)
-        K = int(good.sum(1).max())  # benchmark-only: one extra sync to size the verification exactly
-        return chain_tree(r.root, toks[:, :K], valid=good[:, :K].bool())
+    def limit(self, r, stats, shape):
+        return (self.predicted(r) + 1).clamp(min=self.spec.min_depth)

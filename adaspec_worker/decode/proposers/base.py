@@ -84,6 +84,9 @@ class Proposer:
     returns_plan = False  # first_plan()/observe() return a plan that rides the round's sync
     graphable = True  # no host sync inside propose/observe: the rounds can be CUDA graphs
     ldlp = None  # the draft-length predictor it reads, for proposers that take one
+    cost = None  # the measured cost model (`decode/cost.py`), for proposers whose policy reads one
+    drafting = True  # False for a call that backs off to plain decoding: the engine leaves the drafter idle
+    references = False  # benchmark-only: `reference(round_input, judge)` runs before each round, uncharged
 
     def __init__(self, spec: MethodSpec):
         self.spec = spec
@@ -110,11 +113,13 @@ class Proposer:
         """Write what the spec asks to keep with the job (token-recycling's matrix, a retrieval datastore) to its
         path; called by the worker after each shard, outside generate(). Most proposers keep nothing."""
 
-    def row_state(self, name: str, B: int, fill, dtype, device) -> torch.Tensor:
-        """A per-row state tensor that keeps its address across calls (a view of a capacity buffer)."""
+    def row_state(self, name: str, B: int, fill, dtype, device, width: int | None = None) -> torch.Tensor:
+        """A per-row state tensor [B] (or [B, width]) that keeps its address across calls (a view of a capacity
+        buffer); admit() resets a new row's entry to `fill`."""
         full = self.__dict__.setdefault("_full", {}).get(name)
-        if full is None or full.shape[0] < B or full.device != torch.device(device):
-            full = self._full[name] = torch.empty(B, dtype=dtype, device=device)
+        shape = (B,) if width is None else (B, width)
+        if full is None or full.shape[0] < B or full.shape[1:] != shape[1:] or full.device != torch.device(device):
+            full = self._full[name] = torch.empty(shape, dtype=dtype, device=device)
         self.__dict__.setdefault("_fill", {})[name] = fill  # what admit() resets a row to
         view = full[:B]
         view.fill_(fill)

@@ -1,0 +1,185 @@
+"""The cost-aware shape policy of the adaptive methods: which of a few pre-defined draft shapes a batch uses.
+
+A CUDA graph has fixed shapes, so a round's cost is set by its shape (tree depth, node budget, width), not by
+which nodes a row leaves empty. The policy therefore works at two levels:
+
+  - per (batch bucket, sampling rule), once per generate() call: `ShapePolicy.choose` picks the shape of the
+    method's menu (`menu`, the `none` shape included: back off to plain decoding, drafter idle) that
+    maximises expected tokens per second = E[tokens per round | shape] / `round_seconds(cost, B, shape)`.
+    E[tokens per round] is Thompson-sampled from a posterior per (rule, shape): a geometric prior from the
+    spec's `accept_prior`, updated with the tokens the method's own rounds emitted (`RoundTally`). Nothing
+    of the call's batch companions enters the choice (only B, the rule, the cost model and earlier calls),
+    and with the lossless verification rules a row's text never depends on the shape anyway;
+  - per row, inside the chosen shape: the method's own signal (LDLP length, entropy, beam mass) sets how
+    deep that row's tree may go, and the row's node budget is spent on the best nodes within that depth
+    (`ranked.grow_ranked`): a row predicted short drafts wide, a row predicted long drafts deep.
+
+Knows nothing of models, drafters or verification: it reads a `cost.CostModel` and counts tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .cost import CostModel
+from .sampling import SamplingParams
+
+DEPTHS = (1, 2, 3, 4, 6, 8, 10, 12, 16)  # the depths a menu may offer (few shapes: few graphs)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A round's draft shape: tree depth, node budget (root excluded) and width (top-k per level)."""
+
+    depth: int
+    nodes: int
+    width: int
+
+    @property
+    def drafts(self) -> bool:
+        return self.depth > 0
+
+
+NO_DRAFT = Shape(0, 0, 0)
+
+
+def menu(max_depth: int, width: int, nodes_per_level: int) -> list[Shape]:
+    """`none`, then one shape per depth in DEPTHS up to max_depth with nodes_per_level x depth nodes (capped at
+    the candidates a tree of that width and depth has)."""
+    out = [NO_DRAFT]
+    for d in DEPTHS:
+        if d <= max_depth:
+            out.append(Shape(d, min(nodes_per_level * d, width + (d - 1) * width * width), width))
+    if max_depth not in DEPTHS and max_depth > 0:
+        d = max_depth
+        out.append(Shape(d, min(nodes_per_level * d, width + (d - 1) * width * width), width))
+    return out
+
+
+def round_seconds(cost: CostModel, B: int, shape: Shape) -> float:
+    """One round of `shape` at batch B: the target pass over root + nodes, depth - 1 drafter levels of the
+    shape's width, and the drafter's catch-up over the path (depth + 1 entries); `none` is the target pass."""
+    if not shape.drafts:
+        return cost.target(B, 1)
+    return (
+        cost.target(B, 1 + shape.nodes)
+        + (shape.depth - 1) * cost.draft(B, shape.width)
+        + cost.draft(B, shape.depth + 1)
+    )
+
+
+def prior_tokens(shape: Shape, accept: float) -> float:
+    """Prior tokens per round: each level accepted with probability a, a rising with the nodes per level
+    (at least one of them right), a geometric chain over the depth, plus the bonus token."""
+    if not shape.drafts:
+        return 1.0
+    per_level = max(shape.nodes / shape.depth, 1.0)
+    a = 1 - (1 - accept) ** per_level
+    return 1.0 + sum(a**d for d in range(1, shape.depth + 1))
+
+
+def rule_key(sampling: SamplingParams) -> tuple:
+    """What of the sampling settings changes acceptance: greedy, or the temperature / top-k / top-p."""
+    return ("greedy",) if sampling.greedy else (sampling.temperature, sampling.top_k, sampling.top_p)
+
+
+@dataclass
+class Posterior:
+    """Tokens per round of one (rule, shape): prior pseudo-rounds plus the observed rounds."""
+
+    prior_mean: float
+    prior_rounds: float = 4.0
+    rounds: float = 0.0
+    tokens: float = 0.0
+    squares: float = 0.0
+
+    @property
+    def mean(self) -> float:
+        return (self.prior_rounds * self.prior_mean + self.tokens) / (self.prior_rounds + self.rounds)
+
+    @property
+    def sd(self) -> float:
+        """Standard error of the mean: the observed spread (prior spread 1 token) over the rounds seen."""
+        var = 1.0
+        if self.rounds > 1:
+            var = max(self.squares / self.rounds - (self.tokens / self.rounds) ** 2, 0.05)
+        return math.sqrt(var / (self.prior_rounds + self.rounds))
+
+
+class ShapePolicy:
+    """Thompson sampling over a menu of shapes, scored by tokens per second under a cost model."""
+
+    def __init__(self, shapes: list[Shape], accept_prior: float, cost: CostModel | None = None, seed: int = 0):
+        self.shapes = shapes
+        self.accept_prior = accept_prior
+        self.cost = cost or CostModel.nominal()
+        self.rng = random.Random(seed)  # the choice is a function of the calls seen, never of wall time
+        self.posteriors: dict[tuple, Posterior] = {}
+        self.last: dict = {}  # the last choice and its evidence (for stats and tests)
+
+    def posterior(self, rule: tuple, shape: Shape) -> Posterior:
+        key = (rule, shape)
+        if key not in self.posteriors:
+            accept = self.accept_prior if rule == ("greedy",) else 0.8 * self.accept_prior
+            self.posteriors[key] = Posterior(prior_tokens(shape, accept))
+        return self.posteriors[key]
+
+    def expected_rate(self, B: int, rule: tuple, shape: Shape) -> float:
+        """Posterior-mean tokens per second (per row) of `shape` at batch B."""
+        return self.posterior(rule, shape).mean / round_seconds(self.cost, B, shape)
+
+    def choose(self, B: int, sampling: SamplingParams) -> Shape:
+        rule = rule_key(sampling)
+        draws = {}
+        for shape in self.shapes:
+            post = self.posterior(rule, shape)
+            tokens = post.mean if not shape.drafts else max(self.rng.gauss(post.mean, post.sd), 1.0)
+            draws[shape] = tokens / round_seconds(self.cost, B, shape)
+        best = max(self.shapes, key=lambda s: draws[s])
+        self.last = {
+            "batch": B,
+            "rule": list(rule),
+            "shape": vars(best).copy(),
+            "expected_tokens_per_round": self.posterior(rule, best).mean,
+        }
+        return best
+
+    def update(self, rule: tuple, shape: Shape, rounds: float, tokens: float, squares: float) -> None:
+        post = self.posterior(rule, shape)
+        post.rounds += rounds
+        post.tokens += tokens
+        post.squares += squares
+
+
+class RoundTally:
+    """Device counters of the rows' rounds in one generate() call, read back (one sync) at the next begin().
+
+    A row took part in a round when its emitted-token counter moved (finished and padding rows do not)."""
+
+    def __init__(self):
+        self.sums: torch.Tensor | None = None  # [3] float64: row-rounds, tokens emitted, squares
+        self.pending: tuple | None = None  # (rule, shape) the sums belong to
+
+    def start(self, device, rule: tuple, shape: Shape) -> None:
+        if self.sums is None or self.sums.device != torch.device(device):
+            self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.sums.zero_()
+        self.pending = (rule, shape)
+
+    def add(self, emitted: torch.Tensor) -> None:
+        """emitted [B]: tokens each row emitted this round (0: not in the round). No host sync."""
+        moved = (emitted > 0).double()
+        e = emitted.double()
+        self.sums.add_(torch.stack([moved.sum(), e.sum(), (e * e).sum()]))
+
+    def flush(self, policy: ShapePolicy) -> None:
+        """Hand the last call's counts to the policy (outside any round: once per generate())."""
+        if self.pending is not None and self.sums is not None:
+            rounds, tokens, squares = self.sums.tolist()
+            if rounds > 0:
+                policy.update(*self.pending, rounds, tokens, squares)
+        self.pending = None
