@@ -3,8 +3,10 @@
 - `autotune`: decode a slice of rows with each setting of the method's autotune grid (the spec's
   `autotune_grid`, merged over the manifest's parameters) and keep the fastest for this actor. The
   choice and every candidate's tokens/s go into the shard stats.
-- `baseline`: decode a sample of rows both ways, one at a time, with the job's engine and with plain
-  decoding; the report's measured speedup comes from these pairs.
+- `baseline`: decode a sample of rows both ways, one at a time, with the job's method and with plain
+  decoding; the report's measured speedup comes from these pairs. It runs while the job's engine streams
+  (between its rounds), so it has engines of its own: the method's with its own proposer and drafter
+  state (a second copy of the drafter) and a plain one; neither touches the streaming engine's slots.
 
 Both use `timing` (warm-up, then synchronised timing). Knows nothing of Ray or storage.
 """
@@ -45,19 +47,25 @@ def autotune(engine, rows: list[Row], sp: SamplingParams, fraction: float, batch
 
 
 class Baseline:
-    """Times sampled rows with the job's engine and with plain decoding, on the same actor."""
+    """Times sampled rows with the job's method and with plain decoding, on the same actor, on engines of its own."""
 
     def __init__(self, engine, plain, sp: SamplingParams, fraction: float):
         self.engine, self.plain, self.sp, self.fraction = engine, plain, sp, fraction
         self.warm = False
 
+    def follow(self, chosen) -> None:
+        """Time the method as autotune chose it (`chosen`, the job's new engine), keeping this one's own drafter."""
+        if self.applies(chosen.spec, self.fraction):
+            self.engine = build_engine(chosen.target, chosen.spec, draft=self.engine.drafter, ldlp=chosen.ldlp)
+            self.warm = False
+
     @staticmethod
     def applies(spec: MethodSpec, fraction: float) -> bool:
         return fraction > 0 and spec.name != "none"
 
-    def run(self, rows: list[Row], engine=None) -> list[dict]:
+    def run(self, rows: list[Row]) -> list[dict]:
         """One record per sampled row: {id, spec_seconds, spec_tokens, plain_seconds, plain_tokens}."""
-        engine = engine or self.engine
+        engine = self.engine
         if not rows or not self.applies(engine.spec, self.fraction):
             return []
         picked = [r for r in rows if in_baseline_sample(r.id, self.fraction)] or [rows[0]]

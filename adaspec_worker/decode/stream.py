@@ -4,12 +4,14 @@
     for finished in stream:                       # Finished(tag, group, completion), as rows finish
         ...
     stream.stats, stream.take_group(group)        # the whole stream's EngineStats; one group's (a shard's)
+    stream.started                                # groups with a row that entered a slot
 
 The engine keeps B slots and a queue of pending rows. When rows finish, their slots are prefilled with
 the next pending rows while the other slots keep decoding; when the queue is empty the source is asked
-(without waiting) for more, so a caller can append the next shard's rows while the current shard's last
-rows decode. Only when nothing decodes and nothing is pending does the stream wait on the source; None
-from it ends the stream. `Engine.generate` is this loop over a source that hands over its prompts once.
+(without waiting) for more, as it is in every round with a free slot, so a caller can append the next
+shard's rows while the current shard's last rows decode. Only when nothing decodes and nothing is pending
+does the stream wait on the source; None from it ends the stream. `Engine.generate` is this loop over a
+source that hands over its prompts once.
 
 Rows are admitted in the order they arrive. A row joins the running batch only when its SamplingParams
 equal the batch's (the sampling rule is baked into captured graphs, and max_new_tokens sizes the cache),
@@ -76,6 +78,7 @@ class Stream:
         self.outputs = Outputs()
         self.rows = 0  # row numbers handed out so far
         self.ended = False  # the source said no more
+        self.started: set[Hashable] = set()  # groups with a row that entered a slot (the others are only queued)
         self.sampling = None  # the running batch's
         self.S = 0  # the running batch's cache positions per slot
 
@@ -124,6 +127,7 @@ class Stream:
         chosen = {row: self.requests.pop(row) for row in rows}
         for row, r in chosen.items():
             self.outputs.add(row, r)
+            self.started.add(r.group)
         return rows, {row: r.prompt for row, r in chosen.items()}, {row: r.seed for row, r in chosen.items()}
 
     def _start(self) -> Batch:
@@ -170,12 +174,13 @@ class Stream:
             self._account(flight.origin, spent)
             ended = self.outputs.record(flight.origin, outcomes)
             flight = ahead
-            if not ended:
-                continue
-            done = {e.row for e in ended}
-            slots = [i for i, row in enumerate(batch.origin) if row in done]  # where they sit now
-            batch.workspace.alive[torch.tensor(slots, device=eng.target.device)] = False  # frozen from now on
-            self._next_rows(batch, clock)
+            if ended:
+                done = {e.row for e in ended}
+                slots = [i for i, row in enumerate(batch.origin) if row in done]  # where they sit now
+                batch.workspace.alive[torch.tensor(slots, device=eng.target.device)] = False  # frozen from now on
+                self._next_rows(batch, clock, shrink=True)
+            elif self.refill and not self.ended and len(batch.live(self.outputs)) < self.width <= len(batch.origin):
+                self._next_rows(batch, clock, shrink=False)  # free slots: rows the source has since handed over
             if not batch.live(self.outputs):
                 flight = None  # the round launched ahead has no row left to serve
             for e in ended:
@@ -186,8 +191,9 @@ class Stream:
         clock.flush(self.stats)
         self.stats.warmup_seconds, eng.warmup_seconds = eng.warmup_seconds, 0.0
 
-    def _next_rows(self, batch: Batch, clock: PhaseClock) -> None:
-        """After rows finished: refill their slots from the queue (asking the source when it is empty), or shrink."""
+    def _next_rows(self, batch: Batch, clock: PhaseClock, shrink: bool) -> None:
+        """Refill free slots from the queue (asking the source when it is empty); after rows finished (`shrink`),
+        drop them instead when no row may take their slots."""
         live = len(batch.live(self.outputs))
         if not self.pending:
             self._pull(wait=False)
@@ -199,7 +205,7 @@ class Stream:
             rows, prompts, seeds = self._take(room)
             self.engine._refill(batch, free[:room], rows, prompts, seeds, self.sampling)
             clock.mark("other")
-        elif not self.refill or not fits:
+        elif shrink and (not self.refill or not fits):
             self.engine._shrink(batch, self.outputs)
 
     def _account(self, origin: list[int], spent: EngineStats) -> None:
@@ -236,6 +242,7 @@ class CallStream:
         self.engine, self.source, self.width, self.refill = engine, source, slots, refill
         self.stats = EngineStats()
         self.groups: dict[Hashable, EngineStats] = {}
+        self.started: set[Hashable] = set()
 
     def take_group(self, group: Hashable) -> EngineStats:
         return self.groups.pop(group, EngineStats())
@@ -254,6 +261,7 @@ class CallStream:
             while pending and (pending[0].sampling, pending[0].stop_fn, pending[0].group) == (
                     head.sampling, head.stop_fn, head.group):
                 run.append(pending.popleft())
+            self.started.add(head.group)
             fn = head.stop_fn
             stop = None if fn is None else (lambda i, toks, run=run, fn=fn: fn(run[i].tag, toks))
             done, stats = self.engine.generate([r.prompt for r in run], head.sampling, [r.seed for r in run], stop,
