@@ -30,7 +30,7 @@ import dataclasses
 import json
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from jobs.inputs import is_jsonl
@@ -76,8 +76,9 @@ class _Open:
 
 
 class ShardStream:
-    def __init__(self, worker):
+    def __init__(self, worker, drill: Callable[[int, int], None] | None = None):
         self.w = worker  # the ShardWorker: manifest, engine, codec, baseline, energy meter, actor info
+        self.drill = drill  # (shard index, attempt) once a shard is the oldest on the device: the worker's fault drill
         self.shards: deque[_Open] = deque()  # taken, not handed on, in order
         self.held: Item | None = None  # a shard that must start a fresh stream (autotune)
         self.keys = 0
@@ -90,10 +91,17 @@ class ShardStream:
         res = self.w.m.resources
         first: list[list[Request]] = []  # rows for the next stream before any from the feed
         while True:
-            if self.held is not None and self._autotunes(self.held):
+            if not first and self.held is None:  # the engine is idle: wait for a shard before starting a stream
+                self.held = feed.take(wait=True)
+                if self.held is None:
+                    return  # a call to run on the device thread, or the end
+            if self.held is not None:
                 shard = self._open(self.held)  # autotune runs here, before the stream that decodes with its choice
                 self.held = None
                 self.shards.append(shard)
+                if not shard.left:  # no rows (or its setup failed): handed on at once
+                    yield from self._flush()
+                    continue
                 first.append(shard.requests)
             run = self.w.engine.stream(self._source(feed, first), res.batch_size, res.continuous_batching)
             first = []
@@ -144,11 +152,20 @@ class ShardStream:
             shard = self.shards.popleft()
             if shard.error is not None:
                 yield shard.item, Failed(shard.error)
-                continue
-            try:
-                yield shard.item, self._finish(shard)
-            except Exception as e:  # its records failed: this shard alone
-                yield shard.item, Failed(e)
+            else:
+                try:
+                    decoded = self._finish(shard)
+                except Exception as e:  # its records failed: this shard alone
+                    decoded = Failed(e)
+                yield shard.item, decoded
+            if self.shards:
+                self._drill(self.shards[0])
+
+    def _drill(self, shard: _Open) -> None:
+        """The fault drill, when a shard becomes the oldest on the device (the one a crash is charged to)."""
+        if self.drill is not None:
+            job = shard.item.payload
+            self.drill(job.shard.index, job.attempt)
 
     def _autotunes(self, item: Item) -> bool:
         m = self.w.m
@@ -157,13 +174,11 @@ class ShardStream:
     def _open(self, item: Item) -> _Open:
         """A shard's setup (autotune, once per actor) and its rows as the engine's requests."""
         from .tuning import autotune
-        from .worker import _kill_drill
 
-        w, (job, p) = self.w, (item.payload, item.value)
+        w, p = self.w, item.value
         self.keys += 1
         shard = _Open(item, self.keys, [], time.perf_counter(), time.time())
         try:
-            _kill_drill(job.shard.index, job.attempt)
             if self._autotunes(item):
                 a = w.m.speculative.autotune
                 w.engine, w.autotune = autotune(w.engine, p.good, w.sp, a.fraction, w.m.resources.batch_size)
@@ -173,6 +188,7 @@ class ShardStream:
             shard.error = e
         if not self.shards:  # the device was idle until now: this shard's device time starts here
             self.handoff, self.handoff_energy = shard.t0, w.energy.read()
+            self._drill(shard)
         return shard
 
     def _requests(self, rows: list, key: int) -> list[Request]:

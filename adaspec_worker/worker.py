@@ -77,7 +77,7 @@ class ShardWorker:
         tok = AutoTokenizer.from_pretrained(m.model.target)
         read_tok = AutoTokenizer.from_pretrained(m.model.target)  # the reader thread's own: none shared by threads
         clock.mark("tokenizer")
-        self.pipe = Pipeline(self._read, None, self._write, name="adarun-shard", stream=ShardStream(self))
+        self.pipe = Pipeline(self._read, None, self._write, name="adarun-shard", stream=ShardStream(self, _kill_drill))
         self.order, self.next_seq, self.tickets = threading.Condition(), 0, {}  # run_shard's entry order
         self.pipe.on_device(lambda: self._load(tok, clock))  # the thread that decodes loads, compiles and captures
         self.read_codec = self._codec(read_tok)
@@ -158,7 +158,8 @@ class ShardWorker:
         """Queue a shard and return once the device has decoded it (a failure reading or decoding it is this
         call's exception); `committed(seq)` then returns once its files and marker are written. `seq` numbers
         this actor's shards from 0 in the controller's order: they enter the pipeline in that order whatever
-        order Ray's threads run these calls in, so the first shard not yet decoded is the one the device is on."""
+        order Ray's threads run these calls in, so the first shard not yet decoded is the oldest the device is on
+        (the next one's rows may share the engine's slots with its last ones: `shard_stream`)."""
         with self.order:
             self.order.wait_for(lambda: self.next_seq == seq)
             ticket = self.pipe.submit(_Job(Shard(**shard), attempt))
@@ -262,7 +263,8 @@ def _fault_drill(index: int) -> None:
 def _kill_drill(index: int, attempt: int) -> None:
     """`ADARUN_CHAOS_KILL_SHARDS=5` ends the actor's process partway into decoding shard 5's first attempt, as a
     crash or an out-of-memory kill would (the fleet benchmark's fault run; the retry then succeeds). Partway:
-    by then the shard before it has told the controller it was decoded, as it has before a real crash in the
+    it runs once shard 5 is the oldest shard on the device (`ShardStream`), so the shard before it has told the
+    controller it was decoded, as it has before a real crash in the
     middle of a shard (one at the very first instant of a shard can be charged to the shard before it once;
     the culprit then comes first on its next actor and is charged there)."""
     if attempt == 1 and index in _listed("ADARUN_CHAOS_KILL_SHARDS"):

@@ -132,8 +132,8 @@ def fake_worker(eng, slots=4):
     m = manifest_from_dict(job_dict("in.parquet", "out", resources={"batch_size": slots}))
     energy = SimpleNamespace(read=lambda: None, kwh=lambda a, b: None)
     info = {"actor_id": "a", "node_id": "n", "host": "h", "pid": 1, "accelerator": "cpu", "device": "cpu"}
-    return SimpleNamespace(m=m, engine=eng, autotune=None, baseline=Baseline(eng, eng, GREEDY, 0.0), codec=Codec(),
-                           energy=energy, info=lambda: info, job_hash="h")
+    return SimpleNamespace(m=m, engine=eng, sp=GREEDY, autotune=None, baseline=Baseline(eng, eng, GREEDY, 0.0),
+                           codec=Codec(), energy=energy, info=lambda: info, job_hash="h")
 
 
 def shard(index, stop, n=None, seed=0, sp=GREEDY):
@@ -210,3 +210,21 @@ def test_a_failure_after_a_drain_fails_that_shard_alone(tgt):
     assert [isinstance(o, RuntimeError) for o in out] == [False, True, False]
     assert written == [0, 2]
     assert [o.completion for o in out[2].outputs] == alone(eng, shards[2][1])[0]  # queued in the engine: decoded once
+
+
+def test_autotune_and_the_baseline_leave_the_stream_as_alone(tgt):
+    """Autotune (first shard, before its stream) and the measured baseline (at each hand-off, while later rows are
+    in the slots, on the baseline's own engines) change no streamed token, and every shard gets its baseline."""
+    spec = parse_spec("eagle", {"k": 3})
+    eng = build_engine(tgt, spec, draft=str(TINY_HEAD))
+    worker = fake_worker(eng)
+    worker.m.speculative.autotune.enabled = True
+    worker.m.speculative.autotune.fraction = 0.01
+    worker.baseline = Baseline(build_engine(tgt, spec, draft=str(TINY_HEAD)), engine(tgt, "none"), GREEDY, 0.2)
+    shards = [shard(k, s, seed=k) for k, s in enumerate(["len:3,9,2,12", "len:4,1,6", "len:7,2"])]
+    out, written = run_shards(worker, shards)
+    assert written == [0, 1, 2] and worker.autotune is not None and worker.engine is not eng
+    assert worker.baseline.engine.spec == worker.engine.spec and worker.baseline.engine is not worker.engine
+    for (_, p), d in zip(shards, out):
+        assert [o.completion for o in d.outputs] == alone(eng, p)[0]
+        assert d.stats.baseline and d.stats.autotune == worker.autotune

@@ -33,15 +33,12 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .batch import Batch, Completion, Outputs, Request
 from .stats import EngineStats, PhaseClock
-
-if TYPE_CHECKING:
-    from .engine import Engine
 
 Source = Callable[[bool], "list[Request] | None"]  # (wait) -> new rows ([]: none yet), or None: no more, ever
 
@@ -68,7 +65,7 @@ def once(requests: list[Request]) -> Source:
 class Stream:
     """One pass of the decode loop over `source`'s rows, through `slots` slots (iterate it once)."""
 
-    def __init__(self, engine: Engine, source: Source, slots: int, refill: bool = True):
+    def __init__(self, engine, source: Source, slots: int, refill: bool = True):  # engine: engine.Engine
         assert slots >= 1, f"slots must be >= 1, got {slots}"
         self.engine, self.source, self.width, self.refill = engine, source, slots, refill
         self.stats = EngineStats()  # the whole stream
