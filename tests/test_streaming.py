@@ -170,12 +170,36 @@ def run_shards(worker, shards):
     return out, written
 
 
-def test_shards_stream_through_the_engine_and_reach_the_writer_in_order(tgt):
-    eng = engine(tgt, "eagle2")
-    stops = ["len:20,3,2,3,4", "len:2,9,1", "len:5,5,5,5,5,5", "len:1"]
+class Spy:
+    """An engine stream that records which shard each finished row belonged to."""
+
+    def __init__(self, run, log):
+        self.run, self.log = run, log
+
+    def __iter__(self):
+        for f in self.run:
+            self.log.append(f.group)
+            yield f
+
+    def __getattr__(self, name):
+        return getattr(self.run, name)
+
+
+@pytest.mark.parametrize("method", sorted(SPECS))
+def test_shards_stream_through_the_engine_and_reach_the_writer_in_order(tgt, method):
+    """Shard 1's rows take the slots shard 0's short rows free and are all done before shard 0's 20-token row
+    (one token a round with `none`): shard 1 still reaches the writer after shard 0."""
+    eng = engine(tgt, method)
+    log: list = []
+    real = eng.stream
+    eng.stream = lambda *a, **k: Spy(real(*a, **k), log)
+    stops = ["len:20,3,2,3,4", "len:2,3,1", "len:5,5,5,5,5,5", "len:1"]
     shards = [shard(k, s, seed=k) for k, s in enumerate(stops)]
     out, written = run_shards(fake_worker(eng), shards)
     assert written == [0, 1, 2, 3]
+    if method == "none":
+        first = log[0]  # the engine's group of shard 0
+        assert len(log) - 1 - log[::-1].index(first + 1) < len(log) - 1 - log[::-1].index(first), log
     for (_, p), d in zip(shards, out):
         texts, done = alone(eng, p)
         assert [o.completion for o in d.outputs] == texts
