@@ -7,8 +7,10 @@
   counters (rounds, nodes, depth: `predicted_seconds`), robust to one run's timing noise; without a cost
   model, the measured tokens/s. The choice and every candidate's evidence (measured and predicted tokens/s,
   tau, rounds) go into the shard stats.
-- `baseline`: decode a sample of rows both ways, one at a time, with the job's engine and with plain
-  decoding; the report's measured speedup comes from these pairs.
+- `baseline`: decode a sample of rows both ways, one at a time, with the job's method and with plain
+  decoding; the report's measured speedup comes from these pairs. It runs while the job's engine streams
+  (between its rounds), so it has engines of its own: the method's with its own proposer and drafter
+  state (a second copy of the drafter) and a plain one; neither touches the streaming engine's slots.
 
 Both use `timing` (warm-up, then synchronised timing). Knows nothing of Ray or storage.
 """
@@ -111,19 +113,29 @@ def _decode(engine, prompts, sp, seeds, batch_size: int):
 
 
 class Baseline:
-    """Times sampled rows with the job's engine and with plain decoding, on the same actor."""
+    """Times sampled rows with the job's method and with plain decoding, on the same actor, on engines of its own."""
 
     def __init__(self, engine, plain, sp: SamplingParams, fraction: float):
         self.engine, self.plain, self.sp, self.fraction = engine, plain, sp, fraction
         self.warm = False
 
+    def follow(self, chosen, cost=None) -> None:
+        """Time the method as autotune chose it (`chosen`, the job's new engine, with the actor's cost model),
+        keeping this one's own drafter."""
+        if self.applies(chosen.spec, self.fraction):
+            self.engine = build_engine(chosen.target, chosen.spec, draft=self.engine.drafter, ldlp=chosen.ldlp,
+                                       cost=cost)
+            self.warm = False
+        elif chosen.spec.name == "none":  # plain decoding chosen: nothing to compare, no record
+            self.engine = self.plain
+
     @staticmethod
     def applies(spec: MethodSpec, fraction: float) -> bool:
         return fraction > 0 and spec.name != "none"
 
-    def run(self, rows: list[Row], engine=None) -> list[dict]:
+    def run(self, rows: list[Row]) -> list[dict]:
         """One record per sampled row: {id, spec_seconds, spec_tokens, plain_seconds, plain_tokens}."""
-        engine = engine or self.engine
+        engine = self.engine
         if not rows or not self.applies(engine.spec, self.fraction):
             return []
         picked = [r for r in rows if in_baseline_sample(r.id, self.fraction)] or [rows[0]]

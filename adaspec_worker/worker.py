@@ -5,10 +5,11 @@ The controller wraps `ShardWorker` in a Ray actor (one per worker, `num_gpus=gpu
 - reader: reads its row range (`jobs.plan.read_rows`), tokenizes and rejects bad rows (`rows.RowCodec`, with
   its own tokenizer), while the shard before it decodes;
 - device (the thread that also loaded, compiled and captured the models): decodes the samples through the
-  engine's batch slots (continuous batching: a finished row's slot takes the next row at once; chat rows
-  rendered with the target's chat template, n samples per row, per-row settings grouped into separate engine
-  batches, log-probabilities when asked), times a sample of rows against plain decoding
-  (`tuning.Baseline`);
+  engine's batch slots as one stream across shards (`shard_stream.ShardStream`: a finished row's slot takes
+  the next row at once, the next shard's rows as the current shard's last ones decode; chat rows rendered
+  with the target's chat template, n samples per row, per-row settings, log-probabilities when asked),
+  hands each shard on once its rows are done, in order, and times a sample of its rows against plain
+  decoding (`tuning.Baseline`);
 - writer: commits through `jobs.layout.ShardFiles.commit` (the files in their exactly-once order, the marker
   last) while the next shard decodes.
 `run_shard` returns once the shard is decoded and `committed` once its marker is written; a failure in any
@@ -21,8 +22,6 @@ imports this module to name the actor class.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import platform
 import socket
@@ -30,8 +29,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from jobs.inputs import ShardInput, is_jsonl
-from jobs.layout import Commit, ErrorRow, OutputRow, ShardFiles, ShardStats
+from jobs.inputs import ShardInput
+from jobs.layout import ErrorRow, ShardFiles
 from jobs.manifest import manifest_from_dict
 from jobs.plan import Shard, input_storage_options, read_rows
 from jobs.specs import parse_spec
@@ -57,20 +56,6 @@ class _Prepared:
     read_done: float  # perf_counter when the read stage finished
 
 
-@dataclass
-class _Decoded:
-    """A shard after the device stage: everything its commit writes."""
-
-    outputs: list[OutputRow]
-    errors: list[ErrorRow]
-    stats: ShardStats
-    commit: Commit
-    carried: object  # pyarrow Table of carried input columns, or None
-    metadata: dict
-    logprobs: bool  # the log-probability columns: when the job asks, and always for OpenAI batch lines (null where
-    # a line did not ask), so every shard of one file has one schema
-
-
 class ShardWorker:
     def __init__(self, manifest: dict, output_url: str):
         self.started_at = time.time()  # the controller's creation time to this: Ray's scheduling and process start
@@ -81,6 +66,7 @@ class ShardWorker:
         from transformers import AutoTokenizer
 
         from .pipeline import Pipeline
+        from .shard_stream import ShardStream
 
         transformers.utils.logging.set_verbosity_error()
         clock.mark("imports")
@@ -91,7 +77,7 @@ class ShardWorker:
         tok = AutoTokenizer.from_pretrained(m.model.target)
         read_tok = AutoTokenizer.from_pretrained(m.model.target)  # the reader thread's own: none shared by threads
         clock.mark("tokenizer")
-        self.pipe = Pipeline(self._read, self._device, self._write, name="adarun-shard")
+        self.pipe = Pipeline(self._read, None, self._write, name="adarun-shard", stream=ShardStream(self, _kill_drill))
         self.order, self.next_seq, self.tickets = threading.Condition(), 0, {}  # run_shard's entry order
         self.pipe.on_device(lambda: self._load(tok, clock))  # the thread that decodes loads, compiles and captures
         self.read_codec = self._codec(read_tok)
@@ -114,13 +100,18 @@ class ShardWorker:
         clock.mark("model_load")
         self.engine = build_engine(self.target, m.speculative.spec(), draft=m.model.draft, ldlp=m.model.ldlp)
         plain = build_engine(self.target, parse_spec("none", {}))
+        spec, fraction = m.speculative.spec(), m.baseline.sample_fraction
+        # the baseline times rows while the job's engine streams: with engines (and drafter state) of its own
+        timed = plain
+        if Baseline.applies(spec, fraction):
+            timed = build_engine(self.target, spec, draft=m.model.draft, ldlp=m.model.ldlp)
         clock.mark("draft_load")
         d = m.decoding
         eos = self.target.cfg.eos_token_ids or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
         self.eos = tuple(eos)
         self.sp = SamplingParams(d.max_new_tokens, d.temperature, d.top_p, d.top_k, self.eos)
         self.codec = self._codec(tok)
-        self.baseline = Baseline(self.engine, plain, self.sp, m.baseline.sample_fraction)
+        self.baseline = Baseline(timed, plain, self.sp, fraction)
         self.autotune: dict | None = None  # the choice, once this actor has measured
         self.device = str(self.target.device)
         self.energy = EnergyMeter(self.device)
@@ -134,6 +125,7 @@ class ShardWorker:
         if self.engine.spec.name != "none":
             cost = measure_for_actor(self.target, self.engine.drafter, m.model.target, m.resources.batch_size)
             set_cost(self.engine, cost)
+            set_cost(self.baseline.engine, cost)  # the baseline times the method as the job runs it
             self.cost_model = cost.to_json()
         clock.mark("warmup")
 
@@ -173,7 +165,8 @@ class ShardWorker:
         """Queue a shard and return once the device has decoded it (a failure reading or decoding it is this
         call's exception); `committed(seq)` then returns once its files and marker are written. `seq` numbers
         this actor's shards from 0 in the controller's order: they enter the pipeline in that order whatever
-        order Ray's threads run these calls in, so the first shard not yet decoded is the one the device is on."""
+        order Ray's threads run these calls in, so the first shard not yet decoded is the oldest the device is on
+        (the next one's rows may share the engine's slots with its last ones: `shard_stream`)."""
         with self.order:
             self.order.wait_for(lambda: self.next_seq == seq)
             ticket = self.pipe.submit(_Job(Shard(**shard), attempt))
@@ -202,65 +195,7 @@ class ShardWorker:
         now = time.perf_counter()
         return _Prepared(data, good, errors, now - t0, now)
 
-    def _device(self, job: _Job, p: _Prepared) -> _Decoded:
-        """Device thread: autotune (once per actor), decode, the measured baseline; the shard's records."""
-        from .decode.cost import CostModel
-        from .tuning import autotune
-
-        t0, started, e0 = time.perf_counter(), time.time(), self.energy.read()
-        _kill_drill(job.shard.index, job.attempt)
-        m, sh, good, errors = self.m, job.shard, p.good, p.errors
-        if m.speculative.autotune.enabled and self.autotune is None and good:
-            cost = CostModel.from_json(self.cost_model) if self.cost_model else None
-            self.engine, self.autotune = autotune(
-                self.engine, good, self.sp, m.speculative.autotune.fraction, m.resources.batch_size, cost
-            )
-            self.autotune["cost_model"] = self.cost_model is not None
-        outputs, stats = self._decode(good)
-        stats.baseline = self.baseline.run([r for r in good if r.sample_index == 0], self.engine)
-        proposer = getattr(self.engine, "proposer", None)  # the transformers fallback has none
-        if proposer is not None:
-            proposer.persist()  # state the method keeps with the job (token-recycling matrix, datastore)
-        res = m.resources
-        wall = time.perf_counter() - t0  # the device's time on this shard (read and write overlap other shards)
-        stats = dataclasses.replace(
-            stats,
-            shard=sh.index,
-            attempt=job.attempt,
-            rows=len(outputs),
-            error_rows=len(errors),
-            errors=[e.error for e in errors][:20],
-            prompt_tokens=sum(o.num_prompt_tokens for o in outputs),
-            completion_tokens=sum(o.num_completion_tokens for o in outputs),
-            wall_seconds=wall,
-            started_at=started,
-            finished_at=time.time(),
-            gpu_seconds=wall * res.gpus_per_worker,
-            cpu_seconds=wall * res.cpus_per_worker,
-            method=m.speculative.method,
-            params=m.speculative.params,
-            energy_kwh=self.energy.kwh(e0, self.energy.read()),
-            autotune=self.autotune,
-            stages={"read": p.read_seconds, "queued": max(t0 - p.read_done, 0.0), "decode": wall},
-            cost_model=self.cost_model,
-            **self.info(),
-        )
-        carried = p.data.carried.take([r.input_index for r in good]) if p.data.carried is not None else None
-        meta = {
-            "model": m.model.target,
-            "draft": m.model.draft or "",
-            "method": m.speculative.method,
-            "params": json.dumps(m.speculative.params, sort_keys=True),
-            "job_hash": self.job_hash,
-            "config_hash": m.config_hash(),
-        }
-        commit = Commit(
-            shard=sh.index, rows=len(outputs), error_rows=len(errors), attempt=job.attempt, config_hash=m.config_hash()
-        )
-        logprobs = bool(m.decoding.logprobs or m.decoding.top_logprobs or is_jsonl(sh.file))
-        return _Decoded(outputs, errors, stats, commit, carried, meta, logprobs)
-
-    def _write(self, job: _Job, d: _Decoded) -> dict:
+    def _write(self, job: _Job, d) -> dict:
         """Writer thread: the commit (shard -> errors -> stats -> marker, `ShardFiles.commit`)."""
         t0 = time.perf_counter()
         self.files.commit(d.outputs, d.errors, d.stats, d.commit, carried=d.carried, metadata=d.metadata,
@@ -300,56 +235,6 @@ class ShardWorker:
                 good.append(Row(rid, prompt, toks, row_seed(st.seed, rid, k), k, st, i, sp))
         return good, errors
 
-    def _decode(self, rows: list) -> tuple[list[OutputRow], ShardStats]:
-        """Decode samples through `batch_size` slots, one engine call per group of equal settings (logprobs aside:
-        the group asks for its largest k, each row keeps its own; with continuous batching a finished row's slot
-        takes the group's next row at once); outputs in input order (samples of a row together), engine stats as
-        ShardStats."""
-        from .decode.stats import EngineStats
-        from .rows import group_logprobs
-
-        done: dict[int, OutputRow] = {}
-        total = EngineStats()
-        groups: dict[tuple, list[int]] = {}
-        for j, r in enumerate(rows):
-            groups.setdefault(r.settings.batch_key, []).append(j)
-        res = self.m.resources
-        for members in groups.values():
-            order = sorted(members, key=lambda j: len(rows[j].tokens))  # similar lengths batch together
-            group = [rows[j] for j in order]
-            st = group[0].settings
-            sp = dataclasses.replace(group[0].sp, logprobs=group_logprobs([r.settings for r in group]))
-            completions, es = self.engine.generate(
-                [r.tokens for r in group],
-                sp,
-                [r.seed for r in group],
-                self.codec.stop_fn(st.stop),
-                slots=res.batch_size,
-                refill=res.continuous_batching,
-            )
-            total = total + es
-            for j, r, c in zip(order, group, completions):
-                logprobs, top = r.settings.trim_logprobs(c.logprobs, c.top_logprobs)
-                done[j] = OutputRow(
-                    r.id,
-                    r.prompt,
-                    self.codec.text(c.tokens, st.stop),
-                    len(r.tokens),
-                    len(c.tokens),
-                    c.finish_reason,
-                    r.sample_index,
-                    logprobs,
-                    None if top is None else self.codec.top_logprobs(top),
-                )
-        seq = total.rows
-        stats = ShardStats(rounds=seq.rounds, drafted_tokens=seq.drafted, accepted_tokens=seq.accepted,
-                           accepted_by_depth=dict(seq.accepted_by_depth), draft_lengths=dict(seq.draft_lengths),
-                           draft_seconds=total.draft_seconds, verify_seconds=total.verify_seconds,
-                           other_seconds=total.other_seconds + total.prefill_seconds,
-                           target_passes=total.target_passes, slot_rounds=total.slot_rounds,
-                           busy_slot_rounds=total.busy_slot_rounds)
-        return [done[j] for j in range(len(rows))], stats
-
 
 class _Phases:
     """Named wall-clock phases of the constructor: mark(name) closes the phase that began at the last mark."""
@@ -385,7 +270,8 @@ def _fault_drill(index: int) -> None:
 def _kill_drill(index: int, attempt: int) -> None:
     """`ADARUN_CHAOS_KILL_SHARDS=5` ends the actor's process partway into decoding shard 5's first attempt, as a
     crash or an out-of-memory kill would (the fleet benchmark's fault run; the retry then succeeds). Partway:
-    by then the shard before it has told the controller it was decoded, as it has before a real crash in the
+    it runs once shard 5 is the oldest shard on the device (`ShardStream`), so the shard before it has told the
+    controller it was decoded, as it has before a real crash in the
     middle of a shard (one at the very first instant of a shard can be charged to the shard before it once;
     the culprit then comes first on its next actor and is charged there)."""
     if attempt == 1 and index in _listed("ADARUN_CHAOS_KILL_SHARDS"):

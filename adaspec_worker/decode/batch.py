@@ -1,19 +1,20 @@
-"""The engine's per-call state: slot buffers (`Workspace`), what sits in each slot (`Batch`), and the
-per-prompt results with their stop rules (`Outputs`).
+"""The engine's per-batch state: slot buffers (`Workspace`), what sits in each slot (`Batch`), the rows
+to decode (`Request`) and the decoding rows' results with their stop rules (`Outputs`).
 
-A generate() call decodes its prompts through B batch *slots*. The workspace holds every per-slot
-buffer at capacity (rows and cache slots), so shapes and addresses repeat across rounds and calls,
-which is what captured CUDA graphs need. `Batch.origin[i]` says which prompt slot i decodes (a value
->= the number of prompts marks a padding slot); with continuous batching the engine re-points a slot
-at the next prompt when its row finishes (`Batch.refill`), and without it shrinks the batch to a
+The engine decodes rows through B batch *slots*. The workspace holds every per-slot buffer at
+capacity (rows and cache slots), so shapes and addresses repeat across rounds and calls, which is
+what captured CUDA graphs need. `Batch.origin[i]` says which row slot i decodes (the engine's row
+number; a negative one marks a padding slot); with continuous batching the engine re-points a slot
+at the next row when its row finishes (`Batch.refill`), and without it shrinks the batch to a
 smaller bucket (`Batch.select`).
 
 Knows nothing of models, drafting or verification: the engine fills the buffers.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -23,7 +24,7 @@ from .proposers.base import Proposer
 from .sampling import SamplingParams
 from .stats import RowOutcome, SeqStats, outcome_width
 
-# (prompt, tokens so far) -> keep this many tokens, or None; may also have `.batch(prompts, token lists, new
+# (row tag, tokens so far) -> keep this many tokens, or None; may also have `.batch(tags, token lists, new
 # tokens per row)` -> [cut]
 StopFn = Callable[[int, list[int]], "int | None"]
 
@@ -106,7 +107,7 @@ class Batch:
 
     def __init__(self, workspace: Workspace, proposer: Proposer, drafter: Drafter | None, origin: list[int]):
         self.workspace, self.proposer, self.drafter = workspace, proposer, drafter
-        self.origin = origin  # [B] prompt index of each slot (>= the number of prompts: padding)
+        self.origin = origin  # [B] the row each slot decodes (negative: padding)
         self.plan: list[int] | None = None  # [B] the proposer's plan for the next round, on the host
 
     def select(self, order: list[int]) -> None:
@@ -120,90 +121,128 @@ class Batch:
         if self.plan is not None:
             self.plan = [self.plan[i] for i in order]
 
-    def refill(self, slots: list[int], prompts: list[int], plan: list[int] | None) -> None:
-        """Slots `slots` now decode `prompts` (the buffers were filled by the engine); plan [B]: the proposer's
+    def refill(self, slots: list[int], rows: list[int], plan: list[int] | None) -> None:
+        """Slots `slots` now decode `rows` (the buffers were filled by the engine); plan [B]: the proposer's
         plan for every slot, of which the refilled slots' entries are taken."""
-        for slot, prompt in zip(slots, prompts):
-            self.origin[slot] = prompt
+        for slot, row in zip(slots, rows):
+            self.origin[slot] = row
             if self.plan is not None and plan is not None:
                 self.plan[slot] = plan[slot]
 
     def live(self, outputs: Outputs) -> list[int]:
-        """Slots whose prompt is still decoding."""
-        return [i for i, prompt in enumerate(self.origin) if outputs.running(prompt)]
+        """Slots whose row is still decoding."""
+        return [i for i, row in enumerate(self.origin) if outputs.running(row)]
+
+
+@dataclass
+class Request:
+    """One row to decode, with everything that is its own: a stream's rows may come from different shards.
+    Rows decode together only when their `sampling` is equal (its rule is baked into captured graphs)."""
+
+    prompt: list[int]
+    sampling: SamplingParams
+    seed: int = 0
+    stop_fn: StopFn | None = None  # called with (tag, tokens so far)
+    tag: Any = None  # the caller's name for the row: handed back with its Completion, and to stop_fn
+    group: Hashable = None  # rows accounted together (a shard): the stream keeps EngineStats per group
+
+
+@dataclass
+class Ended:
+    """A row that finished in a round: where it sat, and its result."""
+
+    slot: int
+    row: int
+    request: Request
+    completion: Completion
+
+
+@dataclass
+class _Live:
+    """A decoding row's results so far."""
+
+    request: Request
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+    top: list | None = None
+    stats: SeqStats = field(default_factory=SeqStats)
 
 
 class Outputs:
-    """Per-prompt tokens, counters and completions of one generate(); applies the stop rules."""
+    """Per-row tokens, counters and stop rules of the rows in the slots (row numbers are the engine's, a slot
+    with a negative one pads); a finished row's Completion is handed back once and forgotten."""
 
-    def __init__(self, n_prompts: int, sampling: SamplingParams, stop_fn: StopFn | None):
-        self.sampling, self.stop_fn = sampling, stop_fn
-        self.eos = set(sampling.eos_token_ids)
-        self.tokens: list[list[int]] = [[] for _ in range(n_prompts)]
-        scored = sampling.logprobs is not None
-        self.logprobs: list[list[float]] | None = [[] for _ in range(n_prompts)] if scored else None
-        self.top: list[list] | None = [[] for _ in range(n_prompts)] if scored else None
-        self.stats = [SeqStats() for _ in range(n_prompts)]
-        self.done: list[Completion | None] = [None] * n_prompts
-        self.live = n_prompts  # prompts not finished (queued ones included)
+    def __init__(self):
+        self.rows: dict[int, _Live] = {}
 
-    def running(self, prompt: int) -> bool:
-        return prompt < len(self.done) and self.done[prompt] is None
+    def add(self, row: int, request: Request) -> None:
+        scored = request.sampling.logprobs is not None
+        self.rows[row] = _Live(request, logprobs=[] if scored else None, top=[] if scored else None)
 
-    def record(self, origin: list[int], outcomes: list[RowOutcome]) -> list[int]:
-        """Account a round; return the slots whose row finished in it. Stop strings are checked for all rows
-        at once (`stop_fn.batch`, when the callback has it: one tokenizer call per round)."""
-        finished, checks = [], []  # checks: (slot, prompt, reason so far) of rows the stop callback must see
-        for i, (prompt, row) in enumerate(zip(origin, outcomes)):
-            if not self.running(prompt):
+    @property
+    def live(self) -> int:
+        return len(self.rows)
+
+    def running(self, row: int) -> bool:
+        return row in self.rows
+
+    def record(self, origin: list[int], outcomes: list[RowOutcome]) -> list[Ended]:
+        """Account a round; return the rows that finished in it, by slot. Stop strings are checked for all rows
+        of one stop rule at once (`stop_fn.batch`, when the callback has it: one tokenizer call per round)."""
+        finished, checks = [], {}  # checks: stop rule -> [(slot, row, reason so far)] the callback must see
+        for i, (row, out) in enumerate(zip(origin, outcomes)):
+            live = self.rows.get(row)
+            if live is None:
                 continue
-            self.stats[prompt].observe(row)
-            reason = self._append(prompt, row)
-            if reason == "stop":
-                finished.append((i, prompt, reason))
-            elif self.stop_fn is not None:
-                checks.append((i, prompt, reason))
-            elif reason:
-                finished.append((i, prompt, reason))
-        if checks:
-            batch = getattr(self.stop_fn, "batch", None)
-            prompts = [prompt for _, prompt, _ in checks]
-            seqs = [self.tokens[prompt] for prompt in prompts]
+            live.stats.observe(out)
+            reason = self._append(live, out)
+            stop_fn = live.request.stop_fn
+            if reason == "stop" or (reason and stop_fn is None):
+                finished.append((i, row, reason))
+            elif stop_fn is not None:
+                checks.setdefault(id(stop_fn), []).append((i, row, reason))
+        for group in checks.values():
+            stop_fn = self.rows[group[0][1]].request.stop_fn
+            batch = getattr(stop_fn, "batch", None)
+            tags = [self.rows[row].request.tag for _, row, _ in group]
+            seqs = [self.rows[row].tokens for _, row, _ in group]
             if batch:
-                cuts = batch(prompts, seqs, [len(outcomes[i].tokens) for i, _, _ in checks])
+                cuts = batch(tags, seqs, [len(outcomes[i].tokens) for i, _, _ in group])
             else:
-                cuts = [self.stop_fn(p, out) for p, out in zip(prompts, seqs)]
-            for (i, prompt, reason), cut in zip(checks, cuts):
+                cuts = [stop_fn(tag, out) for tag, out in zip(tags, seqs)]
+            for (i, row, reason), cut in zip(group, cuts):
                 if cut is not None:
-                    self._cut(prompt, cut)
+                    self._cut(self.rows[row], cut)
                     reason = "stop"
                 if reason:
-                    finished.append((i, prompt, reason))
-        for _, prompt, reason in finished:
-            self.done[prompt] = Completion(self.tokens[prompt], reason, self.stats[prompt],
-                                           None if self.logprobs is None else self.logprobs[prompt],
-                                           None if self.top is None else self.top[prompt])
-        self.live -= len(finished)
-        return sorted(i for i, _, _ in finished)
+                    finished.append((i, row, reason))
+        ended = []
+        for i, row, reason in sorted(finished):
+            live = self.rows.pop(row)
+            done = Completion(live.tokens, reason, live.stats, live.logprobs, live.top)
+            ended.append(Ended(i, row, live.request, done))
+        return ended
 
-    def _append(self, prompt: int, row: RowOutcome) -> str | None:
+    @staticmethod
+    def _append(live: _Live, out: RowOutcome) -> str | None:
         """Add a round's tokens (and their log-probabilities, when asked) to a row: "stop" at EOS, "length" at
         max_new_tokens (a stop string may still turn it into "stop"), else None."""
-        out = self.tokens[prompt]
-        for j, t in enumerate(row.tokens):
-            out.append(t)
-            if self.logprobs is not None:
-                self.logprobs[prompt].append(row.logprobs[j])
-                self.top[prompt].append(row.top_logprobs[j])
-            if t in self.eos:
+        sampling = live.request.sampling
+        for j, t in enumerate(out.tokens):
+            live.tokens.append(t)
+            if live.logprobs is not None:
+                live.logprobs.append(out.logprobs[j])
+                live.top.append(out.top_logprobs[j])
+            if t in sampling.eos_token_ids:
                 return "stop"
-            if len(out) >= self.sampling.max_new_tokens:
+            if len(live.tokens) >= sampling.max_new_tokens:
                 return "length"
         return None
 
-    def _cut(self, prompt: int, keep: int) -> None:
+    @staticmethod
+    def _cut(live: _Live, keep: int) -> None:
         """A stop string ends the row after `keep` tokens."""
-        del self.tokens[prompt][keep:]
-        if self.logprobs is not None:
-            del self.logprobs[prompt][keep:]
-            del self.top[prompt][keep:]
+        del live.tokens[keep:]
+        if live.logprobs is not None:
+            del live.logprobs[keep:]
+            del live.top[keep:]

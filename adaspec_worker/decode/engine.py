@@ -1,14 +1,15 @@
-"""The decode loop: prefill, then rounds of propose -> verify (one target pass) -> commit.
+"""The engine: prefill, then rounds of propose -> verify (one target pass) -> commit, over batch slots.
 
-`Engine.generate(prompts, sampling params, seeds, slots=...)` is the interface the worker calls. The
-prompts decode through B batch slots; each row has its own committed length, accepted count per round
-and random stream. With continuous batching (`refill`, the default) a slot whose row finishes is
-prefilled with the next queued prompt at once while the other slots keep decoding; without it the
-slots are filled batch by batch and a finished row only leaves the batch (which shrinks by power-of-two
-buckets). Either way a row's tokens depend only on its prompt and seed. Plain autoregressive decoding
-is the same loop with an empty draft (the `none` method), so every speedup is measured against the
-same code. Each round ends with one device-to-host copy (a `RoundOutcome`, laid out by `stats.py`; with
-the emitted tokens' log-probabilities when `SamplingParams.logprobs` asks, `logprobs.py`).
+`Engine.stream(source, slots)` decodes rows as a source hands them over (the worker's shards, one after
+another: `stream.py` holds that loop); `Engine.generate(prompts, sampling params, seeds, slots=...)` is the
+same loop over a list of prompts. Rows decode through B batch slots; each row has its own committed length,
+accepted count per round and random stream. With continuous batching (`refill`, the default) a slot whose
+row finishes is prefilled with the next queued row at once while the other slots keep decoding; without it
+the slots are filled batch by batch and a finished row only leaves the batch (which shrinks by power-of-two
+buckets). Either way a row's tokens depend only on its prompt and seed. Plain autoregressive decoding is the
+same loop with an empty draft (the `none` method), so every speedup is measured against the same code. Each
+round ends with one device-to-host copy (a `RoundOutcome`, laid out by `stats.py`; with the emitted tokens'
+log-probabilities when `SamplingParams.logprobs` asks, `logprobs.py`).
 
 The engine receives built parts: a target, a proposer and, when the method drafts, a drafter
 (`build.py` makes them from a method spec and model paths). It knows nothing of method names, file
@@ -18,19 +19,19 @@ formats, tokenization (stop strings arrive as a callback), Ray or Parquet. Slot 
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .batch import Batch, Completion, Outputs, StopFn, Workspace, bucket
+from .batch import Batch, Completion, Outputs, Request, StopFn, Workspace, bucket
 from .drafters import Drafter
 from .logprobs import path_logprobs
 from .model import CausalLM
 from .proposers.base import BatchInfo, Proposer, RoundInput
 from .sampling import SamplingParams, target_probs
-from .stats import EngineStats, PhaseClock, RoundOutcome, RowOutcome, SeqStats, pack_outcome, unpack_outcomes
+from .stats import EngineStats, PhaseClock, RoundOutcome, RowOutcome, pack_outcome, unpack_outcomes
+from .stream import Source, Stream, once
 from .trees import DraftTree
 from .verify import Verdict, verify_chain_sampling, verify_greedy, verify_tree_sampling
 
@@ -119,70 +120,33 @@ class Engine:
         work = self.workspace = Workspace(self.target, B, S, self.proposer.max_nodes)
         return work
 
-    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], sampling: SamplingParams, seeds: list[int] | None = None,
                  stop_fn: StopFn | None = None, slots: int | None = None,
                  refill: bool = True) -> tuple[list[Completion], EngineStats]:
         """Decode every prompt to completion; one Completion per prompt, in order, and the call's stats.
 
         slots: rows decoded at once (default: all prompts); refill: a finished row's slot takes the next
-        queued prompt at once (continuous batching) rather than when the whole batch is done."""
-        n_prompts = len(prompts)
-        assert n_prompts > 0 and all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
-        width = n_prompts if slots is None else max(1, min(slots, n_prompts))
-        seeds = list(seeds) if seeds is not None else [0] * n_prompts
-        longest, limit = max(len(p) for p in prompts), self.target.cfg.max_position_embeddings
-        assert longest + sampling.max_new_tokens <= limit, (
-            f"prompt ({longest}) + max_new_tokens ({sampling.max_new_tokens}) exceeds the model's context {limit}")
-        # a row may commit up to a whole tree past max_new_tokens in its last round, one more round launched before
-        # its end was seen, and once frozen in its slot still has the next tree written after it
-        S = longest + sampling.max_new_tokens + 3 * self.proposer.max_nodes + 1
-        stats, clock = EngineStats(), PhaseClock(self.target.device)
-        outputs, queue = Outputs(n_prompts, sampling, stop_fn), deque(range(n_prompts))
-        # the next round is launched before this one's host work when its shapes do not wait on this one's plan
-        overlap = self.overlap and not self.proposer.returns_plan and self.on_round is None
-        batch: Batch | None = None
-        flight: Flight | None = None
-        while outputs.live:
-            if flight is None:
-                if batch is None or not batch.live(outputs):  # the first batch, or (refill off) the last one is done
-                    clock.mark("prefill")
-                    take = [queue.popleft() for _ in range(min(width, len(queue)))]
-                    batch = self._start(prompts, take, seeds, sampling, S)
-                flight = self._launch(batch, sampling, clock)
-            outcomes = self._land(flight, batch)
-            clock.flush(stats)
-            ahead = self._launch(batch, sampling, clock) if overlap else None  # the GPU works while the host records
-            stats.target_passes += 1
-            stats.slot_rounds += len(flight.origin)
-            stats.busy_slot_rounds += sum(outputs.running(prompt) for prompt in flight.origin)
-            ended = {flight.origin[i] for i in outputs.record(flight.origin, outcomes)}
-            flight = ahead
-            if not ended:
-                continue
-            slots = [i for i, prompt in enumerate(batch.origin) if prompt in ended]  # where they sit now
-            batch.workspace.alive[torch.tensor(slots, device=self.target.device)] = False  # frozen from now on
-            live = len(batch.live(outputs))
-            room = min(len(queue), width - live)  # rows that may start now
-            if refill and queue and room >= min(len(queue), max(1, width // self.refill_every)):  # several per prefill
-                clock.mark("prefill")
-                free = [i for i, prompt in enumerate(batch.origin) if not outputs.running(prompt)]
-                take = [queue.popleft() for _ in range(room)]
-                self._refill(batch, free[:room], take, prompts, seeds, sampling)
-                clock.mark("other")
-            elif not refill or not queue:
-                self._shrink(batch, outputs)
-            if not live and not (refill and queue):
-                flight = None  # the round launched ahead has no row left to serve
-        clock.mark("other")
-        clock.flush(stats)
-        stats.rows = sum(outputs.stats, SeqStats())
-        stats.warmup_seconds, self.warmup_seconds = self.warmup_seconds, 0.0
-        return outputs.done, stats
+        queued prompt at once (continuous batching) rather than when the whole batch is done. stop_fn is
+        called with the prompt's index. A stream (`stream`) over these prompts, handed over at once."""
+        n = len(prompts)
+        assert n > 0, "generate() needs at least one prompt"
+        seeds = list(seeds) if seeds is not None else [0] * n
+        requests = [Request(p, sampling, seed, stop_fn, tag=i) for i, (p, seed) in enumerate(zip(prompts, seeds))]
+        run = self.stream(once(requests), n if slots is None else max(1, min(slots, n)), refill)
+        done: list[Completion | None] = [None] * n
+        for finished in run:
+            done[finished.tag] = finished.completion
+        return done, run.stats
 
-    def _start(self, prompts: list[list[int]], take: list[int], seeds: list[int], sampling: SamplingParams,
+    def stream(self, source: Source, slots: int, refill: bool = True) -> Stream:
+        """Decode rows as `source` hands them over (it may grow while decoding), `slots` at a time; iterate the
+        result for each row's Completion as it finishes (`stream.py`)."""
+        return Stream(self, source, slots, refill)
+
+    def _start(self, prompts: dict[int, list[int]], take: list[int], seeds: dict[int, int], sampling: SamplingParams,
                S: int) -> Batch:
-        """A fresh batch for prompts `take`: padded to its bucket, target and drafter prefilled, proposer begun."""
+        """A fresh batch for rows `take` (prompts and seeds by row): padded to its bucket, target and drafter
+        prefilled, proposer begun."""
         device, n = self.target.device, len(take)
         B = bucket(n) if self.fast else n
         chosen = [prompts[i] for i in take]
@@ -199,14 +163,14 @@ class Engine:
         self.proposer.begin(BatchInfo(B=B, device=device, sampling=sampling, prompts=padded))
         if self.drafter is not None and self.proposer.drafting:  # a call that backs off leaves the drafter idle
             self._prefill_drafter(ids, lens, pre.features)
-        batch = Batch(work, self.proposer, self.drafter, origin=take + [len(prompts) + i for i in range(B - n)])
+        batch = Batch(work, self.proposer, self.drafter, origin=take + [-1 - i for i in range(B - n)])
         first_plan = self.proposer.first_plan(self._round_input(sampling))  # planning proposers: one sync of its own
         batch.plan = first_plan.tolist() if first_plan is not None else None
         return batch
 
-    def _refill(self, batch: Batch, slots: list[int], take: list[int], prompts: list[list[int]], seeds: list[int],
-                sampling: SamplingParams) -> None:
-        """Continuous batching: prefill prompts `take` into the free slots `slots` while the other slots keep
+    def _refill(self, batch: Batch, slots: list[int], take: list[int], prompts: dict[int, list[int]],
+                seeds: dict[int, int], sampling: SamplingParams) -> None:
+        """Continuous batching: prefill rows `take` into the free slots `slots` while the other slots keep
         their state; each new row starts exactly as it would in a batch of its own."""
         work, device = batch.workspace, self.target.device
         index = torch.tensor(slots, device=device)  # [k]

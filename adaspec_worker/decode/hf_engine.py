@@ -26,12 +26,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .batch import Completion, Outputs, StopFn
+from .batch import Completion, Outputs, Request, StopFn
 from .config import ModelLoadError, fallback_context, read_json
 from .logprobs import next_token_logprobs
 from .model import resolve_device, resolve_dtype
 from .sampling import STREAM_BONUS, SamplingParams, sample, target_probs, uniform
 from .stats import EngineStats, PhaseClock, RowOutcome, SeqStats, host_logprobs
+from .stream import CallStream, Source
 
 UNBOUNDED_CONTEXT = 1 << 20  # a config naming no context (no position embeddings): the prompt-length check's limit
 
@@ -138,6 +139,10 @@ class HFEngine:
             stats = stats + st
         return done, stats
 
+    def stream(self, source: Source, slots: int, refill: bool = True) -> CallStream:
+        """`Engine.stream`'s interface: each run of arrived rows that share their settings in one generate()."""
+        return CallStream(self, source, slots, refill)
+
     @torch.inference_mode()
     def _generate_batch(
         self, prompts: list[list[int]], sampling: SamplingParams, seeds: list[int], stop_fn: StopFn | None
@@ -162,11 +167,16 @@ class HFEngine:
         seed = torch.tensor(seeds if seeds is not None else [0] * n, dtype=torch.long, device=device)  # [B]
         counter = torch.zeros(n, dtype=torch.long, device=device)  # [B] tokens emitted so far
         origin = list(range(n))  # prompt index of each batch row
-        outputs = Outputs(n, sampling, stop_fn)
+        outputs, done = Outputs(), [None] * n
+        for i, p in enumerate(prompts):
+            outputs.add(i, Request(p, sampling, seeds[i], stop_fn, tag=i))
         while True:
             clock.mark("other")
             token = self._pick(logits, sampling, seed, counter)  # [B]
-            finished = outputs.record(origin, self._outcomes(logits, token, sampling))
+            ended = outputs.record(origin, self._outcomes(logits, token, sampling))
+            for e in ended:
+                done[e.row] = e.completion
+            finished = [e.slot for e in ended]
             stats.target_passes += 1
             if not outputs.live:
                 break
@@ -186,8 +196,8 @@ class HFEngine:
             clock.flush(stats)
         clock.mark("other")
         clock.flush(stats)
-        stats.rows = sum(outputs.stats, SeqStats())
-        return outputs.done, stats
+        stats.rows = sum((c.stats for c in done), SeqStats())
+        return done, stats
 
     @staticmethod
     def _outcomes(logits: torch.Tensor, token: torch.Tensor, sampling: SamplingParams) -> list[RowOutcome]:

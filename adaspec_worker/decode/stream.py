@@ -1,0 +1,269 @@
+"""The decode loop over a stream of rows: continuous batching across whatever the caller feeds.
+
+    stream = engine.stream(source, slots=64)      # source(wait) -> [Request, ...] | [] (none yet) | None (no more)
+    for finished in stream:                       # Finished(tag, group, completion), as rows finish
+        ...
+    stream.stats, stream.take_group(group)        # the whole stream's EngineStats; one group's (a shard's)
+    stream.started                                # groups with a row that entered a slot
+
+The engine keeps B slots and a queue of pending rows. When rows finish, their slots are prefilled with
+the next pending rows while the other slots keep decoding; when the queue is empty the source is asked
+(without waiting) for more, as it is in every round with a free slot, so a caller can append the next
+shard's rows while the current shard's last rows decode. Only when nothing decodes and nothing is pending
+does the stream wait on the source; None from it ends the stream. `Engine.generate` is this loop over a
+source that hands over its prompts once.
+
+Rows are admitted in the order they arrive. A row joins the running batch only when its SamplingParams
+equal the batch's (the sampling rule is baked into captured graphs, and max_new_tokens sizes the cache),
+its prompt fits the batch's cache, and the batch has its full width (a batch shrunk while the queue was
+empty drains first, then a full one starts); otherwise the batch drains and a new one starts with it.
+Each row carries its own seed, stop rule and sampling, so its tokens depend only on its prompt and seed,
+never on its companions or on when it was admitted.
+
+Accounting by group (`Request.group`, a shard for the worker): a round's busy slot-rounds count to their
+rows' groups, its idle ones (padding, finished rows frozen in their slot) to the oldest group with a row
+in the round (the one whose tail holds the batch); its time (prefills included) is split by busy slots;
+its target pass counts once for every group with a row in it. A group's stats are final once its last
+row has been handed out. Warm-up (compiling, graph capture) is in the stream's total only.
+
+Knows nothing of shards, tokenizers, Ray or Parquet; the engine's round mechanics live in engine.py.
+"""
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .batch import Batch, Completion, Outputs, Request
+from .stats import EngineStats, PhaseClock
+
+Source = Callable[[bool], "list[Request] | None"]  # (wait) -> new rows ([]: none yet), or None: no more, ever
+
+
+@dataclass
+class Finished:
+    """A row the stream is done with."""
+
+    tag: Any
+    group: Hashable
+    completion: Completion
+
+
+def once(requests: list[Request]) -> Source:
+    """A source that hands over `requests` at its first call and then ends."""
+    pending = [requests]
+
+    def source(wait: bool) -> list[Request] | None:
+        return pending.pop() if pending else None
+
+    return source
+
+
+class Stream:
+    """One pass of the decode loop over `source`'s rows, through `slots` slots (iterate it once)."""
+
+    def __init__(self, engine, source: Source, slots: int, refill: bool = True):  # engine: engine.Engine
+        assert slots >= 1, f"slots must be >= 1, got {slots}"
+        self.engine, self.source, self.width, self.refill = engine, source, slots, refill
+        self.stats = EngineStats()  # the whole stream
+        self.groups: dict[Hashable, EngineStats] = {}  # by group, oldest first, until taken
+        self.pending: deque[int] = deque()  # row numbers, in arrival order
+        self.requests: dict[int, Request] = {}  # pending rows
+        self.outputs = Outputs()
+        self.rows = 0  # row numbers handed out so far
+        self.ended = False  # the source said no more
+        self.started: set[Hashable] = set()  # groups with a row that entered a slot (the others are only queued)
+        self.sampling = None  # the running batch's
+        self.S = 0  # the running batch's cache positions per slot
+
+    def take_group(self, group: Hashable) -> EngineStats:
+        """A group's stats (final once its last row was handed out), and forget them."""
+        return self.groups.pop(group, EngineStats())
+
+    # ---- the source and the queue
+    def _pull(self, wait: bool) -> None:
+        if self.ended:
+            return
+        got = self.source(wait)
+        if got is None:
+            self.ended = True
+            return
+        limit = self.engine.target.cfg.max_position_embeddings
+        for request in got:
+            n, new = len(request.prompt), request.sampling.max_new_tokens
+            assert n > 0, "every prompt needs at least one token"
+            assert n + new <= limit, f"prompt ({n}) + max_new_tokens ({new}) exceeds the model's context {limit}"
+            self.requests[self.rows] = request
+            self.pending.append(self.rows)
+            self.groups.setdefault(request.group, EngineStats())
+            self.rows += 1
+
+    def _slack(self) -> int:
+        # a row may commit up to a whole tree past max_new_tokens in its last round, one more round launched before
+        # its end was seen, and once frozen in its slot still has the next tree written after it
+        return 3 * self.engine.proposer.max_nodes + 1
+
+    def _admissible(self, batch: Batch) -> int:
+        """How many rows at the head of the queue may join the running batch."""
+        if len(batch.origin) < self.width:  # shrunk: drain it, then start a full one
+            return 0
+        n = 0
+        for row in self.pending:
+            r = self.requests[row]
+            if r.sampling != self.sampling or len(r.prompt) + r.sampling.max_new_tokens + self._slack() > self.S:
+                break
+            n += 1
+        return n
+
+    def _take(self, n: int) -> tuple[list[int], dict[int, list[int]], dict[int, int]]:
+        """The next n pending rows into Outputs: (rows, their prompts, their seeds)."""
+        rows = [self.pending.popleft() for _ in range(n)]
+        chosen = {row: self.requests.pop(row) for row in rows}
+        for row, r in chosen.items():
+            self.outputs.add(row, r)
+            self.started.add(r.group)
+        return rows, {row: r.prompt for row, r in chosen.items()}, {row: r.seed for row, r in chosen.items()}
+
+    def _start(self) -> Batch:
+        """A new batch from the head of the queue: its rows share the first one's sampling."""
+        if len(self.pending) < self.width:
+            self._pull(wait=False)  # whatever else has arrived, so that the batch starts as wide as it can
+        head = self.requests[self.pending[0]]
+        self.sampling = sampling = head.sampling
+        same = []
+        for row in self.pending:
+            if self.requests[row].sampling != sampling:
+                break
+            same.append(row)
+        longest = max(len(self.requests[row].prompt) for row in same)  # the queued rows fit, not only the first B
+        self.S = longest + sampling.max_new_tokens + self._slack()
+        rows, prompts, seeds = self._take(min(self.width, len(same)))
+        batch = self.engine._start(prompts, rows, seeds, sampling, self.S)
+        self.S = batch.workspace.S  # the workspace may be larger (fast: 256-position buckets)
+        return batch
+
+    # ---- the loop
+    @torch.inference_mode()
+    def __iter__(self) -> Iterator[Finished]:
+        eng = self.engine
+        clock = PhaseClock(eng.target.device)
+        # the next round is launched before this one's host work when its shapes do not wait on this one's plan
+        overlap = eng.overlap and not eng.proposer.returns_plan and eng.on_round is None
+        batch, flight = None, None
+        while True:
+            if batch is None or not batch.live(self.outputs):  # nothing decoding: start a batch
+                flight = None
+                if not self.pending:
+                    self._pull(wait=True)
+                if not self.pending:
+                    break
+                clock.mark("prefill")
+                batch = self._start()
+            if flight is None:
+                flight = eng._launch(batch, self.sampling, clock)
+            outcomes = eng._land(flight, batch)
+            spent = EngineStats()
+            clock.flush(spent)
+            ahead = eng._launch(batch, self.sampling, clock) if overlap else None  # the GPU works while we record
+            self._account(flight.origin, spent)
+            ended = self.outputs.record(flight.origin, outcomes)
+            flight = ahead
+            if ended:
+                done = {e.row for e in ended}
+                slots = [i for i, row in enumerate(batch.origin) if row in done]  # where they sit now
+                batch.workspace.alive[torch.tensor(slots, device=eng.target.device)] = False  # frozen from now on
+                self._next_rows(batch, clock, shrink=True)
+            elif self.refill and not self.ended and len(batch.live(self.outputs)) < self.width <= len(batch.origin):
+                self._next_rows(batch, clock, shrink=False)  # free slots: rows the source has since handed over
+            if not batch.live(self.outputs):
+                flight = None  # the round launched ahead has no row left to serve
+            for e in ended:
+                self.stats.rows = self.stats.rows + e.completion.stats
+                self.groups[e.request.group].rows = self.groups[e.request.group].rows + e.completion.stats
+                yield Finished(e.request.tag, e.request.group, e.completion)
+        clock.mark("other")
+        clock.flush(self.stats)
+        self.stats.warmup_seconds, eng.warmup_seconds = eng.warmup_seconds, 0.0
+
+    def _next_rows(self, batch: Batch, clock: PhaseClock, shrink: bool) -> None:
+        """Refill free slots from the queue (asking the source when it is empty); after rows finished (`shrink`),
+        drop them instead when no row may take their slots."""
+        live = len(batch.live(self.outputs))
+        if not self.pending:
+            self._pull(wait=False)
+        fits = self._admissible(batch)
+        room = min(fits, self.width - live)  # rows that may start now
+        if self.refill and fits and room >= min(fits, max(1, self.width // self.engine.refill_every)):
+            clock.mark("prefill")
+            free = [i for i, row in enumerate(batch.origin) if not self.outputs.running(row)]
+            rows, prompts, seeds = self._take(room)
+            self.engine._refill(batch, free[:room], rows, prompts, seeds, self.sampling)
+            clock.mark("other")
+        elif shrink and (not self.refill or not fits):
+            self.engine._shrink(batch, self.outputs)
+
+    def _account(self, origin: list[int], spent: EngineStats) -> None:
+        """A landed round (and the time since the last one, `spent`) into the stream's and its groups' stats."""
+        total = self.stats
+        total.target_passes += 1
+        total.slot_rounds += len(origin)
+        busy = Counter(self.outputs.rows[row].request.group for row in origin if self.outputs.running(row))
+        total.busy_slot_rounds += sum(busy.values())
+        total.prefill_seconds += spent.prefill_seconds
+        total.draft_seconds += spent.draft_seconds
+        total.verify_seconds += spent.verify_seconds
+        total.other_seconds += spent.other_seconds
+        n = sum(busy.values())
+        if not n:
+            return
+        oldest = next(g for g in self.groups if g in busy)
+        for group, k in busy.items():
+            g = self.groups[group]
+            g.target_passes += 1
+            g.busy_slot_rounds += k
+            g.slot_rounds += k + (len(origin) - n if group == oldest else 0)
+            g.prefill_seconds += spent.prefill_seconds * k / n
+            g.draft_seconds += spent.draft_seconds * k / n
+            g.verify_seconds += spent.verify_seconds * k / n
+            g.other_seconds += spent.other_seconds * k / n
+
+
+class CallStream:
+    """`Stream`'s interface for an engine with `generate` only (transformers' fallback): each run of arrived rows
+    with one sampling, stop rule and group decodes in one generate() call (no slot is shared across runs)."""
+
+    def __init__(self, engine, source: Source, slots: int, refill: bool = True):
+        self.engine, self.source, self.width, self.refill = engine, source, slots, refill
+        self.stats = EngineStats()
+        self.groups: dict[Hashable, EngineStats] = {}
+        self.started: set[Hashable] = set()
+
+    def take_group(self, group: Hashable) -> EngineStats:
+        return self.groups.pop(group, EngineStats())
+
+    def __iter__(self) -> Iterator[Finished]:
+        pending: deque[Request] = deque()
+        while True:
+            if not pending:
+                got = self.source(True)
+                if got is None:
+                    return
+                pending.extend(got)
+                continue
+            head = pending[0]
+            run = []
+            while pending and (pending[0].sampling, pending[0].stop_fn, pending[0].group) == (
+                    head.sampling, head.stop_fn, head.group):
+                run.append(pending.popleft())
+            self.started.add(head.group)
+            fn = head.stop_fn
+            stop = None if fn is None else (lambda i, toks, run=run, fn=fn: fn(run[i].tag, toks))
+            done, stats = self.engine.generate([r.prompt for r in run], head.sampling, [r.seed for r in run], stop,
+                                               slots=self.width, refill=self.refill)
+            self.stats = self.stats + stats
+            self.groups[head.group] = self.groups.get(head.group, EngineStats()) + stats
+            for r, completion in zip(run, done):
+                yield Finished(r.tag, r.group, completion)
