@@ -40,6 +40,9 @@ import torch
 from .batch import Batch, Completion, Outputs, Request
 from .stats import EngineStats, PhaseClock
 
+# the phases a round's time is split into (the oracle's uncharged reference work included)
+TIMES = ("prefill_seconds", "draft_seconds", "verify_seconds", "other_seconds", "reference_seconds")
+
 Source = Callable[[bool], "list[Request] | None"]  # (wait) -> new rows ([]: none yet), or None: no more, ever
 
 
@@ -212,10 +215,8 @@ class Stream:
         total.slot_rounds += len(origin)
         busy = Counter(self.outputs.rows[row].request.group for row in origin if self.outputs.running(row))
         total.busy_slot_rounds += sum(busy.values())
-        total.prefill_seconds += spent.prefill_seconds
-        total.draft_seconds += spent.draft_seconds
-        total.verify_seconds += spent.verify_seconds
-        total.other_seconds += spent.other_seconds
+        for key in TIMES:
+            setattr(total, key, getattr(total, key) + getattr(spent, key))
         n = sum(busy.values())
         if not n:
             return
@@ -225,10 +226,8 @@ class Stream:
             g.target_passes += 1
             g.busy_slot_rounds += k
             g.slot_rounds += k + (len(origin) - n if group == oldest else 0)
-            g.prefill_seconds += spent.prefill_seconds * k / n
-            g.draft_seconds += spent.draft_seconds * k / n
-            g.verify_seconds += spent.verify_seconds * k / n
-            g.other_seconds += spent.other_seconds * k / n
+            for key in TIMES:  # the round's time split by busy slots
+                setattr(g, key, getattr(g, key) + getattr(spent, key) * k / n)
 
 
 class CallStream:
