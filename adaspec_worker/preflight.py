@@ -21,7 +21,7 @@ import logging
 import os
 
 from jobs.inputs import inspect_file
-from jobs.manifest import Manifest
+from jobs.manifest_schema import Manifest
 from jobs.plan import input_storage_options, list_inputs
 
 from .decode.config import ModelConfig, ModelLoadError, UnsupportedModel, fallback_context, read_json

@@ -34,7 +34,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from jobs.inputs import is_jsonl
-from jobs.layout import Commit, ErrorRow, OutputRow, ShardStats
+from jobs.layout import Commit, ErrorRow, OutputRow
+from jobs.shard_stats import ShardStats
 
 from .decode.batch import Completion, Request
 from .decode.stats import EngineStats

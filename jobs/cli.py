@@ -18,12 +18,13 @@ import click
 from .controller import JobConflict, JobFailed, open_output, preflight, run_job
 from .credentials import MASK
 from .dispatch import Unplaceable
-from .layout import ShardFiles, total
+from .layout import ShardFiles
 from .lease import LeaseHeld
 from .manifest import ManifestError, load_manifest, manifest_from_dict
 from .model_commands import MODEL_COMMANDS
 from .plan import PlanError
 from .progress import DEFAULT_INTERVAL_S, Progress, startup_lines
+from .shard_stats import total
 from .specs import SpecError
 from .storage import StorageError, Store
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .layout import ActorStartup, shard_name
-from .manifest import Manifest
+from .manifest_schema import Manifest
 from .plan import Shard
 
 log = logging.getLogger("adarun.dispatch")

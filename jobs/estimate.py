@@ -10,8 +10,9 @@ a measurement only the tokens are estimated. Torch-free.
 
 from __future__ import annotations
 
-from .layout import ShardFiles, total
-from .manifest import Manifest
+from .layout import ShardFiles
+from .manifest_schema import Manifest
+from .shard_stats import total
 from .storage import Store
 
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from .manifest import InputCfg
+from .manifest_schema import InputCfg
 
 SETTING_COLUMNS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n")
 _NUMERIC = {"max_new_tokens": "int", "top_k": "int", "seed": "int", "n": "int", "temperature": "num", "top_p": "num"}

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from fsspec.core import url_to_fs
 
 from .inputs import InputError, ShardInput, inspect_file, is_jsonl, read_ids, read_shard
-from .manifest import InputCfg, ShardingCfg
+from .manifest_schema import InputCfg, ShardingCfg
 
 
 class PlanError(ValueError):

@@ -19,7 +19,8 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from .layout import Commit, JobRun, ShardFiles, ShardStats, total
+from .layout import Commit, JobRun, ShardFiles
+from .shard_stats import ShardStats, total
 
 
 @dataclass
