@@ -38,6 +38,15 @@ class Completion:
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: its k most likely (id, logprob)
 
 
+def on_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A long tensor of `values` on `device`, copied without waiting for the device (a plain copy from pageable
+    memory synchronises the stream, which would stall the round launched ahead)."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def bucket(n: int) -> int:
     """Static batch sizes: the next power of two."""
     return 1 << max(n - 1, 0).bit_length()
@@ -66,6 +75,7 @@ class Workspace:
         self.graphs: dict = {}
         self.seen: set = set()
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        self.staging: StagedRefill | None = None  # captured refill prefills (CUDA graphs): their fixed buffers
         self.fit_outcome(None)
         self.view(B)
 
@@ -112,7 +122,7 @@ class Batch:
 
     def select(self, order: list[int]) -> None:
         """Keep slots `order`, in that order: workspace, proposer and drafter state, origin and plan."""
-        index = torch.tensor(order, device=self.workspace.root.device)
+        index = on_device(order, self.workspace.root.device)
         self.workspace.select(index)
         self.proposer.select(index)
         if self.drafter is not None:
@@ -246,3 +256,36 @@ class Outputs:
         if live.logprobs is not None:
             del live.logprobs[keep:]
             del live.top[keep:]
+
+
+class StagedRefill:
+    """Fixed buffers for continuous batching's refill prefills, so they can be captured as CUDA graphs: a refill
+    of k rows whose longest prompt has n tokens runs as a prefill of bucket(k) rows of `width(n)` tokens (the
+    extra rows repeat the first prompt and are dropped), reading `rows` [kb, W + 3] (token ids, then the prompt
+    length, the slot and the seed per row: one host-to-device copy) and writing a scratch cache of `capacity`
+    slots shared by every shape. Grown only; growing drops the refill graphs captured over the old one."""
+
+    STEP = 64  # prompt widths are multiples of STEP
+
+    def __init__(self, target: CausalLM, B: int, capacity: int):
+        self.cache = target.new_cache(B, capacity)  # kv [B, capacity, L, 2, Hkv, D]
+        self.inputs: dict[tuple[int, int], torch.Tensor] = {}  # (kb, W) -> rows [kb, W + 3] on the device
+
+    @classmethod
+    def width(cls, n: int) -> int:
+        return -(-n // cls.STEP) * cls.STEP
+
+    def fits(self, B: int, W: int) -> bool:
+        return self.cache.full_kv.shape[0] >= B and self.cache.capacity >= W
+
+    def stage(self, prompts: list[list[int]], slots: list[int], seeds: list[int], W: int) -> torch.Tensor:
+        """The refill's rows, padded to bucket(k) rows of W tokens, copied into their fixed device buffer."""
+        kb = bucket(len(prompts))
+        pad = [0] * W
+        host = [(prompts[j] + pad)[:W] + [len(prompts[j]), slots[j], seeds[j]]
+                for j in (i if i < len(prompts) else 0 for i in range(kb))]  # padding rows repeat the first row
+        rows = self.inputs.get((kb, W))
+        if rows is None:
+            rows = self.inputs[(kb, W)] = torch.zeros(kb, W + 3, dtype=torch.long, device=self.cache.kv.device)
+        rows.copy_(on_device(host, rows.device))
+        return rows

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .batch import Batch, Completion, Outputs, Request, StopFn, Workspace, bucket
+from .batch import Batch, Completion, Outputs, Request, StagedRefill, StopFn, Workspace, bucket, on_device
 from .drafters import Drafter
 from .logprobs import path_logprobs
 from .model import CausalLM
@@ -157,7 +157,7 @@ class Engine:
         pre = self._prefill_target(ids, lens, work.cache)
         work.root.copy_(pre.root)
         work.ldlp_feat.copy_(pre.ldlp_feat)
-        work.seed.copy_(torch.tensor([seeds[i] for i in take] + [0] * (B - n), device=device))
+        work.seed.copy_(on_device([seeds[i] for i in take] + [0] * (B - n), device))
         work.counter.zero_()
         work.alive.copy_(torch.arange(B, device=device) < n)
         self.proposer.begin(BatchInfo(B=B, device=device, sampling=sampling, prompts=padded))
@@ -172,20 +172,24 @@ class Engine:
                 seeds: dict[int, int], sampling: SamplingParams) -> None:
         """Continuous batching: prefill rows `take` into the free slots `slots` while the other slots keep
         their state; each new row starts exactly as it would in a batch of its own."""
-        work, device = batch.workspace, self.target.device
-        index = torch.tensor(slots, device=device)  # [k]
+        work, k = batch.workspace, len(take)
         chosen = [prompts[i] for i in take]
-        ids, lens = self._right_padded(chosen)
-        scratch = self.target.new_cache(len(take), work.S)  # the new rows' prefill, then copied into their slots
-        pre = self._prefill_target(ids, lens, scratch)
+        if self.fast and StagedRefill.width(max(map(len, chosen))) <= work.S:  # CUDA: a captured graph
+            ids, lens, index, seed, scratch, pre = self._staged_prefill(chosen, slots, [seeds[i] for i in take])
+        else:
+            index, seed = on_device(slots, self.target.device), on_device([seeds[i] for i in take], self.target.device)
+            ids, lens = self._right_padded(chosen)
+            scratch = self.target.new_cache(k, work.S)  # the new rows' prefill, then copied into their slots
+            pre = self._prefill_target(ids, lens, scratch)
         work.cache.load_rows(index, scratch)
-        work.root[index] = pre.root
-        work.ldlp_feat[index] = pre.ldlp_feat
-        work.seed[index] = torch.tensor([seeds[i] for i in take], device=device)
+        work.root[index] = pre.root[:k]
+        work.ldlp_feat[index] = pre.ldlp_feat[:k]
+        work.seed[index] = seed
         work.counter[index] = 0
         work.alive[index] = True
         if self.drafter is not None and self.proposer.drafting:
-            logits, hidden = self.drafter.admit(index, ids, lens, pre.features)
+            features = pre.features[:k] if pre.features is not None else None
+            logits, hidden = self.drafter.admit(index, ids, lens, features)
             work.draft_logits[index] = logits
             if hidden is not None:
                 work.draft_hidden[index] = hidden
@@ -193,14 +197,30 @@ class Engine:
         plan = self.proposer.first_plan(self._round_input(sampling)) if self.proposer.returns_plan else None
         batch.refill(slots, take, plan.tolist() if plan is not None else None)
 
+    def _staged_prefill(self, chosen: list[list[int]], slots: list[int], seeds: list[int]):
+        """A refill's target prefill as a captured CUDA graph over fixed buffers (`batch.StagedRefill`): ids [k, W],
+        lens, slots and seeds [k] (device views of one copied block), the scratch cache (its first k rows hold the
+        prefill) and the Prefilled of the padded batch (its first k rows are the refill's)."""
+        work, k, W = self.workspace, len(chosen), StagedRefill.width(max(map(len, chosen)))
+        kb = bucket(k)
+        if work.staging is None or not work.staging.fits(work.B_cap, W):
+            for key in [key for key in work.graphs if key[0] == "refill"]:  # captured over the old scratch cache
+                del work.graphs[key]
+            work.seen = {key for key in work.seen if key[0] != "refill"}
+            work.staging = StagedRefill(self.target, work.B_cap, min(-(-W // 256) * 256, work.S))
+        staging = work.staging
+        rows = staging.stage(chosen, slots, seeds, W)  # [kb, W + 3]
+        scratch = staging.cache
+        scratch.view(kb)
+        pre = self._run(("refill", kb, W), lambda: self._prefill_target(rows[:, :W], rows[:, W], scratch))
+        scratch.view(k)
+        return rows[:k, :W], rows[:k, W], rows[:k, W + 1], rows[:k, W + 2], scratch, pre
+
     def _right_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompts -> ids [B, T] right-padded with 0, lens [B]."""
-        device = self.target.device
-        lens = torch.tensor([len(p) for p in prompts], device=device)  # [B]
-        ids = torch.zeros(len(prompts), max(len(p) for p in prompts), dtype=torch.long, device=device)  # [B, T]
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p, device=device)
-        return ids, lens
+        """prompts -> ids [B, T] right-padded with 0, lens [B] (one copy to the device)."""
+        T = max(len(p) for p in prompts)
+        block = on_device([p + [0] * (T - len(p)) + [len(p)] for p in prompts], self.target.device)  # [B, T + 1]
+        return block[:, :T], block[:, T]
 
     def _prefill_target(self, ids: torch.Tensor, lens: torch.Tensor, cache) -> Prefilled:
         """Every prompt token but the last into `cache`; the last becomes the root."""

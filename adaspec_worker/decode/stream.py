@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .batch import Batch, Completion, Outputs, Request
+from .batch import Batch, Completion, Outputs, Request, on_device
 from .stats import EngineStats, PhaseClock
 
 # the phases a round's time is split into (the oracle's uncharged reference work included)
@@ -177,7 +177,7 @@ class Stream:
             if ended:
                 done = {e.row for e in ended}
                 slots = [i for i, row in enumerate(batch.origin) if row in done]  # where they sit now
-                batch.workspace.alive[torch.tensor(slots, device=eng.target.device)] = False  # frozen from now on
+                batch.workspace.alive[on_device(slots, eng.target.device)] = False  # frozen from now on
                 self._next_rows(batch, clock, shrink=True)
             elif self.refill and not self.ended and len(batch.live(self.outputs)) < self.width <= len(batch.origin):
                 self._next_rows(batch, clock, shrink=False)  # free slots: rows the source has since handed over
