@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from adaspec_worker.decode.batch import Request
+from adaspec_worker.decode.batch import Outputs, Request
 from adaspec_worker.decode.build import build_engine
 from adaspec_worker.decode.model import load_target
 from adaspec_worker.decode.sampling import SamplingParams
@@ -212,9 +212,10 @@ def test_shards_stream_through_the_engine_and_reach_the_writer_in_order(tgt, met
     assert sum(x.target_passes for x in s) > max(x.target_passes for x in s) + 3  # shards shared rounds
 
 
-def test_a_decode_failure_fails_the_shards_in_the_engine_alone(tgt):
+def test_a_decode_failure_fails_the_shards_in_the_engine_alone(tgt, monkeypatch):
     """Shard 1's rows fail on their first round while shard 0's long row still decodes: shards 0 and 1 fail with
     the error, shard 2 (not yet in the engine) and 3 decode as alone."""
+    monkeypatch.setattr(Outputs, "STOP_EVERY", 1)  # the stop rule (which fails here) sees every round
     eng = engine(tgt, "none")
     shards = [shard(0, "len:2,2,2,2,20"), shard(1, "fail@1", n=2, seed=1), shard(2, "len:3,4", seed=2),
               shard(3, "len:2", seed=3)]

@@ -176,11 +176,18 @@ class _Live:
     logprobs: list[float] | None = None
     top: list | None = None
     stats: SeqStats = field(default_factory=SeqStats)
+    unchecked: int = 0  # tokens not yet seen by the stop rule
 
 
 class Outputs:
     """Per-row tokens, counters and stop rules of the rows in the slots (row numbers are the engine's, a slot
-    with a negative one pads); a finished row's Completion is handed back once and forgotten."""
+    with a negative one pads); a finished row's Completion is handed back once and forgotten.
+
+    Stop strings are looked for once a row has `STOP_EVERY` tokens the rule has not seen (and always when it
+    ends otherwise): the tokenizer call is most of a round's host work at 64 slots. The cut is where the string
+    first appears either way, so a row's tokens do not change; it may decode a few rounds past it."""
+
+    STOP_EVERY = 4
 
     def __init__(self):
         self.rows: dict[int, _Live] = {}
@@ -205,11 +212,14 @@ class Outputs:
             if live is None:
                 continue
             live.stats.observe(out)
+            before = len(live.tokens)
             reason = self._append(live, out)
             stop_fn = live.request.stop_fn
-            if reason == "stop" or (reason and stop_fn is None):
-                finished.append((i, row, reason))
-            elif stop_fn is not None:
+            live.unchecked += len(live.tokens) - before
+            if stop_fn is None or (reason is None and live.unchecked < self.STOP_EVERY):
+                if reason:
+                    finished.append((i, row, reason))
+            else:
                 checks.setdefault(id(stop_fn), []).append((i, row, reason))
         for group in checks.values():
             stop_fn = self.rows[group[0][1]].request.stop_fn
@@ -217,9 +227,11 @@ class Outputs:
             tags = [self.rows[row].request.tag for _, row, _ in group]
             seqs = [self.rows[row].tokens for _, row, _ in group]
             if batch:
-                cuts = batch(tags, seqs, [len(outcomes[i].tokens) for i, _, _ in group])
+                cuts = batch(tags, seqs, [self.rows[row].unchecked for _, row, _ in group])
             else:
                 cuts = [stop_fn(tag, out) for tag, out in zip(tags, seqs)]
+            for _, row, _ in group:
+                self.rows[row].unchecked = 0
             for (i, row, reason), cut in zip(group, cuts):
                 if cut is not None:
                     self._cut(self.rows[row], cut)
