@@ -275,12 +275,14 @@ class StagedRefill:
     of k rows whose longest prompt has n tokens runs as a prefill of bucket(k) rows of `width(n)` tokens (the
     extra rows repeat the first prompt and are dropped), reading `rows` [kb, W + 3] (token ids, then the prompt
     length, the slot and the seed per row: one host-to-device copy) and writing a scratch cache of `capacity`
-    slots shared by every shape. Grown only; growing drops the refill graphs captured over the old one."""
+    slots shared by every shape (and the drafter's). Grown only; growing drops the refill graphs captured over
+    the old one."""
 
     STEP = 64  # prompt widths are multiples of STEP
 
     def __init__(self, target: CausalLM, B: int, capacity: int):
         self.cache = target.new_cache(B, capacity)  # kv [B, capacity, L, 2, Hkv, D]
+        self.draft_cache = None  # the drafter's, of the same capacity (the engine makes it when a refill drafts)
         self.inputs: dict[tuple[int, int], torch.Tensor] = {}  # (kb, W) -> rows [kb, W + 3] on the device
 
     @classmethod

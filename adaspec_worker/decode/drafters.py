@@ -87,14 +87,18 @@ class Drafter:
     def admit(self, rows: torch.Tensor, ids: torch.Tensor, lens: torch.Tensor, feats: torch.Tensor | None):
         """Continuous batching: prefill new prompts into cache rows `rows` [k] through a scratch cache of the
         same capacity (so each row's numbers are those of a fresh batch); returns prefill()'s (logits, hidden)."""
-        main = self.cache
-        self.cache = self.new_cache(ids.shape[0], main.capacity)
+        scratch = self.new_cache(ids.shape[0], self.cache.capacity)
+        out = self.prefill_into(scratch, ids, lens, feats)
+        self.cache.load_rows(rows, scratch)
+        return out
+
+    def prefill_into(self, scratch, ids: torch.Tensor, lens: torch.Tensor, feats: torch.Tensor | None):
+        """prefill() into `scratch` (a cache of ids' rows) instead of the drafter's own cache."""
+        main, self.cache = self.cache, scratch
         try:
-            out = self.prefill(ids, lens, feats)
-            main.load_rows(rows, self.cache)
+            return self.prefill(ids, lens, feats)
         finally:
             self.cache = main
-        return out
 
     def prefill(self, ids: torch.Tensor, lens: torch.Tensor, feats: torch.Tensor | None):
         """ids [B, T] right-padded prompts, lens [B]; feats [B, T, F] at every prompt position but the last."""

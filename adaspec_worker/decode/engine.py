@@ -174,47 +174,64 @@ class Engine:
         their state; each new row starts exactly as it would in a batch of its own."""
         work, k = batch.workspace, len(take)
         chosen = [prompts[i] for i in take]
+        drafting = self.drafter is not None and self.proposer.drafting
         if self.fast and StagedRefill.width(max(map(len, chosen))) <= work.S:  # CUDA: a captured graph
-            ids, lens, index, seed, scratch, pre = self._staged_prefill(chosen, slots, [seeds[i] for i in take])
+            index, seed, pre, draft = self._staged_prefill(chosen, slots, [seeds[i] for i in take], drafting)
         else:
             index, seed = on_device(slots, self.target.device), on_device([seeds[i] for i in take], self.target.device)
             ids, lens = self._right_padded(chosen)
             scratch = self.target.new_cache(k, work.S)  # the new rows' prefill, then copied into their slots
             pre = self._prefill_target(ids, lens, scratch)
-        work.cache.load_rows(index, scratch)
+            work.cache.load_rows(index, scratch)
+            draft = self.drafter.admit(index, ids, lens, pre.features) if drafting else None
         work.root[index] = pre.root[:k]
         work.ldlp_feat[index] = pre.ldlp_feat[:k]
         work.seed[index] = seed
         work.counter[index] = 0
         work.alive[index] = True
-        if self.drafter is not None and self.proposer.drafting:
-            features = pre.features[:k] if pre.features is not None else None
-            logits, hidden = self.drafter.admit(index, ids, lens, features)
-            work.draft_logits[index] = logits
+        if draft is not None:
+            logits, hidden = draft
+            work.draft_logits[index] = logits[:k]
             if hidden is not None:
-                work.draft_hidden[index] = hidden
+                work.draft_hidden[index] = hidden[:k]
         self.proposer.admit(index, chosen)
         plan = self.proposer.first_plan(self._round_input(sampling)) if self.proposer.returns_plan else None
         batch.refill(slots, take, plan.tolist() if plan is not None else None)
 
-    def _staged_prefill(self, chosen: list[list[int]], slots: list[int], seeds: list[int]):
-        """A refill's target prefill as a captured CUDA graph over fixed buffers (`batch.StagedRefill`): ids [k, W],
-        lens, slots and seeds [k] (device views of one copied block), the scratch cache (its first k rows hold the
-        prefill) and the Prefilled of the padded batch (its first k rows are the refill's)."""
+    def _staged_prefill(self, chosen: list[list[int]], slots: list[int], seeds: list[int], drafting: bool):
+        """A refill's prefills (target, and drafter when `drafting`) as one captured CUDA graph over fixed buffers
+        (`batch.StagedRefill`), their caches' first k rows copied into `slots`. Returns the slots and seeds [k]
+        (device views of the one copied block), the Prefilled and the drafter's (logits, hidden) of the padded
+        batch (their first k rows are the refill's)."""
         work, k, W = self.workspace, len(chosen), StagedRefill.width(max(map(len, chosen)))
         kb = bucket(k)
         if work.staging is None or not work.staging.fits(work.B_cap, W):
-            for key in [key for key in work.graphs if key[0] == "refill"]:  # captured over the old scratch cache
+            for key in [key for key in work.graphs if key[0] == "refill"]:  # captured over the old scratch caches
                 del work.graphs[key]
             work.seen = {key for key in work.seen if key[0] != "refill"}
             work.staging = StagedRefill(self.target, work.B_cap, min(-(-W // 256) * 256, work.S))
         staging = work.staging
+        if drafting and staging.draft_cache is None:
+            staging.draft_cache = self.drafter.new_cache(work.B_cap, staging.cache.capacity)
         rows = staging.stage(chosen, slots, seeds, W)  # [kb, W + 3]
-        scratch = staging.cache
-        scratch.view(kb)
-        pre = self._run(("refill", kb, W), lambda: self._prefill_target(rows[:, :W], rows[:, W], scratch))
-        scratch.view(k)
-        return rows[:k, :W], rows[:k, W], rows[:k, W + 1], rows[:k, W + 2], scratch, pre
+        ids, lens = rows[:, :W], rows[:, W]
+        caches = [staging.cache] + ([staging.draft_cache] if drafting else [])
+        for cache in caches:
+            cache.view(kb)
+
+        def prefill():
+            pre = self._prefill_target(ids, lens, staging.cache)
+            if not drafting:
+                return pre, None
+            staging.draft_cache.lens.zero_()
+            return pre, self.drafter.prefill_into(staging.draft_cache, ids, lens, pre.features)
+
+        pre, draft = self._run(("refill", kb, W, drafting), prefill)
+        index = rows[:k, W + 1]
+        for cache, main in zip(caches, [work.cache, self.drafter.cache if drafting else None]):
+            cache.view(k)
+            main.load_rows(index, cache)
+        return index, rows[:k, W + 2], pre, draft
 
     def _right_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """prompts -> ids [B, T] right-padded with 0, lens [B] (one copy to the device)."""
