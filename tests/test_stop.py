@@ -1,5 +1,6 @@
-"""Stop strings, checked for every row in one tokenizer call per round: the same cuts as decoding each row's
-whole text, whichever way the tokens arrive (one at a time or several per round), ASCII or not."""
+"""Stop strings, checked for every row in one tokenizer call (`Outputs`: every few tokens of a row): the same
+cuts as decoding each row's whole text, whichever way the tokens arrive (one at a time or several per round), ASCII
+or not."""
 import random
 
 import pytest

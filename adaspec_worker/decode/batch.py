@@ -205,7 +205,7 @@ class Outputs:
 
     def record(self, origin: list[int], outcomes: list[RowOutcome]) -> list[Ended]:
         """Account a round; return the rows that finished in it, by slot. Stop strings are checked for all rows
-        of one stop rule at once (`stop_fn.batch`, when the callback has it: one tokenizer call per round)."""
+        of one stop rule at once (`stop_fn.batch`, when the callback has it: one tokenizer call per check)."""
         finished, checks = [], {}  # checks: stop rule -> [(slot, row, reason so far)] the callback must see
         for i, (row, out) in enumerate(zip(origin, outcomes)):
             live = self.rows.get(row)
