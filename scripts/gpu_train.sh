@@ -9,7 +9,7 @@ W=/tmp/work; mkdir -p $W
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/gpu.txt
 python3 scripts/train_tiny_target.py --tokenizer .kit/pycoder-22m --corpus "$CORPUS" --out $W/pycoder-tiny \
   --max-seconds ${TINY_S:-150} --steps 6000 2>&1 | grep -v Writing | tee $OUT/train_tiny.log | tail -3
-TD="python3 -m adarun train-draft"
+TD="python3 scripts/model_command.py train-draft"  # no tenacity on the GPU machine
 eval $TD --target $W/pycoder-tiny --corpus "'$CORPUS'" --out $W/pycoder-tiny-eagle --steps 4000 --max-seconds ${HEAD_TINY_S:-70} --max-files 12000 --quiet 2>&1 | tail -2 | tee $OUT/train_head_tiny.log
 eval $TD --target .kit/pycoder-22m --corpus "'$CORPUS'" --out $W/pycoder-22m-eagle --steps 6000 --max-seconds ${HEAD_22M_S:-170} --max-files 16000 --quiet 2>&1 | tail -2 | tee $OUT/train_head_22m.log
 rm -rf $W/*/checkpoint
