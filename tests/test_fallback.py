@@ -89,7 +89,7 @@ def test_greedy_equals_transformers_and_rows_are_batch_independent(gpt2):
     outs, _ = eng.generate(prompts, SamplingParams(max_new_tokens=16, eos_token_ids=(eos,)))
     cut = ref[1].index(eos) + 1
     assert outs[1].tokens == ref[1][:cut] and outs[1].finish_reason == "stop"
-    stop = lambda i, t: 2 if i == 0 and len(t) == 3 else None  # a stop string seen in row 0's third token
+    stop = lambda i, t: 2 if i == 0 and len(t) >= 3 else None  # a stop string in row 0 once it has 3 tokens
     outs, _ = eng.generate(prompts, SamplingParams(max_new_tokens=16), stop_fn=stop)
     assert outs[0].tokens == ref[0][:2] and outs[0].finish_reason == "stop"
     assert outs[3].tokens == ref[3] and outs[3].finish_reason == "length"

@@ -25,7 +25,8 @@ from .sampling import SamplingParams
 from .stats import RowOutcome, SeqStats, outcome_width
 
 # (row tag, tokens so far) -> keep this many tokens, or None; may also have `.batch(tags, token lists, new
-# tokens per row)` -> [cut]
+# tokens per row)` -> [cut]. Called every few tokens of a row (`Outputs.STOP_EVERY`), not after each one: it must
+# find a stop anywhere in the tokens not yet seen, and cut at its first appearance.
 StopFn = Callable[[int, list[int]], "int | None"]
 
 
