@@ -127,6 +127,26 @@ def test_a_rows_text_depends_only_on_its_seed(models, method):
             assert [o.tokens for o in outs] == [alone[i] for i in rows], (method, kw, rows)
 
 
+@pytest.mark.parametrize("refill", [False, True])
+def test_a_call_that_backs_off_leaves_the_drafter_out_of_its_batch(models, monkeypatch, refill):
+    """A batch whose policy chose plain decoding never prefilled the drafter (its cache still sized for an earlier
+    call of 1 row): shrinking the batch (refill off) and refilling freed slots (refill on) leave the drafter alone,
+    and the text is plain decoding's."""
+    d, tgt = models
+    eng = _engine(d, tgt, "ldlp-tree")
+    monkeypatch.setattr(eng.proposer.policy, "choose", lambda B, sampling: NO_DRAFT)
+    eng.generate([[1, 2]], SamplingParams(max_new_tokens=2))  # the drafter's cache: 1 row (not drafting either)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 24, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (7,), generator=g)]
+    lengths = [2, 9, 3, 12, 1, 6, 4]
+    stop = lambda j, toks: lengths[j] if len(toks) >= lengths[j] else None  # noqa: E731
+    sp = SamplingParams(max_new_tokens=12)
+    outs, _ = eng.generate(prompts, sp, list(range(7)), stop, slots=4, refill=refill)
+    plain, _ = _engine(d, tgt, "none").generate(prompts, sp, list(range(7)), stop, slots=4, refill=refill)
+    assert [o.tokens for o in outs] == [o.tokens for o in plain]
+    assert [len(o.tokens) for o in outs] == lengths
+
+
 class HostSyncs(TorchDispatchMode):
     """Counts operations that bring a device value to the host or make a data-dependent shape."""
 

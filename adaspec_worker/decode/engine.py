@@ -161,9 +161,11 @@ class Engine:
         work.counter.zero_()
         work.alive.copy_(torch.arange(B, device=device) < n)
         self.proposer.begin(BatchInfo(B=B, device=device, sampling=sampling, prompts=padded))
-        if self.drafter is not None and self.proposer.drafting:  # a call that backs off leaves the drafter idle
+        drafting = self.drafter is not None and self.proposer.drafting  # a call that backs off leaves it idle
+        if drafting:
             self._prefill_drafter(ids, lens, pre.features)
-        batch = Batch(work, self.proposer, self.drafter, origin=take + [-1 - i for i in range(B - n)])
+        batch = Batch(work, self.proposer, self.drafter if drafting else None,
+                      origin=take + [-1 - i for i in range(B - n)])
         first_plan = self.proposer.first_plan(self._round_input(sampling))  # planning proposers: one sync of its own
         batch.plan = first_plan.tolist() if first_plan is not None else None
         return batch
