@@ -195,7 +195,10 @@ class Outputs:
 
     def add(self, row: int, request: Request) -> None:
         scored = request.sampling.logprobs is not None
-        self.rows[row] = _Live(request, logprobs=[] if scored else None, top=[] if scored else None)
+        # rows start at counts staggered by their own seed, so a round checks about 1/STOP_EVERY of them (no round
+        # of all rows at once) and a row's rounds still depend on nothing but itself
+        self.rows[row] = _Live(request, logprobs=[] if scored else None, top=[] if scored else None,
+                               unchecked=request.seed % self.STOP_EVERY)
 
     @property
     def live(self) -> int:
