@@ -8,6 +8,6 @@ export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled RAY
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 ADARUN_GIT_COMMIT=$(cat .kit/commit)
 nvidia-smi -L
 python3 scripts/fleet_bench.py --prompts .kit/code-prompts.parquet --target .kit/pycoder-22m \
-  --draft .kit/pycoder-22m-eagle --method eagle2 --new-tokens 256 --batch-size 64 --seconds 200 \
+  --draft heads/pycoder-22m-eagle --method eagle2 --new-tokens 256 --batch-size 64 --seconds 200 \
   --workers "$1" "${@:2}" --work /tmp/adarun-fleet --out $OUT/fleet 2>&1 | grep -v "Token authentication" | tee $OUT/fleet.log
 cp -r /tmp/adarun-fleet/*.log $OUT/fleet/ 2>/dev/null || true
