@@ -11,7 +11,7 @@ from adaspec_worker.decode.build import build_engine
 from adaspec_worker.decode.cost import CostModel, measure_cost, measure_for_actor
 from adaspec_worker.decode.ldlp import LDLP, save_ldlp
 from adaspec_worker.decode.model import load_target
-from adaspec_worker.decode.policy import NO_DRAFT, ShapePolicy, menu
+from adaspec_worker.decode.policy import NO_DRAFT, ShapePolicy, menu, round_seconds
 from adaspec_worker.decode.sampling import SamplingParams
 from jobs.layout import ShardStats
 from jobs.specs import METHOD_SPECS, parse_spec
@@ -87,6 +87,47 @@ def test_policy_drafts_deep_when_verification_is_flat_and_backs_off_when_it_is_s
     for s in shapes[1:]:
         weak.update(("greedy",), s, rounds=1000, tokens=1000, squares=1000)
     assert weak.choose(1, greedy) == NO_DRAFT
+
+
+def test_policy_learns_what_its_rounds_cost_and_scales_the_cost_model_for_shapes_not_yet_run():
+    """The cost model times a round's graphs, not the tree building, verification and host work around them: a
+    shape measured slower than predicted loses to plain decoding, and a shape not yet run is priced at the
+    prediction times the measured / predicted ratio (here 3x, which makes drafting a loss)."""
+    shapes = menu(4, 2, 2)
+    greedy, rule = SamplingParams(), ("greedy",)
+    measured = CostModel.from_json({**_cost(0.0).to_json(), "device": "cpu"})
+    policy = ShapePolicy(shapes, 0.8, measured)
+    first = policy.choose(1, greedy)
+    assert first.drafts  # predicted: every draft level is cheap
+    predicted = policy.seconds(1, rule, first)
+    policy.timed(1, rule, first, 3 * predicted)
+    assert policy.seconds(1, rule, first) == pytest.approx(3 * predicted)  # its own measurement
+    other = next(s for s in shapes if s.drafts and s != first)
+    assert policy.seconds(1, rule, other) == pytest.approx(3 * round_seconds(measured, 1, other))
+    policy.timed(1, rule, NO_DRAFT, round_seconds(measured, 1, NO_DRAFT))  # plain decoding as predicted
+    for s in shapes[1:]:  # and every drafting shape emitting 1.5 tokens a round at 3x its predicted cost
+        policy.update(rule, s, rounds=1000, tokens=1500, squares=2500)
+        policy.timed(1, rule, s, 3 * round_seconds(measured, 1, s))
+    assert policy.choose(1, greedy) == NO_DRAFT
+    assert policy.last["measured_shapes"] == len(shapes)
+    # the nominal stand-in's units are not seconds: nothing measured is kept against it
+    nominal = ShapePolicy(shapes, 0.8)
+    nominal.timed(1, rule, first, 100.0)
+    assert not nominal.timings.seen and nominal.choose(1, greedy).drafts
+
+
+def test_an_adaptive_engine_times_its_rounds_for_its_policy(models):
+    """generate() hands each landed round's seconds to the proposer; the next call's policy has them for the
+    shape and batch bucket the last call ran."""
+    d, tgt = models
+    eng = _engine(d, tgt, "ldlp-tree")
+    eng.proposer.cost = CostModel.from_json({**_cost(0.0).to_json(), "device": "cpu"})
+    sp = SamplingParams(max_new_tokens=6)
+    eng.generate([[1, 2, 3], [4, 5]], sp, [0, 1])
+    shape = eng.proposer.shape
+    eng.generate([[1, 2, 3]], sp, [0])
+    assert list(eng.proposer.policy.timings.seen) == [(2, ("greedy",), shape)]
+    assert eng.proposer.policy.timings.seen[(2, ("greedy",), shape)][0] > 0
 
 
 @pytest.fixture(scope="module")

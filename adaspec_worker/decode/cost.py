@@ -46,6 +46,11 @@ class CostModel:
     measure_seconds: float = 0.0  # what measuring took
     meta: dict = field(default_factory=dict)
 
+    @property
+    def measured(self) -> bool:
+        """False for the `nominal` stand-in, whose numbers are not seconds."""
+        return self.device != "none"
+
     def target(self, B: float, tokens: float) -> float:
         """Seconds of one target pass over `tokens` new tokens in each of B rows."""
         return _interp2(self.batches, self.tokens, self.target_s, B, tokens)

@@ -5,11 +5,15 @@ which nodes a row leaves empty. The policy therefore works at two levels:
 
   - per (batch bucket, sampling rule), once per generate() call: `ShapePolicy.choose` picks the shape of the
     method's menu (`menu`, the `none` shape included: back off to plain decoding, drafter idle) that
-    maximises expected tokens per second = E[tokens per round | shape] / `round_seconds(cost, B, shape)`.
+    maximises expected tokens per second = E[tokens per round | shape] / E[seconds per round | B, shape].
     E[tokens per round] is Thompson-sampled from a posterior per (rule, shape): a geometric prior from the
-    spec's `accept_prior`, updated with the tokens the method's own rounds emitted (`RoundTally`). Nothing
-    of the call's batch companions enters the choice (only B, the rule, the cost model and earlier calls),
-    and with the lossless verification rules a row's text never depends on the shape anyway;
+    spec's `accept_prior`, updated with the tokens the method's own rounds emitted (`RoundTally`).
+    E[seconds per round] is what the method's own rounds of that shape took (the engine's phase clock, median
+    over a call), and for a shape not yet run the cost model's `round_seconds` scaled by what the measured
+    rounds took over what it predicted for them (`Timings`): the graphs timed by the cost model leave out a
+    round's tree building, verification, commit and host work, which cost about as much again at batch 1.
+    Nothing of the call's batch companions enters the choice (only B, the rule, the cost model and earlier
+    calls), and with the lossless verification rules a row's text never depends on the shape anyway;
   - per row, inside the chosen shape: the method's own signal (LDLP length, entropy, beam mass) sets how
     deep that row's tree may go, and the row's node budget is spent on the best nodes within that depth
     (`ranked.grow_ranked`): a row predicted short drafts wide, a row predicted long drafts deep.
@@ -110,6 +114,27 @@ class Posterior:
         return math.sqrt(var / (self.prior_rounds + self.rounds))
 
 
+class Timings:
+    """Measured seconds per round by (batch bucket, rule, shape): the median of each call's rounds, averaged over
+    calls; and for shapes not yet run, the cost model's prediction scaled by the measured / predicted ratio of
+    the shapes that were (at the same batch bucket if any ran there, else at any)."""
+
+    def __init__(self):
+        self.seen: dict[tuple, list[float]] = {}  # (B, rule, shape) -> per-call medians
+        self.ratios: dict[int, list[float]] = {}  # B -> measured / predicted, per call
+
+    def add(self, B: int, rule: tuple, shape: Shape, seconds: float, predicted: float) -> None:
+        self.seen.setdefault((B, rule, shape), []).append(seconds)
+        self.ratios.setdefault(B, []).append(seconds / predicted)
+
+    def seconds(self, B: int, rule: tuple, shape: Shape, predicted: float) -> float:
+        own = self.seen.get((B, rule, shape))
+        if own:
+            return sum(own) / len(own)
+        near = self.ratios.get(B) or [r for rs in self.ratios.values() for r in rs]
+        return predicted * (sum(near) / len(near) if near else 1.0)
+
+
 class ShapePolicy:
     """Thompson sampling over a menu of shapes, scored by tokens per second under a cost model."""
 
@@ -119,6 +144,7 @@ class ShapePolicy:
         self.cost = cost or CostModel.nominal()
         self.rng = random.Random(seed)  # the choice is a function of the calls seen, never of wall time
         self.posteriors: dict[tuple, Posterior] = {}
+        self.timings = Timings()  # what rounds measured (kept only with a measured cost model: see `timed`)
         self.last: dict = {}  # the last choice and its evidence (for stats and tests)
 
     def posterior(self, rule: tuple, shape: Shape) -> Posterior:
@@ -128,9 +154,19 @@ class ShapePolicy:
             self.posteriors[key] = Posterior(prior_tokens(shape, accept))
         return self.posteriors[key]
 
+    def seconds(self, B: int, rule: tuple, shape: Shape) -> float:
+        """Expected seconds of one round of `shape` at batch B (measured, or the cost model's, calibrated)."""
+        return self.timings.seconds(B, rule, shape, round_seconds(self.cost, B, shape))
+
     def expected_rate(self, B: int, rule: tuple, shape: Shape) -> float:
         """Posterior-mean tokens per second (per row) of `shape` at batch B."""
-        return self.posterior(rule, shape).mean / round_seconds(self.cost, B, shape)
+        return self.posterior(rule, shape).mean / self.seconds(B, rule, shape)
+
+    def timed(self, B: int, rule: tuple, shape: Shape, seconds: float) -> None:
+        """A call's median round of `shape` at batch B took `seconds`. Kept only when the cost model was measured
+        (the nominal stand-in's units are not seconds), so CPU tests without one choose as before."""
+        if self.cost.measured and seconds > 0:
+            self.timings.add(B, rule, shape, seconds, round_seconds(self.cost, B, shape))
 
     def choose(self, B: int, sampling: SamplingParams) -> Shape:
         rule = rule_key(sampling)
@@ -138,13 +174,15 @@ class ShapePolicy:
         for shape in self.shapes:
             post = self.posterior(rule, shape)
             tokens = post.mean if not shape.drafts else max(self.rng.gauss(post.mean, post.sd), 1.0)
-            draws[shape] = tokens / round_seconds(self.cost, B, shape)
+            draws[shape] = tokens / self.seconds(B, rule, shape)
         best = max(self.shapes, key=lambda s: draws[s])
         self.last = {
             "batch": B,
             "rule": list(rule),
             "shape": vars(best).copy(),
             "expected_tokens_per_round": self.posterior(rule, best).mean,
+            "expected_round_seconds": self.seconds(B, rule, best),
+            "measured_shapes": sum(1 for b, r, _ in self.timings.seen if (b, r) == (B, rule)),
         }
         return best
 
@@ -163,12 +201,14 @@ class RoundTally:
     def __init__(self):
         self.sums: torch.Tensor | None = None  # [3] float64: row-rounds, tokens emitted, squares
         self.pending: tuple | None = None  # (rule, shape) the sums belong to
+        self.seconds: dict[int, list[float]] = {}  # batch bucket -> each landed round's seconds (host-side)
 
     def start(self, device, rule: tuple, shape: Shape) -> None:
         if self.sums is None or self.sums.device != torch.device(device):
             self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.sums.zero_()
         self.pending = (rule, shape)
+        self.seconds = {}
 
     def add(self, emitted: torch.Tensor) -> None:
         """emitted [B]: tokens each row emitted this round (0: not in the round). No host sync."""
@@ -176,10 +216,20 @@ class RoundTally:
         e = emitted.double()
         self.sums.add_(torch.stack([moved.sum(), e.sum(), (e * e).sum()]))
 
+    def time(self, B: int, seconds: float) -> None:
+        """A landed round's seconds at batch bucket B."""
+        if self.pending is not None:
+            self.seconds.setdefault(B, []).append(seconds)
+
     def flush(self, policy: ShapePolicy) -> None:
-        """Hand the last call's counts to the policy (outside any round: once per generate())."""
+        """Hand the last call's counts and round times to the policy (outside any round: once per generate()).
+        Times go as the median per batch bucket: the call's first rounds of a shape compile and capture."""
         if self.pending is not None and self.sums is not None:
             rounds, tokens, squares = self.sums.tolist()
             if rounds > 0:
                 policy.update(*self.pending, rounds, tokens, squares)
+            rule, shape = self.pending
+            for B, times in self.seconds.items():
+                policy.timed(B, rule, shape, sorted(times)[len(times) // 2])
         self.pending = None
+        self.seconds = {}

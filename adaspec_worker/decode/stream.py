@@ -217,6 +217,7 @@ class Stream:
         total.busy_slot_rounds += sum(busy.values())
         for key in TIMES:
             setattr(total, key, getattr(total, key) + getattr(spent, key))
+        self.engine.proposer.timed(len(origin), spent.draft_seconds + spent.verify_seconds + spent.other_seconds)
         n = sum(busy.values())
         if not n:
             return

@@ -76,6 +76,9 @@ class Budgeted(Proposer):
         """[B] the depth each row may draft to this round (clamped to [1, shape.depth] by the caller)."""
         raise NotImplementedError
 
+    def timed(self, B: int, seconds: float) -> None:
+        self.tally.time(B, seconds)
+
     def observe(self, verdict, tree, r):
         self.tally.add(r.counter - self.last_counter)  # tokens each row emitted (0: finished or padding)
         self.last_counter.copy_(r.counter)

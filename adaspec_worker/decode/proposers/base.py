@@ -109,6 +109,10 @@ class Proposer:
         """Feedback after verification; may return the next round's [B] plan."""
         return None
 
+    def timed(self, B: int, seconds: float) -> None:
+        """A landed round at batch bucket B took `seconds` of device time (draft + verify + the host's share),
+        measured by the engine's phase clock; proposers whose policy learns what rounds cost keep it."""
+
     def persist(self) -> None:
         """Write what the spec asks to keep with the job (token-recycling's matrix, a retrieval datastore) to its
         path; called by the worker after each shard, outside generate(). Most proposers keep nothing."""
