@@ -186,8 +186,8 @@ class RowCodec:
 
 
 class StopStrings:
-    """Where to cut a row's tokens once a stop string appears in their text. Called every round, so a stop
-    string not in a row's tail was already caught in an earlier round: only the tail is decoded (by the Rust
+    """Where to cut a row's tokens once a stop string appears in their text. Called every few tokens of a row,
+    so a stop string not in a row's tail was already caught in an earlier call: only the tail is decoded (by the Rust
     tokenizer directly, where the tokenizer has one and its decode() adds nothing to it)."""
 
     def __init__(self, tokenizer, stops: list[str]):
@@ -214,16 +214,23 @@ class StopStrings:
             texts = [self._decode_fast(t, skip_special_tokens=True) for t in tails]
         else:
             texts = [self._decode(t) for t in tails]
-        return [self._cut(toks) if any(s in text for s in self.stops) else None for toks, text in zip(seqs, texts)]
+        return [self._cut(toks) if self._holds(text) else None for toks, text in zip(seqs, texts)]
 
     def _cut(self, toks: list[int]) -> int | None:
-        """The shortest prefix that already holds a stop string (once per stopped row): a prefix that holds one
-        is followed by longer ones that do, so a binary search over prefix lengths finds it."""
-        found = lambda k: any(s in self._decode(toks[:k]) for s in self.stops)  # noqa: E731
+        """The shortest prefix that already holds a stop string (once per stopped row). With the Rust decode
+        alone a longer prefix only adds bytes at the end, so holding a stop string is monotone in the prefix
+        length and a binary search finds it; a tokenizer whose decode() cleans up spaces (" ." -> ".") can lose one as
+        the text grows, so there the prefixes are scanned in order."""
+        if self._decode_fast is None:
+            return next((k for k in range(1, len(toks) + 1) if self._holds(self._decode(toks[:k]))), None)
+        found = lambda k: self._holds(self._decode_fast(toks[:k], skip_special_tokens=True))  # noqa: E731
         if not found(len(toks)):
             return None
-        lo, hi = 0, len(toks)  # found(hi), not found(lo)
+        lo, hi = 0, len(toks)  # not found(lo), found(hi)
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if found(mid) else (mid, hi)
         return hi
+
+    def _holds(self, text: str) -> bool:
+        return any(s in text for s in self.stops)
