@@ -195,8 +195,8 @@ class StopStrings:
         self.reach = max(len(s.encode()) for s in stops) + 2  # tokens: each decodes to at least one byte
         rust = getattr(tokenizer, "_tokenizer", None)  # the same text as decode() unless it cleans up spaces
         same = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
-        # one Rust decode per tail: decode_batch hands the tails to a thread pool, which costs more than it saves on
-        # a dozen short tails and waits for cores the decode loop's own threads hold (0.56 ms a round vs 0.02)
+        # one Rust decode per tail: decode_batch hands the tails to a thread pool, which waits for the cores the
+        # decode loop's own threads hold (profiled inside the loop: 0.56 ms a call, against 0.13 ms for the decodes)
         self._decode_fast = getattr(rust, "decode", None) if same else None
 
     def _decode(self, toks: list[int]) -> str:
