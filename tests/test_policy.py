@@ -168,6 +168,24 @@ def test_a_rows_text_depends_only_on_its_seed(models, method):
             assert [o.tokens for o in outs] == [alone[i] for i in rows], (method, kw, rows)
 
 
+@pytest.mark.parametrize("method", ["ldlp-tree", "ddd", "opt-tree", "adaeagle", "adaeagle-ddd", "adaedl"])
+def test_sampled_text_does_not_depend_on_the_shape_the_policy_picks(models, method):
+    """The policy's choice depends on measured round times (wall time), so it may differ from run to run: every
+    shape of the menu, plain decoding included, must give each row the same sampled tokens for its seed."""
+    d, tgt = models
+    eng = _engine(d, tgt, method)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 24, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (4,), generator=g)]
+    sp = SamplingParams(max_new_tokens=10, temperature=0.8)
+    texts = {}
+    for shape in eng.proposer.policy.shapes:
+        eng.proposer.policy.choose = lambda B, sampling, shape=shape: shape
+        outs, _ = eng.generate(prompts, sp, seeds=[3, 17, 5, 40])
+        texts[shape] = [o.tokens for o in outs]
+    first = texts[NO_DRAFT]
+    assert all(t == first for t in texts.values()), method
+
+
 @pytest.mark.parametrize("refill", [False, True])
 def test_a_call_that_backs_off_leaves_the_drafter_out_of_its_batch(models, monkeypatch, refill):
     """A batch whose policy chose plain decoding never prefilled the drafter (its cache still sized for an earlier
