@@ -32,6 +32,7 @@ from .decode.engine import Engine
 from .decode.model import load_target
 from .decode.sampling import SamplingParams
 from .decode.stats import EngineStats
+from .decode.warmup import warm
 from .timing import measure
 
 SPLIT = ("draft_seconds", "verify_seconds", "other_seconds")  # the time split a cell records
@@ -267,7 +268,9 @@ def bench_method(cfg: BenchConfig, target, label: str, prompts, dev, record, cos
             def run(B=B, sampling=sampling, calls=calls):
                 calls.append(bench_adarun(engine, prompts, B, cfg.n_prompts, sampling))
                 return calls[-1]
+            warmed = warm(engine, B, sampling, max(map(len, prompts[: max(B, cfg.n_prompts)])))  # every shape
             res = timed(run, dev, cfg.repeats)
+            res["warm_seconds"] = warmed  # decode/warmup.py: compile, capture and time every round shape
             res["warmup_run_seconds"] = calls[0]["warmup_seconds"]  # compile + capture met in the warm-up run
             res["seconds"] -= res["reference_seconds"]  # the oracle's reference verification is not charged to it
             if cfg.profile and dev.type == "cuda":

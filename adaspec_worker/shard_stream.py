@@ -70,6 +70,7 @@ class _Open:
     completions: dict[int, Completion] = field(default_factory=dict)  # by sample index in the shard
     stats: EngineStats | None = None  # the engine's, once its last row is done
     error: BaseException | None = None  # its setup failed
+    warmup: float = 0.0  # seconds of engine warm-up (`decode/warmup.py`) before its stream, inside its decode span
 
     @property
     def left(self) -> int:
@@ -104,6 +105,7 @@ class ShardStream:
                     yield from self._flush()
                     continue
                 first.append(shard.requests)
+            self._warm(first)
             run = self.w.engine.stream(self._source(feed, first), res.batch_size, res.continuous_batching)
             first = []
             try:
@@ -122,6 +124,16 @@ class ShardStream:
             yield from self._flush()
             if feed.ended and self.held is None and not self.shards:
                 return
+
+    def _warm(self, first: list[list[Request]]) -> None:
+        """Before a stream: the engine's round shapes captured and timed (`decode/warmup.py`) for the slots, the
+        sampling rule and the prompt length its first batch will have (once per actor and setting; the seconds are
+        the newest shard's `stages.warmup`)."""
+        from .decode.warmup import warm
+
+        rule = first[0][0].sampling
+        longest = max(len(r.prompt) for rows in first for r in rows if r.sampling == rule)
+        self.shards[-1].warmup += warm(self.w.engine, self.w.m.resources.batch_size, rule, longest)
 
     def _source(self, feed: Feed, first: list[list[Request]]) -> Source:
         """The engine's source: `first`, then the next shard's rows when it asks (one shard at a time)."""
@@ -246,7 +258,8 @@ class ShardStream:
             started_at=shard.started, finished_at=time.time(), gpu_seconds=wall * res.gpus_per_worker,
             cpu_seconds=wall * res.cpus_per_worker, method=m.speculative.method, params=m.speculative.params,
             energy_kwh=kwh, autotune=w.autotune, cost_model=w.cost_model,
-            stages={"read": p.read_seconds, "queued": max(shard.t0 - p.read_done, 0.0), "decode": now - shard.t0},
+            stages={"read": p.read_seconds, "queued": max(shard.t0 - p.read_done, 0.0), "decode": now - shard.t0,
+                    **({"warmup": shard.warmup} if shard.warmup else {})},
             **w.info(),
         )
         carried = p.data.carried.take([r.input_index for r in good]) if p.data.carried is not None else None

@@ -179,7 +179,8 @@ class Spy:
 
     def __iter__(self):
         for f in self.run:
-            self.log.append(f.group)
+            if f.group is not None:  # not the engine warm-up's dummy rows (generate() calls: no shard)
+                self.log.append(f.group)
             yield f
 
     def __getattr__(self, name):

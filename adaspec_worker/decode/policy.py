@@ -201,13 +201,15 @@ class RoundTally:
     def __init__(self):
         self.sums: torch.Tensor | None = None  # [3] float64: row-rounds, tokens emitted, squares
         self.pending: tuple | None = None  # (rule, shape) the sums belong to
+        self.evidence = True  # False: the call's shape was forced (warm-up), its tokens say nothing of acceptance
         self.seconds: dict[int, list[float]] = {}  # batch bucket -> each landed round's seconds (host-side)
 
-    def start(self, device, rule: tuple, shape: Shape) -> None:
+    def start(self, device, rule: tuple, shape: Shape, evidence: bool = True) -> None:
         if self.sums is None or self.sums.device != torch.device(device):
             self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.sums.zero_()
         self.pending = (rule, shape)
+        self.evidence = evidence
         self.seconds = {}
 
     def add(self, emitted: torch.Tensor) -> None:
@@ -222,11 +224,11 @@ class RoundTally:
             self.seconds.setdefault(B, []).append(seconds)
 
     def flush(self, policy: ShapePolicy) -> None:
-        """Hand the last call's counts and round times to the policy (outside any round: once per generate()).
-        Times go as the median per batch bucket: the call's first rounds of a shape compile and capture."""
+        """Hand the last call's counts (unless forced) and round times to the policy (outside any round: once per
+        generate()). Times go as the median per batch bucket: the call's first rounds of a shape compile and capture."""
         if self.pending is not None and self.sums is not None:
             rounds, tokens, squares = self.sums.tolist()
-            if rounds > 0:
+            if rounds > 0 and self.evidence:
                 policy.update(*self.pending, rounds, tokens, squares)
             rule, shape = self.pending
             for B, times in self.seconds.items():

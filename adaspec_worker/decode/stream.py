@@ -46,6 +46,13 @@ TIMES = ("prefill_seconds", "draft_seconds", "verify_seconds", "other_seconds", 
 Source = Callable[[bool], "list[Request] | None"]  # (wait) -> new rows ([]: none yet), or None: no more, ever
 
 
+def slack(proposer) -> int:
+    """Cache slots a row needs past its prompt and max_new_tokens: it may commit up to a whole tree past
+    max_new_tokens in its last round, one more round is launched before its end is seen, and once frozen in its
+    slot it still has the next tree written after it."""
+    return 3 * proposer.max_nodes + 1
+
+
 @dataclass
 class Finished:
     """A row the stream is done with."""
@@ -105,9 +112,7 @@ class Stream:
             self.rows += 1
 
     def _slack(self) -> int:
-        # a row may commit up to a whole tree past max_new_tokens in its last round, one more round launched before
-        # its end was seen, and once frozen in its slot still has the next tree written after it
-        return 3 * self.engine.proposer.max_nodes + 1
+        return slack(self.engine.proposer)
 
     def _admissible(self, batch: Batch) -> int:
         """How many rows at the head of the queue may join the running batch."""

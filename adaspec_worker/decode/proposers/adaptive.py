@@ -40,6 +40,7 @@ class Budgeted(Proposer):
         self.policy = ShapePolicy(menu(max_depth, width, nodes_per_level), spec.accept_prior)
         self.tally = RoundTally()
         self.shape = NO_DRAFT
+        self.forced: Shape | None = None  # warm-up: this shape, whatever the policy would choose
         self.max_nodes = 1 + max(s.nodes for s in self.policy.shapes)
         self.scratch = width * max_depth
 
@@ -56,10 +57,21 @@ class Budgeted(Proposer):
         """False when this call backs off to plain decoding: the engine then leaves the drafter idle."""
         return self.shape.drafts
 
+    def variants(self):
+        """Every menu shape, with the depth + 1 tokens a round of it can emit; the drafting shapes first, since the
+        first of them sizes the drafter's cache (dropping graphs captured before)."""
+        shapes = [s for s in self.policy.shapes if s.drafts] + [s for s in self.policy.shapes if not s.drafts]
+        return [(s, s.depth + 1) for s in shapes]
+
+    def force(self, variant) -> None:
+        assert variant is None or variant in self.policy.shapes, f"{variant} is not on {self.spec.name}'s menu"
+        self.forced = variant
+
     def begin(self, batch: BatchInfo) -> None:
         self.tally.flush(self.policy)  # the previous call's rounds (one read, outside any round)
-        self.shape = self.policy.choose(batch.B, batch.sampling)
-        self.tally.start(batch.device, rule_key(batch.sampling), self.shape)
+        forced = self.forced
+        self.shape = forced if forced is not None else self.policy.choose(batch.B, batch.sampling)
+        self.tally.start(batch.device, rule_key(batch.sampling), self.shape, evidence=forced is None)
         self.row_state("last_counter", batch.B, 0, torch.long, batch.device)  # [B] counter after the last round
 
     def plan_key(self, plan):

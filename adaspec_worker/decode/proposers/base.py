@@ -109,6 +109,15 @@ class Proposer:
         """Feedback after verification; may return the next round's [B] plan."""
         return None
 
+    def variants(self) -> list[tuple[object, int]]:
+        """The round shapes this proposer may run (each its own CUDA graphs), each with the most tokens one of its
+        rounds can emit: warm-up (`warmup.py`) forces each in turn. One, unless the proposer chooses among shapes."""
+        return [(None, self.max_nodes)]
+
+    def force(self, variant) -> None:
+        """Run `variant` (one of `variants()`) in the next calls, which are no evidence for choosing; None: choose
+        again. Proposers with one shape ignore it."""
+
     def timed(self, B: int, seconds: float) -> None:
         """A landed round at batch bucket B took `seconds` of device time (draft + verify + the host's share),
         measured by the engine's phase clock; proposers whose policy learns what rounds cost keep it."""
