@@ -78,9 +78,10 @@ class _Open:
 
 
 class ShardStream:
-    def __init__(self, worker, drill: Callable[[int, int], None] | None = None):
+    def __init__(self, worker, drill: Callable[[int, int], None] | None = None, warm_up: bool | None = None):
         self.w = worker  # the ShardWorker: manifest, engine, codec, baseline, energy meter, actor info
         self.drill = drill  # (shard index, attempt) once a shard is the oldest on the device: the worker's fault drill
+        self.warm_up = warm_up  # warm the engine up before a stream (`_warm`); None: where its rounds are CUDA graphs
         self.shards: deque[_Open] = deque()  # taken, not handed on, in order
         self.held: Item | None = None  # a shard that must start a fresh stream (autotune)
         self.keys = 0
@@ -128,9 +129,12 @@ class ShardStream:
     def _warm(self, first: list[list[Request]]) -> None:
         """Before a stream: the engine's round shapes captured and timed (`decode/warmup.py`) for the slots, the
         sampling rule and the prompt length its first batch will have (once per actor and setting; the seconds are
-        the newest shard's `stages.warmup`)."""
+        the newest shard's `stages.warmup`). By default only where rounds are CUDA graphs: on a CPU nothing is
+        captured, and timing every shape (8 s of the CPU quickstart's 25) costs more than it saves the policy."""
         from .decode.warmup import warm
 
+        if not (self.warm_up if self.warm_up is not None else getattr(self.w.engine, "graphs_on", False)):
+            return
         rule = first[0][0].sampling
         longest = max(len(r.prompt) for rows in first for r in rows if r.sampling == rule)
         self.shards[-1].warmup += warm(self.w.engine, self.w.m.resources.batch_size, rule, longest)

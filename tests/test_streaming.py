@@ -155,11 +155,11 @@ def alone(eng, p, sp=GREEDY):
     return [codec.text(c.tokens, None) for c in done], done
 
 
-def run_shards(worker, shards):
+def run_shards(worker, shards, warm_up=None):
     written = []
     prepared = {job.shard.index: p for job, p in shards}
     pipe = Pipeline(lambda job: prepared[job.shard.index], None, lambda job, d: written.append(job.shard.index) or d,
-                    name="s", stream=ShardStream(worker))
+                    name="s", stream=ShardStream(worker, warm_up=warm_up))
     tickets = [pipe.submit(job) for job, _ in shards]
     out = []
     for t in tickets:
@@ -211,6 +211,25 @@ def test_shards_stream_through_the_engine_and_reach_the_writer_in_order(tgt, met
     s = [d.stats for d in out]
     assert s[1].started_at < s[0].finished_at, "shard 1's rows started before shard 0's last row finished"
     assert sum(x.target_passes for x in s) > max(x.target_passes for x in s) + 3  # shards shared rounds
+
+
+def test_the_first_stream_warms_the_engine_up_and_its_first_shard_shows_it(tgt):
+    """Before its first stream the device stage runs and times every shape of an adaptive menu (decode/warmup.py):
+    the seconds are the first shard's `stages.warmup`, the policy has a measured time for each shape at the job's
+    batch bucket, and no shard's text changes."""
+    from adaspec_worker.decode.cost import CostModel
+
+    eng = build_engine(tgt, parse_spec("ddd", {"top_k": 3, "max_depth": 4, "total_tokens": 8, "check_depths": [2]}),
+                       draft=str(TINY_HEAD))
+    eng.proposer.cost = CostModel.from_json({**CostModel.nominal().to_json(), "device": "cpu"})
+    shards = [shard(k, s, seed=k) for k, s in enumerate(["len:4,3,2", "len:2,5"])]
+    out, written = run_shards(fake_worker(eng), shards, warm_up=True)
+    assert written == [0, 1]
+    assert out[0].stats.stages["warmup"] > 0 and "warmup" not in out[1].stats.stages
+    policy = eng.proposer.policy
+    assert {shape for (B, _, shape) in policy.timings.seen if B == 4} == set(policy.shapes)
+    for (_, p), d in zip(shards, out):
+        assert [o.completion for o in d.outputs] == alone(eng, p)[0]
 
 
 def test_a_decode_failure_fails_the_shards_in_the_engine_alone(tgt, monkeypatch):
