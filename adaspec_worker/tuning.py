@@ -26,6 +26,7 @@ from .decode.build import build_engine
 from .decode.engine import bucket
 from .decode.policy import Shape, round_seconds
 from .decode.sampling import SamplingParams
+from .decode.warmup import warm
 from .rows import Row, in_baseline_sample
 from .timing import measure, time_call
 
@@ -140,9 +141,13 @@ class Baseline:
             return []
         picked = [r for r in rows if in_baseline_sample(r.id, self.fraction)] or [rows[0]]
         device = engine.target.device
-        if not self.warm:  # first use on this actor: compile/capture outside the timing
+        if not self.warm:  # first use on this actor: compile/capture (every shape, where graphs) outside the timing
+            longest = max(len(r.tokens) for r in picked)
             for eng in (engine, self.plain):
-                eng.generate([picked[0].tokens], self.sp, [0])
+                if getattr(eng, "graphs_on", False):
+                    warm(eng, 1, self.sp, longest)
+                else:
+                    eng.generate([picked[0].tokens], self.sp, [0])
             self.warm = True
         out = []
         for r in picked:
