@@ -238,6 +238,31 @@ def test_sampled_text_equals_plain_alone_and_in_any_batch(setup, method, params)
         assert accepted > 0, "drafts must be accepted"
 
 
+def test_a_draining_batch_shrinks_by_eights_above_16(setup):
+    """Rows ending one after another: the fast path's batch drains 32 -> 24 -> 16 -> ... (multiples of 8 above 16,
+    powers of two below), its tokens those of the eager path, where rows leave as they finish."""
+    from adaspec_worker.decode.batch import Batch, shrunk
+
+    assert [shrunk(n) for n in (1, 3, 9, 16, 17, 24, 25, 33, 64)] == [1, 4, 16, 16, 24, 24, 32, 40, 64]
+    hf, d, tgt = setup
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 24, (int(n),), generator=g).tolist() for n in torch.randint(1, 8, (30,), generator=g)]
+    sizes, real = [], Batch.select
+    res = {}
+    for fast in (False, True):
+        eng = build_engine(tgt, parse_spec("eagle2", {"top_k": 3, "depth": 3, "total_tokens": 8}), draft=str(d / "head"),
+                           fast=fast)
+        sp = SamplingParams(max_new_tokens=48, temperature=0.8, eos_token_ids=(5,))  # rows end one by one
+        Batch.select = lambda self, rows, fast=fast: (sizes.append(len(rows)) if fast else None, real(self, rows))[1]
+        try:
+            outs, _ = eng.generate(prompts, sp, seeds=list(range(30)), refill=False)
+        finally:
+            Batch.select = real
+        res[fast] = [o.tokens for o in outs]
+    assert res[True] == res[False]
+    assert 24 in sizes and all(n == shrunk(n) for n in sizes), sizes
+
+
 @pytest.mark.parametrize("method,params", [("none", {}), ("eagle2", {"top_k": 4, "depth": 4, "total_tokens": 12}),
                                            ("adaedl", {"k_max": 4})])
 def test_fast_path_equals_eager_path(setup, method, params):

@@ -53,6 +53,13 @@ def bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def shrunk(n: int) -> int:
+    """The static size a shrinking batch takes for n live rows: powers of two up to 16, multiples of 8 above, so a
+    64-slot batch drains through 56, 48, ... rather than running 64 slots until half its rows are done (a few more
+    graphs captured per shape, once, against idle slots in every batch's last rounds)."""
+    return bucket(n) if n <= 16 else -(-n // 8) * 8
+
+
 class Workspace:
     """Per-engine buffers every round reads and writes in place, sized (B slots, S cache positions).
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .batch import Batch, Completion, Outputs, Request, StagedRefill, StopFn, Workspace, bucket, on_device
+from .batch import Batch, Completion, Outputs, Request, StagedRefill, StopFn, Workspace, bucket, on_device, shrunk
 from .drafters import Drafter
 from .logprobs import path_logprobs
 from .model import CausalLM
@@ -312,12 +312,12 @@ class Engine:
         return outcomes
 
     def _shrink(self, batch: Batch, outputs: Outputs) -> None:
-        """Drop finished slots when the live rows fit a smaller bucket (or always, eager)."""
+        """Drop finished slots when the live rows fit a smaller static size (`shrunk`; or always, eager)."""
         alive = batch.live(outputs)
-        if alive and (not self.fast or bucket(len(alive)) < batch.workspace.B):
+        if alive and (not self.fast or shrunk(len(alive)) < batch.workspace.B):
             kept = set(alive)
             dead = [i for i in range(len(batch.origin)) if i not in kept]
-            batch.select((alive + dead)[: bucket(len(alive)) if self.fast else len(alive)])
+            batch.select((alive + dead)[: shrunk(len(alive)) if self.fast else len(alive)])
 
     def _round_input(self, sampling: SamplingParams, target_logits: torch.Tensor | None = None) -> RoundInput:
         work = self.workspace
