@@ -250,8 +250,8 @@ def test_a_draining_batch_shrinks_by_eights_above_16(setup):
     sizes, real = [], Batch.select
     res = {}
     for fast in (False, True):
-        eng = build_engine(tgt, parse_spec("eagle2", {"top_k": 3, "depth": 3, "total_tokens": 8}), draft=str(d / "head"),
-                           fast=fast)
+        spec = parse_spec("eagle2", {"top_k": 3, "depth": 3, "total_tokens": 8})
+        eng = build_engine(tgt, spec, draft=str(d / "head"), fast=fast)
         sp = SamplingParams(max_new_tokens=48, temperature=0.8, eos_token_ids=(5,))  # rows end one by one
         Batch.select = lambda self, rows, fast=fast: (sizes.append(len(rows)) if fast else None, real(self, rows))[1]
         try:
