@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -42,6 +43,8 @@ from .decode.stats import EngineStats
 from .decode.stream import Source
 from .pipeline import Failed, Feed, Item
 from .rows import group_logprobs
+
+log = logging.getLogger("adarun.worker")
 
 
 @dataclass
@@ -127,17 +130,21 @@ class ShardStream:
                 return
 
     def _warm(self, first: list[list[Request]]) -> None:
-        """Before a stream: the engine's round shapes captured and timed (`decode/warmup.py`) for the slots, the
-        sampling rule and the prompt length its first batch will have (once per actor and setting; the seconds are
-        the newest shard's `stages.warmup`). By default only where rounds are CUDA graphs: on a CPU nothing is
-        captured, and timing every shape (8 s of the CPU quickstart's 25) costs more than it saves the policy."""
+        """Before a stream: the engine's round shapes captured and timed (`decode/warmup.py`) for the job's slots,
+        the first rows' sampling rule and the longest prompt queued with them (once per actor and setting while the
+        workspace fits; the seconds are the newest shard's `stages.warmup`). A failed warm-up is logged, not fatal:
+        the stream captures on first use as it would without one. By default only where rounds are CUDA graphs: on
+        a CPU nothing is captured, and timing every shape (8 s of the CPU quickstart's 25) costs more than it saves."""
         from .decode.warmup import warm
 
         if not (self.warm_up if self.warm_up is not None else getattr(self.w.engine, "graphs_on", False)):
             return
         rule = first[0][0].sampling
         longest = max(len(r.prompt) for rows in first for r in rows if r.sampling == rule)
-        self.shards[-1].warmup += warm(self.w.engine, self.w.m.resources.batch_size, rule, longest)
+        try:
+            self.shards[-1].warmup += warm(self.w.engine, self.w.m.resources.batch_size, rule, longest)
+        except Exception as e:  # an optimisation: the shards decode without it
+            log.warning("engine warm-up failed, decoding without it: %s: %s", type(e).__name__, e)
 
     def _source(self, feed: Feed, first: list[list[Request]]) -> Source:
         """The engine's source: `first`, then the next shard's rows when it asks (one shard at a time)."""

@@ -7,7 +7,7 @@
 #                 fixed method at 64 slots on the fixed workload), T=0 and 0.7: refill on/off, occupancy
 #   adaptive-b16  #12: every adaptive method against `none` and the best fixed settings at batch 16 and 64, T=0
 #   adaptive-b1   #12: the same at batch 1, T=0 and 0.7 (16 prompts)
-# Each bench cell warms its engine up first (decode/warmup.py), so no timed call compiles or captures a graph.
+# Each bench cell warms its engine up first (decode/warmup.py): its timed calls replay graphs from their first round.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ADARUN_GIT_COMMIT=$(cat .kit/commit 2>/dev/null || git rev-parse HEAD)
 nvidia-smi -L

@@ -73,5 +73,56 @@ def test_warm_up_of_a_fixed_method_runs_its_one_shape(models):  # noqa: F811
     real = eng.generate
     eng.generate = lambda *a, **k: calls.append(a[1]) or real(*a, **k)
     warm(eng, slots=4, sampling=SamplingParams(max_new_tokens=64), prompt_len=3, rounds=2)
-    assert len(calls) == 1 and calls[0].max_new_tokens == 2 * eng.proposer.max_nodes
+    assert len(calls) == 1 and calls[0].max_new_tokens == 2 * (eng.proposer.spec.depth + 1)  # a round emits <= depth + 1
     assert calls[0].eos_token_ids == ()  # no dummy row ends before its rounds
+
+
+@pytest.mark.parametrize("method,params", [("retrieval", {"k": 4, "datastore_tokens": 256}),
+                                           ("token-recycling", {"nodes": 12})])
+def test_warm_up_leaves_nothing_in_what_a_proposer_learns_across_calls(models, method, params):  # noqa: F811
+    """A retrieval datastore and token-recycling's table hold the job's rows only: the dummy rows are put back out."""
+    from adaspec_worker.decode.build import build_engine
+    from jobs.specs import parse_spec
+
+    d, tgt = models
+    eng = build_engine(tgt, parse_spec(method, params))
+    sp = SamplingParams(max_new_tokens=10)
+    eng.generate(_prompts(2), sp, seeds=[1, 2])  # the job's first rows: something learnt
+    prop = eng.proposer
+    before = prop.learned()
+    warm(eng, slots=4, sampling=sp, prompt_len=5, rounds=3)
+    after = prop.learned()
+    assert torch.equal(before[1][0], after[1][0]) if method == "retrieval" else torch.equal(before[1], after[1])
+    cold = build_engine(tgt, parse_spec(method, params))  # and the next call drafts as if warm-up never ran
+    cold.generate(_prompts(2), sp, seeds=[1, 2])
+    want = cold.generate(_prompts(3, seed=8), sp, seeds=[3, 4, 5])[1].rows.tau
+    assert eng.generate(_prompts(3, seed=8), sp, seeds=[3, 4, 5])[1].rows.tau == want
+
+
+def test_a_forced_call_is_timed_at_its_batch_size_only(models):  # noqa: F811
+    """Dummy rows drain through smaller sizes in a few rounds each: only the warmed size's rounds are kept."""
+    d, tgt = models
+    eng = _engine(d, tgt, "ddd")
+    eng.proposer.cost = MEASURED
+    warm(eng, slots=8, sampling=SamplingParams(max_new_tokens=40, temperature=0.8), prompt_len=4, rounds=3)
+    eng.generate(_prompts(1), SamplingParams(max_new_tokens=4, temperature=0.8), seeds=[0])
+    assert {B for (B, _, _) in eng.proposer.policy.timings.seen} == {8}
+
+
+def test_rounds_that_compile_or_capture_are_not_timed(models, monkeypatch):  # noqa: F811
+    """A round whose time includes compile or capture (the engine's warmup_seconds grew) never reaches the policy."""
+    d, tgt = models
+    eng = _engine(d, tgt, "ldlp-tree")
+    eng.proposer.cost = MEASURED
+    real, times = eng._launch, []
+    monkeypatch.setattr(eng.proposer, "timed", lambda B, s: times.append(s))
+
+    def launch(*a, **k):  # every other launch "captures"
+        eng.warmup_seconds += 0.5 * (len(launches) % 2 == 0)
+        launches.append(1)
+        return real(*a, **k)
+
+    launches: list = []
+    monkeypatch.setattr(eng, "_launch", launch)
+    _, stats = eng.generate(_prompts(2), SamplingParams(max_new_tokens=12), seeds=[1, 2])
+    assert 0 < len(times) < stats.target_passes

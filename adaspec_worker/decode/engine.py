@@ -5,10 +5,10 @@ another: `stream.py` holds that loop); `Engine.generate(prompts, sampling params
 same loop over a list of prompts. Rows decode through B batch slots; each row has its own committed length,
 accepted count per round and random stream. With continuous batching (`refill`, the default) a slot whose
 row finishes is prefilled with the next queued row at once while the other slots keep decoding; without it
-the slots are filled batch by batch and a finished row only leaves the batch (which shrinks by power-of-two
-buckets). Either way a row's tokens depend only on its prompt and seed. Plain autoregressive decoding is the
-same loop with an empty draft (the `none` method), so every speedup is measured against the same code. Each
-round ends with one device-to-host copy (a `RoundOutcome`, laid out by `stats.py`; with the emitted tokens'
+the slots are filled batch by batch and a finished row only leaves the batch (which shrinks through static
+sizes, `batch.shrunk`). Either way a row's tokens depend only on its prompt and seed. Plain autoregressive
+decoding is the same loop with an empty draft (the `none` method), so every speedup is measured against the same
+code. Each round ends with one device-to-host copy (a `RoundOutcome`, laid out by `stats.py`; with the emitted tokens'
 log-probabilities when `SamplingParams.logprobs` asks, `logprobs.py`).
 
 The engine receives built parts: a target, a proposer and, when the method drafts, a drafter

@@ -202,14 +202,17 @@ class RoundTally:
         self.sums: torch.Tensor | None = None  # [3] float64: row-rounds, tokens emitted, squares
         self.pending: tuple | None = None  # (rule, shape) the sums belong to
         self.evidence = True  # False: the call's shape was forced (warm-up), its tokens say nothing of acceptance
+        self.B = 0  # the batch bucket the call began at
         self.seconds: dict[int, list[float]] = {}  # batch bucket -> each landed round's seconds (host-side)
 
-    def start(self, device, rule: tuple, shape: Shape, evidence: bool = True) -> None:
+    def start(self, device, rule: tuple, shape: Shape, evidence: bool = True, B: int = 0) -> None:
+        """A call of `shape` at batch bucket B begins; a forced call (`evidence` False) is timed at B only (its
+        dummy rows drain through smaller sizes in a few rounds each)."""
         if self.sums is None or self.sums.device != torch.device(device):
             self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.sums.zero_()
         self.pending = (rule, shape)
-        self.evidence = evidence
+        self.evidence, self.B = evidence, B
         self.seconds = {}
 
     def add(self, emitted: torch.Tensor) -> None:
@@ -220,7 +223,7 @@ class RoundTally:
 
     def time(self, B: int, seconds: float) -> None:
         """A landed round's seconds at batch bucket B."""
-        if self.pending is not None:
+        if self.pending is not None and (self.evidence or B == self.B):
             self.seconds.setdefault(B, []).append(seconds)
 
     def flush(self, policy: ShapePolicy) -> None:

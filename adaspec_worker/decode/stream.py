@@ -88,6 +88,7 @@ class Stream:
         self.started: set[Hashable] = set()  # groups with a row that entered a slot (the others are only queued)
         self.sampling = None  # the running batch's
         self.S = 0  # the running batch's cache positions per slot
+        self.graph_seconds = engine.warmup_seconds  # compile + capture so far: rounds adding some are not timed
 
     def take_group(self, group: Hashable) -> EngineStats:
         """A group's stats (final once its last row was handed out), and forget them."""
@@ -175,8 +176,10 @@ class Stream:
             outcomes = eng._land(flight, batch)
             spent = EngineStats()
             clock.flush(spent)
+            timed = eng.warmup_seconds == self.graph_seconds  # no compile or capture inside `spent`
+            self.graph_seconds = eng.warmup_seconds
             ahead = eng._launch(batch, self.sampling, clock) if overlap else None  # the GPU works while we record
-            self._account(flight.origin, spent)
+            self._account(flight.origin, spent, timed)
             ended = self.outputs.record(flight.origin, outcomes)
             flight = ahead
             if ended:
@@ -213,8 +216,9 @@ class Stream:
         elif shrink and (not self.refill or not fits):
             self.engine._shrink(batch, self.outputs)
 
-    def _account(self, origin: list[int], spent: EngineStats) -> None:
-        """A landed round (and the time since the last one, `spent`) into the stream's and its groups' stats."""
+    def _account(self, origin: list[int], spent: EngineStats, timed: bool) -> None:
+        """A landed round (and the time since the last one, `spent`) into the stream's and its groups' stats; its
+        seconds to the proposer when `timed` (nothing compiled or captured in that time)."""
         total = self.stats
         total.target_passes += 1
         total.slot_rounds += len(origin)
@@ -222,7 +226,8 @@ class Stream:
         total.busy_slot_rounds += sum(busy.values())
         for key in TIMES:
             setattr(total, key, getattr(total, key) + getattr(spent, key))
-        self.engine.proposer.timed(len(origin), spent.draft_seconds + spent.verify_seconds + spent.other_seconds)
+        if timed:
+            self.engine.proposer.timed(len(origin), spent.draft_seconds + spent.verify_seconds + spent.other_seconds)
         n = sum(busy.values())
         if not n:
             return

@@ -3,17 +3,19 @@
     seconds = warm(engine, slots=64, sampling=sp, prompt_len=longest_prompt)
 
 For each variant the proposer may run (`Proposer.variants()`: one for the fixed methods, the whole menu of an
-adaptive policy, plain decoding included), one call of `slots` dummy rows runs at least `rounds` rounds with
-that variant forced. On CUDA the first round compiles, the second captures the round's graphs and the rest
-replay them, so no call of the job compiles or captures a draft or verify graph; an adaptive policy keeps each
-variant's median round time (`policy.Timings`, through the proposer's `timed`), so it prices every shape it may
-choose, `none` included, from this device's measurement instead of extrapolating from the shapes it has run.
-The dummy rows' tokens are no evidence of what the job's rows accept: forced calls never update the policy's
-acceptance posteriors.
+adaptive policy, plain decoding included), one call of `slots` short dummy rows runs at least `rounds` rounds
+with that variant forced. On CUDA the first round compiles, the second captures the round's graphs and the rest
+replay them, so the job's calls at that batch size and sampling rule replay graphs from their first round (batch
+sizes a drain shrinks to, refill prefills and a Thompson chain's other lengths are still captured on first use).
+An adaptive policy keeps each variant's median round time (`policy.Timings`, through the proposer's `timed`;
+rounds that compiled or captured are not timed), so it prices every shape it may choose, `none` included, from
+this device's measurement instead of extrapolating from the shapes it has run. The dummy rows teach nothing:
+forced calls never update the policy's acceptance posteriors, and what a proposer learns across calls (a
+retrieval datastore, token-recycling's table) is put back as it was (`Proposer.learned` / `restore`).
 
-The workspace is sized as the job's first batch will size it (`prompt_len`: the longest prompt queued with the
-job's first rows), so the graphs captured here are the ones the job replays (a larger cache would slow every
-round, a smaller one would be reallocated and recaptured). Refill prefills are captured on first use.
+The workspace is sized for the job's first batch (`prompt_len`: the longest prompt queued with the job's first
+rows, plus max_new_tokens and the stream's slack), so the graphs captured here are the ones the job replays (a
+larger cache would slow every round, a smaller one would be reallocated and its graphs recaptured).
 
 Knows nothing of the job: its caller says how many slots, which sampling rule and how long the prompts are.
 """
@@ -29,26 +31,29 @@ from .batch import bucket
 from .sampling import SamplingParams
 from .stream import slack
 
+DUMMY_PROMPT = 16  # tokens per dummy row: the rounds' cost depends on the workspace's size, not on the prompts
+
 
 def warm(engine, slots: int, sampling: SamplingParams, prompt_len: int, rounds: int = 8) -> float:
-    """Run every variant of `engine`'s proposer for >= `rounds` rounds on `slots` dummy rows of `prompt_len` tokens
-    with `sampling`'s rule; returns the seconds it took. Once per (batch bucket, rule, prompt length) per engine:
-    a repeated call returns 0."""
+    """Run every variant of `engine`'s proposer for >= `rounds` rounds on `slots` dummy rows with `sampling`'s rule,
+    over a workspace sized for prompts of up to `prompt_len` tokens; returns the seconds it took. Once per (batch
+    bucket, rule) while the workspace warmed stays the engine's: a repeated call returns 0."""
     if getattr(engine, "proposer", None) is None:  # the transformers fallback: nothing compiled or captured
         return 0.0
-    assert slots >= 1 and rounds >= 1, f"warm-up needs slots >= 1 and rounds >= 1, got {slots}, {rounds}"
+    assert min(slots, rounds, prompt_len) >= 1, f"warm-up needs positive sizes, got {slots}, {rounds}, {prompt_len}"
     B = bucket(slots) if engine.fast else slots
     rule = (sampling.temperature, sampling.top_k, sampling.top_p, sampling.logprobs)
-    key = (B, rule, prompt_len)
-    done = engine.__dict__.setdefault("warmed", set())
-    if key in done:
+    proposer = engine.proposer
+    S = prompt_len + sampling.max_new_tokens + slack(proposer)
+    done = engine.__dict__.setdefault("warmed", {})  # (B, rule) -> the workspace its graphs were captured over
+    work = engine.workspace
+    if work is not None and done.get((B, rule)) is work and work.B_cap >= B and work.S >= S:
         return 0.0
     start = time.perf_counter()
-    proposer = engine.proposer
-    assert prompt_len >= 1, f"prompt_len must be >= 1, got {prompt_len}"
-    engine._workspace(B, prompt_len + sampling.max_new_tokens + slack(proposer))  # as the job's first batch sizes it
-    g = torch.Generator().manual_seed(0)  # the same dummy rows on every actor
-    prompts = torch.randint(engine.target.cfg.vocab_size, (B, prompt_len), generator=g).tolist()
+    work = engine._workspace(B, S)  # as the job's first batch sizes it (grown only, never shrunk)
+    g = torch.Generator().manual_seed(0)  # the same dummy rows on every actor; short: their prefill is not the job's
+    prompts = torch.randint(engine.target.cfg.vocab_size, (B, min(prompt_len, DUMMY_PROMPT)), generator=g).tolist()
+    learned = proposer.learned()
     try:
         for variant, per_round in proposer.variants():
             proposer.force(variant)
@@ -57,7 +62,6 @@ def warm(engine, slots: int, sampling: SamplingParams, prompt_len: int, rounds: 
             engine.generate(prompts, sp, seeds=list(range(B)), slots=B)
     finally:
         proposer.force(None)
-    done.add(key)
-    seconds = time.perf_counter() - start
-    engine.warmup_seconds += seconds  # reported with the next call's stats, as a first call's compile would be
-    return seconds
+        proposer.restore(learned)  # the dummy rows leave nothing in a datastore or recycling table
+    done[(B, rule)] = engine.workspace
+    return time.perf_counter() - start

@@ -71,7 +71,7 @@ class Budgeted(Proposer):
         self.tally.flush(self.policy)  # the previous call's rounds (one read, outside any round)
         forced = self.forced
         self.shape = forced if forced is not None else self.policy.choose(batch.B, batch.sampling)
-        self.tally.start(batch.device, rule_key(batch.sampling), self.shape, evidence=forced is None)
+        self.tally.start(batch.device, rule_key(batch.sampling), self.shape, evidence=forced is None, B=batch.B)
         self.row_state("last_counter", batch.B, 0, torch.long, batch.device)  # [B] counter after the last round
 
     def plan_key(self, plan):

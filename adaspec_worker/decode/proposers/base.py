@@ -81,6 +81,7 @@ class Proposer:
     spec_class: type[MethodSpec]  # set by @implements
     scratch = 0  # drafter cache slots a round's tree expansion needs beyond the committed entries
     max_nodes = 1  # most nodes a tree can have (root included)
+    max_emit = 0  # most tokens a round can emit (its tree's depth + 1) where smaller than max_nodes; 0: max_nodes
     returns_plan = False  # first_plan()/observe() return a plan that rides the round's sync
     graphable = True  # no host sync inside propose/observe: the rounds can be CUDA graphs
     ldlp = None  # the draft-length predictor it reads, for proposers that take one
@@ -110,9 +111,18 @@ class Proposer:
         return None
 
     def variants(self) -> list[tuple[object, int]]:
-        """The round shapes this proposer may run (each its own CUDA graphs), each with the most tokens one of its
-        rounds can emit: warm-up (`warmup.py`) forces each in turn. One, unless the proposer chooses among shapes."""
-        return [(None, self.max_nodes)]
+        """The round shapes this proposer may run (each its own CUDA graphs), each with an upper bound on the tokens
+        one of its rounds can emit: warm-up (`warmup.py`) forces each in turn. One, unless the proposer chooses among
+        shapes."""
+        return [(None, self.max_emit or self.max_nodes)]
+
+    def learned(self) -> object:
+        """A snapshot of what the proposer learns across calls (token-recycling's table, a retrieval datastore), for
+        `restore`: warm-up's dummy rows must leave no trace in it. None: nothing learnt across calls."""
+        return None
+
+    def restore(self, snapshot) -> None:
+        """Put back what `learned()` returned, in place (captured graphs keep reading the same buffers)."""
 
     def force(self, variant) -> None:
         """Run `variant` (one of `variants()`) in the next calls, which are no evidence for choosing; None: choose

@@ -36,6 +36,23 @@ class Datastore:
         elif self.tokens.device != device:
             self.tokens, self.write = self.tokens.to(device), self.write.to(device)
 
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(tokens, write) copies, or None before the first use."""
+        return None if self.tokens is None else (self.tokens.clone(), self.write.clone())
+
+    def restore(self, snap: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Back to `snap`, in place; None: to what the first use made (empty, or the file at `path`)."""
+        if self.tokens is None:
+            return
+        if snap is None:
+            self.tokens.fill_(-1)
+            self.write.zero_()
+            if self.path and os.path.exists(self.path):
+                self.load(self.path)
+        else:
+            self.tokens.copy_(snap[0])
+            self.write.copy_(snap[1])
+
     def add(self, text: torch.Tensor, lens: torch.Tensor, take: torch.Tensor) -> None:
         """Append rows: text [R, W] (row r's tokens in text[r, :lens[r]]), lens [R], take [R] bool. In place."""
         C = self.capacity

@@ -45,6 +45,7 @@ class Eagle2Tree(Proposer):
     def __init__(self, spec: Eagle2Spec):
         super().__init__(spec)
         self.max_nodes = eagle2_max_nodes(spec.top_k, spec.depth, spec.total_tokens)
+        self.max_emit = spec.depth + 1
         self.scratch = spec.top_k * spec.depth
 
     def propose(self, r, plan):

@@ -72,10 +72,27 @@ class TokenRecycling(Proposer):
         V = self.vocab_size
         if self.table is None or self.table.device != torch.device(batch.device) or self.table.shape[0] != V + 1:
             self.table = torch.full((V + 1, self.spec.k), -1, dtype=torch.int32, device=batch.device)
-            if self.spec.matrix and os.path.exists(self.spec.matrix):
-                saved = load_file(self.spec.matrix)["table"]
-                if saved.shape == self.table.shape:  # another vocabulary or k: start cold
-                    self.table.copy_(saved.to(self.table.dtype))
+            self._load()
+
+    def _load(self) -> None:
+        """The saved matrix into the table, in place, when the spec names one that exists and fits."""
+        if self.spec.matrix and os.path.exists(self.spec.matrix):
+            saved = load_file(self.spec.matrix)["table"]
+            if saved.shape == self.table.shape:  # another vocabulary or k: start cold
+                self.table.copy_(saved.to(self.table.dtype))
+
+    def learned(self):
+        return ("table", None if self.table is None else self.table.clone())
+
+    def restore(self, snapshot) -> None:
+        if self.table is None:
+            return
+        with torch.inference_mode():  # the table is made inside generate()'s inference mode
+            if snapshot[1] is None:
+                self.table.fill_(-1)
+                self._load()
+            else:
+                self.table.copy_(snapshot[1])
 
     def persist(self) -> None:
         """Write the table to the spec's `matrix` path (atomically: a temporary file, then a rename)."""

@@ -143,6 +143,21 @@ class Retrieval(Proposer):
             self.flush(leaving)
         super().select(rows)
 
+    def learned(self):
+        if self.store is None:
+            return None
+        with torch.inference_mode():
+            self.flush()  # rows of the job's earlier calls join first: the snapshot holds them
+        return ("datastore", self.store.snapshot())
+
+    def restore(self, snapshot) -> None:
+        if snapshot is None:
+            return
+        with torch.inference_mode():
+            self.store.restore(snapshot[1])
+            if getattr(self, "stored", None) is not None:
+                self.stored.fill_(True)  # the rows still in the batch (dummy ones) never join the datastore
+
     def persist(self) -> None:
         """Write the datastore to the spec's `datastore` path (every row so far included)."""
         if self.store is not None and self.spec.datastore:
