@@ -73,7 +73,7 @@ def test_warm_up_of_a_fixed_method_runs_its_one_shape(models):  # noqa: F811
     real = eng.generate
     eng.generate = lambda *a, **k: calls.append(a[1]) or real(*a, **k)
     warm(eng, slots=4, sampling=SamplingParams(max_new_tokens=64), prompt_len=3, rounds=2)
-    assert len(calls) == 1 and calls[0].max_new_tokens == 2 * (eng.proposer.spec.depth + 1)  # a round emits <= depth + 1
+    assert len(calls) == 1 and calls[0].max_new_tokens == 2 * (eng.proposer.spec.depth + 1)  # depth + 1 a round
     assert calls[0].eos_token_ids == ()  # no dummy row ends before its rounds
 
 
