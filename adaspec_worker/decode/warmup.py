@@ -55,9 +55,9 @@ def warm(engine, slots: int, sampling: SamplingParams, prompt_len: int, rounds: 
     prompts = torch.randint(engine.target.cfg.vocab_size, (B, min(prompt_len, DUMMY_PROMPT)), generator=g).tolist()
     learned = proposer.learned()
     try:
-        for variant, per_round in proposer.variants():
-            proposer.force(variant)
-            new = min(rounds * per_round, sampling.max_new_tokens)
+        for variant in proposer.variants():
+            proposer.force(variant.key)
+            new = min(rounds * variant.max_emit, sampling.max_new_tokens)
             sp = dataclasses.replace(sampling, max_new_tokens=new, eos_token_ids=())  # no row ends early
             engine.generate(prompts, sp, seeds=list(range(B)), slots=B)
     finally:

@@ -29,7 +29,7 @@ from jobs.specs import AdaEagleDDDSpec, AdaEagleSpec, AdaEDLSpec, DDDSpec, LDLPT
 from ..policy import NO_DRAFT, RoundTally, Shape, ShapePolicy, menu, rule_key
 from ..ranked import LevelStats, grow_ranked, leading
 from ..trees import chain_tree
-from .base import BatchInfo, Proposer, RoundInput, implements
+from .base import BatchInfo, Proposer, RoundInput, Variant, implements
 
 
 class Budgeted(Proposer):
@@ -61,7 +61,7 @@ class Budgeted(Proposer):
         """Every menu shape, with the depth + 1 tokens a round of it can emit; the drafting shapes first, since the
         first of them sizes the drafter's cache (dropping graphs captured before)."""
         shapes = [s for s in self.policy.shapes if s.drafts] + [s for s in self.policy.shapes if not s.drafts]
-        return [(s, s.depth + 1) for s in shapes]
+        return [Variant(s, s.depth + 1) for s in shapes]
 
     def force(self, variant) -> None:
         assert variant is None or variant in self.policy.shapes, f"{variant} is not on {self.spec.name}'s menu"

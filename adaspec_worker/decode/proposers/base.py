@@ -56,6 +56,14 @@ class BatchInfo:
     prompts: list[list[int]]  # [B] token ids (padding rows repeat the first prompt)
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One round shape a proposer may run (each its own CUDA graphs), for warm-up to force (`Proposer.force`)."""
+
+    key: object  # what `force` takes (an adaptive menu's `Shape`); None: the proposer's only shape
+    max_emit: int  # at most this many tokens a round of it emits (its tree's depth + 1, or an upper bound)
+
+
 @dataclass
 class RoundInput:
     """What a proposer sees at the start of a round."""
@@ -110,11 +118,10 @@ class Proposer:
         """Feedback after verification; may return the next round's [B] plan."""
         return None
 
-    def variants(self) -> list[tuple[object, int]]:
-        """The round shapes this proposer may run (each its own CUDA graphs), each with an upper bound on the tokens
-        one of its rounds can emit: warm-up (`warmup.py`) forces each in turn. One, unless the proposer chooses among
-        shapes."""
-        return [(None, self.max_emit or self.max_nodes)]
+    def variants(self) -> list[Variant]:
+        """The round shapes this proposer may run: warm-up (`warmup.py`) forces each in turn. One, unless the proposer
+        chooses among shapes."""
+        return [Variant(None, self.max_emit or self.max_nodes)]
 
     def learned(self) -> object:
         """A snapshot of what the proposer learns across calls (token-recycling's table, a retrieval datastore), for
@@ -125,8 +132,8 @@ class Proposer:
         """Put back what `learned()` returned, in place (captured graphs keep reading the same buffers)."""
 
     def force(self, variant) -> None:
-        """Run `variant` (one of `variants()`) in the next calls, which are no evidence for choosing; None: choose
-        again. Proposers with one shape ignore it."""
+        """Run `variant` (a `Variant.key` of `variants()`) in the next calls, which are no evidence for choosing;
+        None: choose again. Proposers with one shape ignore it."""
 
     def timed(self, B: int, seconds: float) -> None:
         """A landed round at batch bucket B took `seconds` of device time (draft + verify + the host's share),
