@@ -92,7 +92,7 @@ def test_warm_up_leaves_nothing_in_what_a_proposer_learns_across_calls(models, m
     before = prop.learned()
     warm(eng, slots=4, sampling=sp, prompt_len=5, rounds=3)
     after = prop.learned()
-    assert torch.equal(before[1][0], after[1][0]) if method == "retrieval" else torch.equal(before[1], after[1])
+    assert torch.equal(before[0], after[0]) if method == "retrieval" else torch.equal(before, after)
     cold = build_engine(tgt, parse_spec(method, params))  # and the next call drafts as if warm-up never ran
     cold.generate(_prompts(2), sp, seeds=[1, 2])
     want = cold.generate(_prompts(3, seed=8), sp, seeds=[3, 4, 5])[1].rows.tau

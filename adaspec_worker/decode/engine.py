@@ -277,7 +277,7 @@ class Engine:
         """Draft, one target pass with verification and commit, and the outcome's copy to the host, all queued on
         the device; `_land` waits for it."""
         # the sampling rule is baked into a captured graph (temperature, top-k/p are Python constants there)
-        rule = (sampling.temperature, sampling.top_k, sampling.top_p, sampling.logprobs)
+        rule = sampling.graph_key
         key = (batch.workspace.B, rule, tuple(self.proposer.plan_key(batch.plan)))
         if self.proposer.references:  # benchmark-only oracle: its reference verification is timed apart, uncharged
             clock.mark("reference")

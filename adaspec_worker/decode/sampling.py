@@ -39,6 +39,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def graph_key(self) -> tuple:
+        """What of these settings a captured round graph bakes in (Python constants there)."""
+        return (self.temperature, self.top_k, self.top_p, self.logprobs)
+
 
 def target_probs(logits: torch.Tensor, sp: SamplingParams) -> torch.Tensor:
     """The distribution the target samples from: temperature, then top-k, then top-p. [..., V] -> [..., V]."""

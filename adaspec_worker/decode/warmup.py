@@ -42,7 +42,7 @@ def warm(engine, slots: int, sampling: SamplingParams, prompt_len: int, rounds: 
         return 0.0
     assert min(slots, rounds, prompt_len) >= 1, f"warm-up needs positive sizes, got {slots}, {rounds}, {prompt_len}"
     B = bucket(slots) if engine.fast else slots
-    rule = (sampling.temperature, sampling.top_k, sampling.top_p, sampling.logprobs)
+    rule = sampling.graph_key
     proposer = engine.proposer
     S = prompt_len + sampling.max_new_tokens + slack(proposer)
     done = engine.__dict__.setdefault("warmed", {})  # (B, rule) -> the workspace its graphs were captured over
@@ -50,7 +50,7 @@ def warm(engine, slots: int, sampling: SamplingParams, prompt_len: int, rounds: 
     if work is not None and done.get((B, rule)) is work and work.B_cap >= B and work.S >= S:
         return 0.0
     start = time.perf_counter()
-    work = engine._workspace(B, S)  # as the job's first batch sizes it (grown only, never shrunk)
+    engine._workspace(B, S)  # as the job's first batch sizes it (grown only, never shrunk)
     g = torch.Generator().manual_seed(0)  # the same dummy rows on every actor; short: their prefill is not the job's
     prompts = torch.randint(engine.target.cfg.vocab_size, (B, min(prompt_len, DUMMY_PROMPT)), generator=g).tolist()
     learned = proposer.learned()

@@ -82,17 +82,18 @@ class TokenRecycling(Proposer):
                 self.table.copy_(saved.to(self.table.dtype))
 
     def learned(self):
-        return ("table", None if self.table is None else self.table.clone())
+        return None if self.table is None else self.table.clone()
 
     def restore(self, snapshot) -> None:
+        """Back to `snapshot`; None: to the table's first state (cold, or the saved matrix)."""
         if self.table is None:
             return
         with torch.inference_mode():  # the table is made inside generate()'s inference mode
-            if snapshot[1] is None:
+            if snapshot is None:
                 self.table.fill_(-1)
                 self._load()
             else:
-                self.table.copy_(snapshot[1])
+                self.table.copy_(snapshot)
 
     def persist(self) -> None:
         """Write the table to the spec's `matrix` path (atomically: a temporary file, then a rename)."""

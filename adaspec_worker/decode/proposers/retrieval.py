@@ -148,13 +148,13 @@ class Retrieval(Proposer):
             return None
         with torch.inference_mode():
             self.flush()  # rows of the job's earlier calls join first: the snapshot holds them
-        return ("datastore", self.store.snapshot())
+        return self.store.snapshot()
 
     def restore(self, snapshot) -> None:
-        if snapshot is None:
+        if self.store is None:
             return
         with torch.inference_mode():
-            self.store.restore(snapshot[1])
+            self.store.restore(snapshot)
             if getattr(self, "stored", None) is not None:
                 self.stored.fill_(True)  # the rows still in the batch (dummy ones) never join the datastore
 
