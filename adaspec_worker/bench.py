@@ -20,6 +20,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -135,7 +136,7 @@ def kernels_per_round(engine: Engine, prompts, B: int, sampling: SamplingParams)
 
     from torch.profiler import ProfilerActivity, profile
 
-    counts = []
+    counts, names = [], []
     for n in (16, sampling.max_new_tokens):
         engine.generate(prompts[:B], replace(sampling, max_new_tokens=n), seeds=list(range(B)))  # warm this length
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -144,9 +145,13 @@ def kernels_per_round(engine: Engine, prompts, B: int, sampling: SamplingParams)
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                    and not e.name.startswith(("Memcpy", "Memset"))]
         counts.append((len(kernels), stats.target_passes, sum(e.device_time for e in kernels)))
+        names.append(Counter(e.name[:100] for e in kernels))
     (k0, r0, t0), (k1, r1, t1) = counts
     rounds = max(r1 - r0, 1)
-    return {"kernels_per_round": (k1 - k0) / rounds, "gpu_kernel_ms_per_round": (t1 - t0) / 1e3 / rounds}
+    by_name = {name: round((names[1][name] - names[0][name]) / rounds, 2) for name in names[1]}
+    by_name = dict(sorted(((k, v) for k, v in by_name.items() if v > 0), key=lambda kv: -kv[1]))
+    return {"kernels_per_round": (k1 - k0) / rounds, "gpu_kernel_ms_per_round": (t1 - t0) / 1e3 / rounds,
+            "kernels_by_name": by_name}  # per round, the most frequent first: where the count comes from
 
 
 def bench_hf(model, prompts, B, n, temperature, new_tokens, dev, **kw) -> dict:
