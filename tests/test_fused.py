@@ -110,3 +110,77 @@ def test_compiled_pass_writes_the_cache_in_place(models):
     finally:
         kv_cache.LayerCache.write = through_view
         torch._dynamo.reset()
+
+
+def test_compiled_settle_equals_the_plain_ops(models):
+    """The round's bookkeeping after the target pass (`settle.py`: verification, KV compaction, next root, LDLP
+    feature and counter) compiled by inductor, as the engine runs it on CUDA, decodes the same tokens as the plain
+    ops, greedy and sampled, over dynamic trees (plain decoding's root-only tree is their smallest case)."""
+    from adaspec_worker.decode import settle
+
+    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]]
+    torch._dynamo.reset()
+    try:
+        for method, params in [("eagle2", {"top_k": 3, "depth": 3, "total_tokens": 8})]:
+            for temperature in (0.0, 0.8):
+                sp = SamplingParams(max_new_tokens=10, temperature=temperature)
+                outs = []
+                for fn in (settle.settle, settle.compiled_settle()):
+                    target = load_target(str(models / "target"), dtype="float32", device="cpu")
+                    spec = parse_spec(method, params)
+                    engine = build_engine(target, spec, draft=load_drafter(target, spec, str(models / "head")))
+                    engine._settle = fn
+                    res, stats = engine.generate(prompts, sp, seeds=[1, 2, 3], slots=2)
+                    outs.append(([r.tokens for r in res], stats.rows.accepted))
+                assert outs[0] == outs[1], (method, temperature)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_compiled_settle_compacts_the_cache_in_place(models):
+    """Inductor's code for `settle` allocates nothing near the cache's size: the compaction moves the accepted
+    entries inside the cache (a functionalised copy of the whole cache per round would cost batch-64 decoding
+    most of its speed)."""
+    import math
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from adaspec_worker.decode import settle
+    from adaspec_worker.decode.settle import SlotState
+    from adaspec_worker.decode.trees import chain_tree
+
+    model = load_target(str(models / "target"), dtype="float32", device="cpu")
+    B, S, N, V, H = 2, 1000, 4, model.cfg.vocab_size, model.cfg.hidden_size
+    cache = model.new_cache(B, S)
+    cache.lens.copy_(torch.tensor([7, 30]))
+    tree = chain_tree(torch.tensor([3, 4]), torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    slots = SlotState(kv=cache.kv, lens=cache.lens, alive=torch.ones(B, dtype=torch.bool), root=torch.zeros(B).long(),
+                      seed=torch.zeros(B).long(), counter=torch.zeros(B).long(), ldlp_feat=torch.zeros(B, 2 * H),
+                      embed=model.embed_tokens.weight)
+    logits, hidden = torch.randn(B, N, V), torch.randn(B, N, H)
+
+    def biggest_buffer() -> int:
+        torch._dynamo.reset()
+        with torch.inference_mode():
+            _, codes = run_and_get_code(torch.compile(settle.settle, dynamic=False), tree, logits, hidden,
+                                        SamplingParams(temperature=0.0), slots)
+        sizes = re.findall(r"empty_strided_cpu\(\(([0-9, ]*)\)", "\n".join(codes))
+        return max(math.prod(int(n) for n in s.split(",") if n.strip()) for s in sizes)
+
+    def per_layer_compact(kv, lens, src, n_keep):  # a compaction through each layer's view of the cache
+        bi = torch.arange(src.shape[0])[:, None]
+        moved = kv[bi, lens[:, None] + src]  # [B, P, L, 2, Hkv, D]
+        dst = lens[:, None] + torch.arange(src.shape[1])[None, :]
+        for layer in range(kv.shape[2]):
+            kv[:, :, layer][bi, dst] = moved[:, :, layer]
+        lens += n_keep
+
+    in_place = settle.compact
+    try:
+        assert biggest_buffer() < cache.kv.numel() // 100
+        settle.compact = per_layer_compact
+        assert biggest_buffer() >= cache.kv.numel() // model.cfg.num_layers  # the check sees a layer-sized copy
+    finally:
+        settle.compact = in_place
+        torch._dynamo.reset()

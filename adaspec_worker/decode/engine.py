@@ -29,11 +29,11 @@ from .drafters import Drafter
 from .logprobs import path_logprobs
 from .model import CausalLM
 from .proposers.base import BatchInfo, Proposer, RoundInput
-from .sampling import SamplingParams, target_probs
+from .sampling import SamplingParams
+from .settle import SlotState, compiled_settle, settle, verify_round
 from .stats import EngineStats, PhaseClock, RoundOutcome, RowOutcome, pack_outcome, unpack_outcomes
 from .stream import Source, Stream, once
 from .trees import DraftTree
-from .verify import Verdict, verify_chain_sampling, verify_greedy, verify_tree_sampling
 
 RoundHook = Callable[[torch.Tensor, torch.Tensor, DraftTree], None]  # (ldlp_feat [B, 2H], n_accepted [B], tree)
 
@@ -56,18 +56,6 @@ class Prefilled:
     features: torch.Tensor | None  # [k, T-1, F] the drafter's features at the prefilled positions (None without one)
 
 
-def verify_round(tree: DraftTree, logits: torch.Tensor, sampling: SamplingParams, seeds: torch.Tensor,
-                 counter: torch.Tensor) -> Verdict:
-    """The one verification rule that fits: greedy, a sampled chain with draft probabilities, or the coupled
-    tree rule for every other sampled tree (`none` included), whose text equals plain sampling's for the seed."""
-    if sampling.greedy:
-        return verify_greedy(tree, logits)
-    probs = target_probs(logits.float() if logits.dtype != torch.float64 else logits, sampling)  # [B, N, V]
-    if tree.draft_probs is not None:
-        return verify_chain_sampling(tree, probs, seeds, counter)
-    return verify_tree_sampling(tree, probs, seeds, counter)
-
-
 class Engine:
     def __init__(self, target: CausalLM, proposer: Proposer, drafter: Drafter | None = None,
                  on_round: RoundHook | None = None, fast: bool = True):
@@ -88,6 +76,8 @@ class Engine:
         # launch round r+1 before the host records round r (CUDA: the host's work hides behind the GPU's; each
         # row costs one wasted round at its end; on CPU nothing runs concurrently, so off unless a test asks)
         self.overlap = target.device.type == "cuda"
+        # the round's bookkeeping after the target pass, fused by torch.compile where the target is compiled
+        self._settle = compiled_settle() if fast and target._compiled is not None else settle
 
     @property
     def spec(self):
@@ -351,31 +341,24 @@ class Engine:
         return out
 
     def _verify_commit(self, tree: DraftTree, sampling: SamplingParams) -> None:
-        """One target pass over the tree, verification, KV compaction, drafter catch-up; state updated in place,
-        the RoundOutcome packed into the workspace's outcome buffer."""
+        """One target pass over the tree, then the round settled (`settle.py`: verification, KV compaction, next
+        root / LDLP feature / counter, in place), drafter catch-up; the RoundOutcome packed into the workspace's
+        outcome buffer."""
         work, target = self.workspace, self.target
         logits, hidden, aux = target(tree.tokens, tree.positions(work.cache.lens), work.cache, tree.ancestors())
-        verdict = verify_round(tree, logits, sampling, work.seed, work.counter)
-        n_accepted, path = verdict.n_accepted, verdict.path  # [B], [B, P]
-        keep = torch.where(work.alive, n_accepted + 1, 0)  # entries to commit; dead rows stay frozen
-        work.cache.compact(path, keep)
-        path_tokens = torch.gather(tree.tokens, 1, path)  # [B, P] root, accepted...
-        emitted = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], 1)
-        emitted = emitted.scatter(1, n_accepted[:, None], verdict.bonus[:, None])  # [B, P] accepted..., bonus
+        before = work.ldlp_feat.clone() if self.on_round is not None else None  # the hook sees the round's features
+        slots = SlotState(kv=work.cache.kv, lens=work.cache.lens, alive=work.alive, root=work.root, seed=work.seed,
+                          counter=work.counter, ldlp_feat=work.ldlp_feat, embed=target.embed_tokens.weight)
+        done = self._settle(tree, logits, hidden, sampling, slots)
+        verdict, path, emitted = done.verdict, done.verdict.path, done.emitted
         if self.drafter is not None and self.proposer.drafting:
-            self._extend_drafter(emitted, self.drafter.pick_features(hidden, aux), path, keep)
+            self._extend_drafter(emitted, self.drafter.pick_features(hidden, aux), path, done.keep)
         if self.on_round is not None:
-            self.on_round(work.ldlp_feat, n_accepted, tree)
-        rows = torch.arange(work.B, device=n_accepted.device)
-        new_root = torch.where(work.alive, verdict.bonus, work.root)
-        work.ldlp_feat.copy_(torch.cat([target.embed_tokens(new_root), hidden[rows, path[rows, n_accepted]]], -1))
-        work.root.copy_(new_root)
-        work.counter.add_(keep)
+            self.on_round(before, verdict.n_accepted, tree)
         plan = self.proposer.observe(verdict, tree, self._round_input(sampling, target_logits=logits))
         scores = None if sampling.logprobs is None else path_logprobs(logits, path, emitted, sampling.logprobs)
-        outcome = RoundOutcome(n_accepted=n_accepted, n_drafted=tree.valid.sum(1) - 1,
-                               draft_depth=(tree.depth * tree.valid).amax(1), emitted=emitted, plan=plan,
-                               logprobs=scores)
+        outcome = RoundOutcome(n_accepted=verdict.n_accepted, n_drafted=done.n_drafted,
+                               draft_depth=done.draft_depth, emitted=emitted, plan=plan, logprobs=scores)
         pack_outcome(outcome, work.outcome)
 
     def _extend_drafter(self, emitted: torch.Tensor, features: torch.Tensor, path: torch.Tensor,

@@ -57,6 +57,16 @@ def slots_and_mask(lens: torch.Tensor, S: int, T: int, tree_mask: torch.Tensor, 
     return slots, attention_mask(lens, tree_mask, S)
 
 
+def compact(kv: torch.Tensor, lens: torch.Tensor, src: torch.Tensor, n_keep: torch.Tensor) -> None:
+    """kv [B, S, L, 2, Hkv, D], lens [B]: move slots lens+src[b, j] to lens+j (j < P) over every layer, then commit
+    n_keep[b] of them; in place. src [B, P] indexes the block the last forward wrote (0 = its first token)."""
+    B, P = src.shape
+    bi = torch.arange(B, device=src.device)[:, None]
+    dst = lens[:, None] + torch.arange(P, device=src.device)[None, :]
+    kv[bi, dst] = kv[bi, lens[:, None] + src]
+    lens += n_keep
+
+
 def causal_tree(B: int, T: int, device) -> torch.Tensor:
     return torch.ones(T, T, dtype=torch.bool, device=device).tril().expand(B, T, T)
 
@@ -90,11 +100,7 @@ class KVCache:
         """Move new slots lens+src[b, j] to lens+j (j < P) and commit n_keep[b] of them.
 
         src [B, P] indexes the block written by the last forward (0 = its first token)."""
-        B, P = src.shape
-        bi = torch.arange(B, device=src.device)[:, None]
-        dst = self.lens[:, None] + torch.arange(P, device=src.device)[None, :]
-        self.kv[bi, dst] = self.kv[bi, self.lens[:, None] + src]
-        self.lens += n_keep
+        compact(self.kv, self.lens, src, n_keep)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep `rows` (indices into the current batch), moved to the front, in place."""
