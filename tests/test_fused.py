@@ -112,27 +112,33 @@ def test_compiled_pass_writes_the_cache_in_place(models):
         torch._dynamo.reset()
 
 
-def test_compiled_settle_equals_the_plain_ops(models):
-    """The round's bookkeeping after the target pass (`settle.py`: verification, KV compaction, next root, LDLP
-    feature and counter) compiled by inductor, as the engine runs it on CUDA, decodes the same tokens as the plain
-    ops, greedy and sampled, over dynamic trees (plain decoding's root-only tree is their smallest case)."""
+def test_compiled_round_equals_the_plain_ops(models):
+    """A round's tree building (a traceable proposer's `propose`) and its bookkeeping after the target pass
+    (`settle.py`: verification, KV compaction, next root, LDLP feature and counter), compiled by inductor as the
+    engine runs them where the target is compiled (CUDA), decode the same tokens as the plain ops: greedy and
+    sampled dynamic trees, a greedy chain and a static tree."""
     from adaspec_worker.decode import settle
+    from adaspec_worker.decode.model import compiled
 
     prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]]
+    cases = [("eagle2", {"top_k": 3, "depth": 3, "total_tokens": 8}, 0.0),
+             ("eagle2", {"top_k": 3, "depth": 3, "total_tokens": 8}, 0.8), ("eagle", {"k": 3}, 0.0),
+             ("eagle-tree", {"tree": ((0,), (1,), (0, 0))}, 0.0)]
     torch._dynamo.reset()
     try:
-        for method, params in [("eagle2", {"top_k": 3, "depth": 3, "total_tokens": 8})]:
-            for temperature in (0.0, 0.8):
-                sp = SamplingParams(max_new_tokens=10, temperature=temperature)
-                outs = []
-                for fn in (settle.settle, settle.compiled_settle()):
-                    target = load_target(str(models / "target"), dtype="float32", device="cpu")
-                    spec = parse_spec(method, params)
-                    engine = build_engine(target, spec, draft=load_drafter(target, spec, str(models / "head")))
-                    engine._settle = fn
-                    res, stats = engine.generate(prompts, sp, seeds=[1, 2, 3], slots=2)
-                    outs.append(([r.tokens for r in res], stats.rows.accepted))
-                assert outs[0] == outs[1], (method, temperature)
+        for method, params, temperature in cases:
+            sp = SamplingParams(max_new_tokens=10, temperature=temperature)
+            outs = []
+            for whole in (False, True):
+                target = load_target(str(models / "target"), dtype="float32", device="cpu")
+                spec = parse_spec(method, params)
+                engine = build_engine(target, spec, draft=load_drafter(target, spec, str(models / "head")))
+                assert engine.proposer.traceable
+                if whole:
+                    engine._settle, engine._propose = settle.compiled_settle(), compiled(engine.proposer.propose)
+                res, stats = engine.generate(prompts, sp, seeds=[1, 2, 3], slots=3)
+                outs.append(([r.tokens for r in res], stats.rows.accepted))
+            assert outs[0] == outs[1], (method, temperature)
     finally:
         torch._dynamo.reset()
 

@@ -18,6 +18,7 @@ formats, tokenization (stop strings arrive as a callback), Ray or Parquet. Slot 
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import torch
 from .batch import Batch, Completion, Outputs, Request, StagedRefill, StopFn, Workspace, bucket, on_device, shrunk
 from .drafters import Drafter
 from .logprobs import path_logprobs
-from .model import CausalLM
+from .model import CausalLM, compiled
 from .proposers.base import BatchInfo, Proposer, RoundInput
 from .sampling import SamplingParams
 from .settle import SlotState, compiled_settle, settle, verify_round
@@ -76,8 +77,11 @@ class Engine:
         # launch round r+1 before the host records round r (CUDA: the host's work hides behind the GPU's; each
         # row costs one wasted round at its end; on CPU nothing runs concurrently, so off unless a test asks)
         self.overlap = target.device.type == "cuda"
-        # the round's bookkeeping after the target pass, fused by torch.compile where the target is compiled
-        self._settle = compiled_settle() if fast and target._compiled is not None else settle
+        # where the target is compiled, so are the round's bookkeeping after the target pass and a traceable
+        # proposer's tree building: their small ops fuse (ADARUN_COMPILE_ROUND=0: plain ops, for comparison)
+        whole = fast and target._compiled is not None and os.environ.get("ADARUN_COMPILE_ROUND", "1") != "0"
+        self._settle = compiled_settle() if whole else settle
+        self._propose = compiled(proposer.propose) if whole and proposer.traceable else proposer.propose
 
     @property
     def spec(self):
@@ -278,7 +282,7 @@ class Engine:
             batch.plan = self._run(("reference", w.B, rule), ref).tolist()
             key = (w.B, rule, tuple(self.proposer.plan_key(batch.plan)))
         clock.mark("draft")
-        tree = self._run(("draft", *key), lambda: self.proposer.propose(self._round_input(sampling), batch.plan))
+        tree = self._run(("draft", *key), lambda: self._propose(self._round_input(sampling), batch.plan))
         clock.mark("verify")
         self._run(("verify", *key), lambda: self._verify_commit(tree, sampling))
         work = batch.workspace

@@ -166,7 +166,7 @@ class StaticShape:
     @property
     def width(self) -> int:
         """Most children any node has."""
-        return max(Counter(p for p, _ in lv).most_common(1)[0][1] for lv in self.levels)
+        return max(max(Counter(p for p, _ in lv).values()) for lv in self.levels)  # (no heapq: traced by dynamo)
 
     @classmethod
     def from_paths(cls, paths) -> StaticShape:

@@ -14,12 +14,16 @@ from .base import Proposer, draft_chain, eagle2_max_nodes, implements, sampled_c
 
 @implements(NoneSpec)
 class NoDraft(Proposer):
+    traceable = True
+
     def propose(self, r, plan):
         return chain_tree(r.root, r.root.new_zeros(r.root.shape[0], 0))
 
 
 @implements(EagleSpec)
 class EagleChain(Proposer):
+    traceable = True
+
     def __init__(self, spec: EagleSpec):
         super().__init__(spec)
         self.scratch, self.max_nodes = spec.k, spec.k + 1
@@ -30,6 +34,8 @@ class EagleChain(Proposer):
 
 @implements(EagleTreeSpec)
 class EagleStaticTree(Proposer):
+    traceable = True
+
     def __init__(self, spec: EagleTreeSpec):
         super().__init__(spec)
         self.shape = StaticShape.from_paths(spec.tree or DEFAULT_STATIC_TREE)
@@ -42,6 +48,8 @@ class EagleStaticTree(Proposer):
 
 @implements(Eagle2Spec)
 class Eagle2Tree(Proposer):
+    traceable = True
+
     def __init__(self, spec: Eagle2Spec):
         super().__init__(spec)
         self.max_nodes = eagle2_max_nodes(spec.top_k, spec.depth, spec.total_tokens)
