@@ -135,7 +135,8 @@ def test_compiled_round_equals_the_plain_ops(models):
                 engine = build_engine(target, spec, draft=load_drafter(target, spec, str(models / "head")))
                 assert engine.proposer.traceable
                 if whole:
-                    engine._settle, engine._propose = settle.compiled_settle(), compiled(engine.proposer.propose)
+                    engine._settle = settle.compiled_settle()
+                    engine._compiled_propose = compiled(engine.proposer.propose)
                 res, stats = engine.generate(prompts, sp, seeds=[1, 2, 3], slots=3)
                 outs.append(([r.tokens for r in res], stats.rows.accepted))
             assert outs[0] == outs[1], (method, temperature)

@@ -81,7 +81,7 @@ class Engine:
         # proposer's tree building: their small ops fuse (ADARUN_COMPILE_ROUND=0: plain ops, for comparison)
         whole = fast and target._compiled is not None and os.environ.get("ADARUN_COMPILE_ROUND", "1") != "0"
         self._settle = compiled_settle() if whole else settle
-        self._propose = compiled(proposer.propose) if whole and proposer.traceable else proposer.propose
+        self._compiled_propose = compiled(proposer.propose) if whole and proposer.traceable else None
 
     @property
     def spec(self):
@@ -282,7 +282,8 @@ class Engine:
             batch.plan = self._run(("reference", w.B, rule), ref).tolist()
             key = (w.B, rule, tuple(self.proposer.plan_key(batch.plan)))
         clock.mark("draft")
-        tree = self._run(("draft", *key), lambda: self._propose(self._round_input(sampling), batch.plan))
+        propose = self._compiled_propose or self.proposer.propose
+        tree = self._run(("draft", *key), lambda: propose(self._round_input(sampling), batch.plan))
         clock.mark("verify")
         self._run(("verify", *key), lambda: self._verify_commit(tree, sampling))
         work = batch.workspace
