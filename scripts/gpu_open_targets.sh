@@ -7,7 +7,8 @@
 #                 later sections run with compiled rounds off (ADARUN_COMPILE_ROUND=0) and say so
 #   profile-plain the same with compiled rounds off: the comparison for the compiled propose/settle
 #   natural       #17: continuous batching on the natural workload, 64 slots, `none`, `eagle:k=4` (the fastest fixed
-#                 method at 64 slots on the fixed workload) and `eagle2` d4/t30, T=0 and 0.7: refill on/off, occupancy
+#                 method at 64 slots on the fixed workload) and `eagle2` d4/t30 (NATURAL_METHODS overrides), T=0 and 0.7:
+#                 refill on/off, occupancy
 #   adaptive-b16  #12: every adaptive method against `none` and the best fixed settings at batch 16 and 64, T=0
 #   adaptive-b1   #12: the same at batch 1, T=0 and 0.7 (16 prompts)
 # Each bench cell warms its engine up first (decode/warmup.py): its timed calls replay graphs from their first round.
@@ -20,7 +21,7 @@ PROFILE="--methods none,eagle2:depth=4:total_tokens=30 --batch-sizes 1 --tempera
 for arg in "$@"; do
   name=${arg%%:*}; limit=${arg#*:}; [ "$limit" = "$arg" ] && limit=540
   case "$name" in
-    natural) ARGS="--workload natural --batch-sizes 64 --temperatures 0,0.7 --new-tokens 256 --n-prompts 244 --repeats 3 --methods eagle:k=4,eagle2:depth=4:total_tokens=30" ;;
+    natural) ARGS="--workload natural --batch-sizes 64 --temperatures 0,0.7 --new-tokens 256 --n-prompts 244 --repeats 3 --methods ${NATURAL_METHODS:-eagle:k=4,eagle2:depth=4:total_tokens=30}" ;;
     adaptive-b16) ARGS="--methods $ADAPTIVE --batch-sizes 16,64 --temperatures 0 --new-tokens 128 --n-prompts 64 --repeats 4 --cost-model" ;;
     profile|profile-plain) ARGS=$PROFILE ;;
     adaptive-b1) ARGS="--methods $ADAPTIVE --batch-sizes 1 --temperatures 0,0.7 --new-tokens 128 --n-prompts 16 --repeats 4 --cost-model" ;;
