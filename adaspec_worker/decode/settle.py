@@ -13,12 +13,14 @@ from the sampling parameters and the tree.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .kv_cache import compact
+from .model import compiled
 from .sampling import SamplingParams, target_probs
 from .trees import DraftTree
 from .verify import Verdict, verify_chain_sampling, verify_greedy, verify_tree_sampling
@@ -83,14 +85,8 @@ def settle(tree: DraftTree, logits: torch.Tensor, hidden: torch.Tensor, sampling
                    draft_depth=(tree.depth * tree.valid).amax(1))
 
 
-_COMPILED = None
-
-
+@functools.cache
 def compiled_settle():
-    """`settle` through torch.compile (dynamic shapes: one graph per rule and tree depth, any batch and tree size)."""
-    global _COMPILED
-    if _COMPILED is None:
-        from .model import compiled
-
-        _COMPILED = compiled(settle)
-    return _COMPILED
+    """`settle` through torch.compile (dynamic shapes: one graph per rule and tree depth, any batch and tree size);
+    made once, shared by every engine."""
+    return compiled(settle)
