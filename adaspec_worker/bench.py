@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from jobs.manifest_schema import ResourcesCfg
 from jobs.specs import parse_spec
 
 from .bench_natural import add_refill_ratios, natural_cells, natural_markdown
@@ -64,6 +65,7 @@ class BenchConfig:
     cost_model: bool = False  # measure the cost model (bench_cost.py): bench.json "cost_models", cost.png
     shape: str = ""  # also measure it for a random-weight target of this shape (decode/cost.py SHAPES, e.g. 8b)
     workload: str = "fixed"  # fixed: exactly new_tokens per row, EOS ignored; natural: see bench_natural.py
+    prefill_chunk: int = ResourcesCfg.prefill_chunk  # natural workload: a refill's prompt positions per round
 
 
 def parse_method(text: str) -> tuple[str, dict, str]:

@@ -5,9 +5,10 @@ The fixed workload (`bench.py`) decodes exactly `new_tokens` per row with EOS ig
 a batch finishes in the same round and idle batch slots never show. Here rows stop as a job's rows do:
 at EOS, at a stop string (`NATURAL_STOPS`, those of `manifests/job.yaml`) or at `new_tokens`. Every
 prompt of the cell decodes through `batch` slots in one engine call, once with refill on (a finished
-row's slot takes the next prompt at once) and once with it off (the next `batch` prompts start when the
-whole batch is done). Per cell: tokens/s, slot occupancy (share of slot-rounds doing useful work),
-target passes, tau, the output length distribution, and refill on over off.
+row's slot takes the next prompt at once; a refill's prompts longer than `--prefill-chunk` prefill that many
+positions per round, the slots they take frozen until then) and once with it off (the next `batch` prompts
+start when the whole batch is done). Per cell: tokens/s, slot occupancy (share of slot-rounds doing useful work),
+target passes, chunked-prefill passes, tau, the output length distribution, and refill on over off.
 
 Knows nothing of the runner: prompts are token lists, stop strings go through the job's `RowCodec`.
 """
@@ -46,7 +47,8 @@ def natural_cells(cfg, engine, name: str, label: str, prompts: list[list[int]], 
                 calls: list[dict] = []
 
                 def run(B=B, refill=refill, sampling=sampling, calls=calls):
-                    outs, stats = engine.generate(prompts, sampling, seeds, stop_fn, slots=B, refill=refill)
+                    outs, stats = engine.generate(prompts, sampling, seeds, stop_fn, slots=B, refill=refill,
+                                                 prefill_chunk=cfg.prefill_chunk)
                     calls.append({"tokens": sum(len(o.tokens) for o in outs), "lengths": [len(o.tokens) for o in outs],
                                   "outputs": [o.tokens for o in outs], "stats": stats})
                     return calls[-1]
@@ -59,7 +61,8 @@ def natural_cells(cfg, engine, name: str, label: str, prompts: list[list[int]], 
                            occupancy=stats.occupancy, rounds=stats.target_passes,
                            tau=stats.rows.tau if stats.rows.rounds else None, draft_seconds=stats.draft_seconds,
                            verify_seconds=stats.verify_seconds, other_seconds=stats.other_seconds,
-                           prefill_seconds=stats.prefill_seconds, warmup_run_seconds=calls[0]["stats"].warmup_seconds)
+                           prefill_seconds=stats.prefill_seconds, warmup_run_seconds=calls[0]["stats"].warmup_seconds,
+                           prefill_chunk=cfg.prefill_chunk, prefill_chunks=stats.prefill_chunks)
                 record(name, label, B, T, res, "natural")
             same = tokens_by_refill[True] == tokens_by_refill[False]
             for c in cells[-2:]:
@@ -83,14 +86,15 @@ def natural_markdown(cells: list[dict]) -> list[str]:
     if not nat:
         return []
     lines = ["", "## Natural workload (EOS and stop strings on; one engine call per cell through `batch` slots)", "",
-             "| method | slots | temp | refill | tok/s | refill on/off | occupancy | passes | tau "
+             "| method | slots | temp | refill | tok/s | refill on/off | occupancy | passes | prefill chunks | tau "
              "| out len p10/p50/p90/max | stopped early | same outputs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in nat:
         ratio = "" if c.get("refill_speedup") is None else f"{c['refill_speedup']:.2f}"
         tau = "" if c["tau"] is None else f"{c['tau']:.2f}"
         lines.append(f"| {c['label']} | {c['batch']} | {c['temperature']} | {'on' if c['refill'] else 'off'} | "
-                     f"{c['tokens_per_s']:.1f} | {ratio} | {c['occupancy']:.3f} | {c['rounds']} | {tau} | "
+                     f"{c['tokens_per_s']:.1f} | {ratio} | {c['occupancy']:.3f} | {c['rounds']} | "
+                     f"{c.get('prefill_chunks', '')} | {tau} | "
                      f"{c['len_p10']:.0f}/{c['len_p50']:.0f}/{c['len_p90']:.0f}/{c['len_max']} | "
                      f"{c['stopped_early']:.2f} | {c['outputs_equal_on_off']} |")
     return lines

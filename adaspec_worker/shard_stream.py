@@ -110,7 +110,8 @@ class ShardStream:
                     continue
                 first.append(shard.requests)
             self._warm(first)
-            run = self.w.engine.stream(self._source(feed, first), res.batch_size, res.continuous_batching)
+            run = self.w.engine.stream(self._source(feed, first), res.batch_size, res.continuous_batching,
+                                       res.prefill_chunk)
             first = []
             try:
                 for finished in run:

@@ -153,6 +153,8 @@ def _check_limits(m: Manifest, need) -> None:
     need(0 <= r.gpus_per_worker <= 64, "resources.gpus_per_worker", f"must be in [0, 64], got {r.gpus_per_worker}")
     need(0 < r.cpus_per_worker <= 1024, "resources.cpus_per_worker", f"must be in (0, 1024], got {r.cpus_per_worker}")
     need(1 <= r.batch_size <= 65_536, "resources.batch_size", f"must be in [1, 65536], got {r.batch_size}")
+    need(0 <= r.prefill_chunk <= 1_000_000, "resources.prefill_chunk",
+         f"must be in [0, 1000000] (0: prompts prefill at once), got {r.prefill_chunk}")
     need(
         1 <= m.sharding.rows_per_shard <= 10_000_000,
         "sharding.rows_per_shard",

@@ -87,6 +87,9 @@ class ResourcesCfg:
     batch_size: int = 8  # rows decoded at once per worker (batch slots)
     shards_in_flight: int = 2  # per worker: the next shard is read and tokenized, the last written, while one decodes
     continuous_batching: bool = True  # a finished row's slot takes the shard's next row at once
+    # continuous batching: a refill whose prompts are longer prefills this many positions per round while the other
+    # slots keep decoding (0: the whole prompt at once, the other slots waiting for it)
+    prefill_chunk: int = 256
 
 
 @dataclass

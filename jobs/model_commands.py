@@ -11,6 +11,8 @@ import sys
 
 import click
 
+from .manifest_schema import ResourcesCfg
+
 
 @click.command("train-draft")
 @click.option(
@@ -207,6 +209,12 @@ def _methods(ctx, param, v):
     show_default=True,
     help="fixed: exactly --new-tokens per row, EOS ignored; natural: EOS and stop strings on, all --n-prompts "
     "through --batch-sizes slots with continuous batching on and off (occupancy, output lengths).",
+)
+@click.option(
+    "--prefill-chunk",
+    default=ResourcesCfg.prefill_chunk,
+    show_default=True,
+    help="Natural workload: a refill's prompts longer than this prefill that many positions per round (0: at once).",
 )
 def bench(**opts):
     """Benchmark methods side by side: JSON, Markdown table and PNG plots in --out.

@@ -8,7 +8,8 @@
 #   profile-plain the same with compiled rounds off: the comparison for the compiled propose/settle
 #   natural       #17: continuous batching on the natural workload, 64 slots, `none`, `eagle:k=4` (the fastest fixed
 #                 method at 64 slots on the fixed workload) and `eagle2` d4/t30 (NATURAL_METHODS overrides), T=0 and 0.7:
-#                 refill on/off, occupancy
+#                 refill on/off, occupancy; refills' prompts in chunks of the default prefill chunk
+#   natural-whole the same at T=0 with refills' prompts prefilled at once (--prefill-chunk 0), for comparison
 #   adaptive-b16  #12: every adaptive method against `none` and the best fixed settings at batch 16 and 64, T=0
 #   adaptive-b1   #12: the same at batch 1, T=0 and 0.7 (16 prompts)
 # Each bench cell warms its engine up first (decode/warmup.py): its timed calls replay graphs from their first round.
@@ -22,10 +23,11 @@ for arg in "$@"; do
   name=${arg%%:*}; limit=${arg#*:}; [ "$limit" = "$arg" ] && limit=540
   case "$name" in
     natural) ARGS="--workload natural --batch-sizes 64 --temperatures 0,0.7 --new-tokens 256 --n-prompts 244 --repeats 3 --methods ${NATURAL_METHODS:-eagle:k=4,eagle2:depth=4:total_tokens=30}" ;;
+    natural-whole) ARGS="--workload natural --batch-sizes 64 --temperatures 0 --new-tokens 256 --n-prompts 244 --repeats 3 --prefill-chunk 0 --methods ${NATURAL_METHODS:-eagle:k=4,eagle2:depth=4:total_tokens=30}" ;;
     adaptive-b16) ARGS="--methods $ADAPTIVE --batch-sizes 16,64 --temperatures 0 --new-tokens 128 --n-prompts 64 --repeats 4 --cost-model" ;;
     profile|profile-plain) ARGS=$PROFILE ;;
     adaptive-b1) ARGS="--methods $ADAPTIVE --batch-sizes 1 --temperatures 0,0.7 --new-tokens 128 --n-prompts 16 --repeats 4 --cost-model" ;;
-    *) echo "usage: $0 natural|adaptive-b16|adaptive-b1|profile|profile-plain[:seconds] ..." >&2; exit 2 ;;
+    *) echo "usage: $0 natural|natural-whole|adaptive-b16|adaptive-b1|profile|profile-plain[:seconds] ..." >&2; exit 2 ;;
   esac
   echo "== $name (${limit} s, ADARUN_COMPILE_ROUND=${ADARUN_COMPILE_ROUND:-1})"
   if [ "$name" = profile-plain ]; then plain=0; else plain=${ADARUN_COMPILE_ROUND:-1}; fi

@@ -66,10 +66,11 @@ def test_bench_natural_workload_compares_refill_on_and_off(tmp_path):
     r = CliRunner().invoke(cli, ["bench", "--target", str(TINY), "--draft", str(TINY_HEAD),
                                  "--prompts", str(REPO / "manifests" / "prompts.parquet"), "--workload", "natural",
                                  "--methods", "eagle:k=3", "--batch-sizes", "4", "--temperatures", "0",
-                                 "--new-tokens", "24", "--n-prompts", "12", "--repeats", "1",
+                                 "--new-tokens", "24", "--n-prompts", "12", "--repeats", "1", "--prefill-chunk", "0",
                                  "--dtype", "float32", "--device", "cpu", "--out", str(out)])
     assert r.exit_code == 0, r.output
     cells = json.loads((out / "bench.json").read_text())["cells"]
+    assert all(c["prefill_chunk"] == 0 == c["prefill_chunks"] for c in cells)  # prompts prefilled at once
     assert {c["kind"] for c in cells} == {"natural"}  # no transformers rows: they cannot stop like a job
     assert {(c["label"], c["refill"]) for c in cells} == {(m, f) for m in ("none", "eagle:k=3") for f in (True, False)}
     for c in cells:

@@ -52,6 +52,7 @@ BAD = [
     ("retry__max_attempts", 1_000_000_000, "retry.max_attempts"),
     ("retry__max_error_fraction", 1.5, "retry.max_error_fraction"),
     ("resources__batch_size", 10**9, "resources.batch_size"),
+    ("resources__prefill_chunk", -1, "resources.prefill_chunk"),
     ("input__allow_duplicate_ids", "yes", "input.allow_duplicate_ids"),
 ]
 

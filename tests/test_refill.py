@@ -49,17 +49,20 @@ def stop_at(prompt: int, tokens: list[int]):
 
 @pytest.mark.parametrize("method", sorted(METHOD_SPECS))
 def test_refill_changes_no_tokens(tgt, method):
-    """Greedy and T=0.8: the same tokens per row with refill on (2 and 3 slots), refill off, and all at once."""
+    """Greedy and T=0.8: the same tokens per row with refill on (2 and 3 slots; prompts prefilled at once or a chunk
+    of 3 or 4 positions per round), refill off, and all at once."""
     prompts, seeds = prompts_for(len(LENGTHS)), list(range(100, 100 + len(LENGTHS)))
     eng = engine(tgt, method)
     for sp in (SamplingParams(max_new_tokens=24), SamplingParams(max_new_tokens=24, temperature=0.8)):
         whole, _ = eng.generate(prompts, sp, seeds, stop_at)
         ref = [c.tokens for c in whole]
         assert [len(t) for t in ref] == LENGTHS
-        for slots, refill, overlap in ((2, True, False), (3, True, True), (3, False, True), (1, True, True)):
+        for slots, refill, overlap, chunk in ((2, True, False, 0), (3, True, True, 0), (3, False, True, 0),
+                                              (1, True, True, 0), (2, True, True, 3), (3, True, False, 4)):
             eng.overlap = overlap  # the next round launched before this one is recorded (the CUDA default)
-            outs, stats = eng.generate(prompts, sp, seeds, stop_at, slots=slots, refill=refill)
-            assert [c.tokens for c in outs] == ref, (method, sp.temperature, slots, refill, overlap)
+            outs, stats = eng.generate(prompts, sp, seeds, stop_at, slots=slots, refill=refill, prefill_chunk=chunk)
+            assert [c.tokens for c in outs] == ref, (method, sp.temperature, slots, refill, overlap, chunk)
+            assert (stats.prefill_chunks > 0) == (chunk > 0), (chunk, stats.prefill_chunks)  # prompts of up to 11
             assert stats.rows.rounds == sum(c.stats.rounds for c in outs)
             assert stats.rows.emitted >= sum(LENGTHS)
         eng.overlap = False

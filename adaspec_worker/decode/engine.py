@@ -29,6 +29,7 @@ from .batch import Batch, Completion, Outputs, Request, StagedRefill, StopFn, Wo
 from .drafters import Drafter
 from .logprobs import path_logprobs
 from .model import CausalLM, compiled
+from .prefill import ChunkedPrefill, Prefilled, prefill_target
 from .proposers.base import BatchInfo, Proposer, RoundInput
 from .sampling import SamplingParams
 from .settle import SlotState, compiled_settle, settle, verify_round
@@ -40,21 +41,24 @@ RoundHook = Callable[[torch.Tensor, torch.Tensor, DraftTree], None]  # (ldlp_fea
 
 
 @dataclass
+class Loading:
+    """A refill whose prompts prefill a chunk per round (`ChunkedPrefill`): the slots they will take (frozen until
+    then), their rows, prompts and seeds."""
+
+    slots: list[int]
+    rows: list[int]
+    prompts: list[list[int]]
+    seeds: list[int]
+    prefill: ChunkedPrefill
+
+
+@dataclass
 class Flight:
     """A launched round: its outcome on its way to the host."""
 
     origin: list[int]  # [B] each slot's prompt when the round was launched (slots may be re-pointed before it lands)
     host: torch.Tensor  # [B, columns] the outcome's host copy (pinned on CUDA), laid out by stats.py
     done: torch.cuda.Event | None  # recorded after the copy (CUDA)
-
-
-@dataclass
-class Prefilled:
-    """What a prompt prefill hands the slots it fills (all indexed by the prefilled rows)."""
-
-    root: torch.Tensor  # [k] each prompt's last token: the first pending token
-    ldlp_feat: torch.Tensor  # [k, 2H] emb(root) ++ the hidden state before it (zeros for one-token prompts)
-    features: torch.Tensor | None  # [k, T-1, F] the drafter's features at the prefilled positions (None without one)
 
 
 class Engine:
@@ -115,27 +119,29 @@ class Engine:
         return work
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams, seeds: list[int] | None = None,
-                 stop_fn: StopFn | None = None, slots: int | None = None,
-                 refill: bool = True) -> tuple[list[Completion], EngineStats]:
+                 stop_fn: StopFn | None = None, slots: int | None = None, refill: bool = True,
+                 prefill_chunk: int = 0) -> tuple[list[Completion], EngineStats]:
         """Decode every prompt to completion; one Completion per prompt, in order, and the call's stats.
 
         slots: rows decoded at once (default: all prompts); refill: a finished row's slot takes the next
-        queued prompt at once (continuous batching) rather than when the whole batch is done. stop_fn is
-        called with the prompt's index. A stream (`stream`) over these prompts, handed over at once."""
+        queued prompt at once (continuous batching) rather than when the whole batch is done; prefill_chunk: a
+        refill's prompts longer than this prefill that many positions per round while the other slots decode
+        (0: at once). stop_fn is called with the prompt's index. A stream (`stream`) over these prompts, handed
+        over at once."""
         n = len(prompts)
         assert n > 0, "generate() needs at least one prompt"
         seeds = list(seeds) if seeds is not None else [0] * n
         requests = [Request(p, sampling, seed, stop_fn, tag=i) for i, (p, seed) in enumerate(zip(prompts, seeds))]
-        run = self.stream(once(requests), n if slots is None else max(1, min(slots, n)), refill)
+        run = self.stream(once(requests), n if slots is None else max(1, min(slots, n)), refill, prefill_chunk)
         done: list[Completion | None] = [None] * n
         for finished in run:
             done[finished.tag] = finished.completion
         return done, run.stats
 
-    def stream(self, source: Source, slots: int, refill: bool = True) -> Stream:
+    def stream(self, source: Source, slots: int, refill: bool = True, prefill_chunk: int = 0) -> Stream:
         """Decode rows as `source` hands them over (it may grow while decoding), `slots` at a time; iterate the
         result for each row's Completion as it finishes (`stream.py`)."""
-        return Stream(self, source, slots, refill)
+        return Stream(self, source, slots, refill, prefill_chunk)
 
     def _start(self, prompts: dict[int, list[int]], take: list[int], seeds: dict[int, int], sampling: SamplingParams,
                S: int) -> Batch:
@@ -148,7 +154,7 @@ class Engine:
         work = self._workspace(B, S)
         work.fit_outcome(sampling.logprobs)
         ids, lens = self._right_padded(padded)
-        pre = self._prefill_target(ids, lens, work.cache)
+        pre = prefill_target(self.target, self.drafter, ids, lens, work.cache)
         work.root.copy_(pre.root)
         work.ldlp_feat.copy_(pre.ldlp_feat)
         work.seed.copy_(on_device([seeds[i] for i in take] + [0] * (B - n), device))
@@ -177,9 +183,43 @@ class Engine:
             index, seed = on_device(slots, self.target.device), on_device([seeds[i] for i in take], self.target.device)
             ids, lens = self._right_padded(chosen)
             scratch = self.target.new_cache(k, work.S)  # the new rows' prefill, then copied into their slots
-            pre = self._prefill_target(ids, lens, scratch)
+            pre = prefill_target(self.target, self.drafter, ids, lens, scratch)
             work.cache.load_rows(index, scratch)
             draft = self.drafter.admit(index, ids, lens, pre.features) if drafting else None
+        self._seat(batch, slots, take, chosen, index, seed, pre, draft, sampling)
+
+    def _begin_load(self, batch: Batch, slots: list[int], take: list[int], prompts: dict[int, list[int]],
+                    seeds: dict[int, int], chunk: int) -> Loading:
+        """Continuous batching with chunked prefill: rows `take` are to fill the free slots `slots`, their prompts
+        prefilled `chunk` positions per `_load_step` into scratch caches while the other slots keep decoding."""
+        chosen = [prompts[i] for i in take]
+        ids, lens = self._right_padded(chosen)
+        drafting = self.drafter is not None and self.proposer.drafting
+        cache = self.target.new_cache(len(take), batch.workspace.S)
+        draft_cache = self.drafter.new_cache(len(take), self.drafter.cache.capacity) if drafting else None
+        prefill = ChunkedPrefill(self.target, self.drafter if drafting else None, ids, lens, cache, draft_cache, chunk)
+        return Loading(slots=slots, rows=take, prompts=chosen, seeds=[seeds[i] for i in take], prefill=prefill)
+
+    def _load_step(self, batch: Batch, loading: Loading, sampling: SamplingParams) -> bool:
+        """The next chunk of a chunked refill; after its last, the rows take their slots. True once seated."""
+        pre = loading.prefill
+        if not pre.done:
+            pre.step()
+        if not pre.done:
+            return False
+        device = self.target.device
+        index, seed = on_device(loading.slots, device), on_device(loading.seeds, device)
+        batch.workspace.cache.load_rows(index, pre.cache)
+        if pre.draft_cache is not None:
+            self.drafter.cache.load_rows(index, pre.draft_cache)
+        self._seat(batch, loading.slots, loading.rows, loading.prompts, index, seed, pre.prefilled, pre.draft, sampling)
+        return True
+
+    def _seat(self, batch: Batch, slots: list[int], take: list[int], chosen: list[list[int]], index: torch.Tensor,
+              seed: torch.Tensor, pre: Prefilled, draft, sampling: SamplingParams) -> None:
+        """Prefilled rows `take` start decoding in slots `slots` (`index` on the device): root, LDLP feature,
+        seed, counter, the drafter's opinion (logits, hidden) at their last entry, the proposer's state."""
+        work, k = batch.workspace, len(take)
         work.root[index] = pre.root[:k]
         work.ldlp_feat[index] = pre.ldlp_feat[:k]
         work.seed[index] = seed
@@ -216,7 +256,7 @@ class Engine:
             cache.view(kb)
 
         def prefill():
-            pre = self._prefill_target(ids, lens, staging.cache)
+            pre = prefill_target(self.target, self.drafter, ids, lens, staging.cache)
             if not drafting:
                 return pre, None
             staging.draft_cache.lens.zero_()
@@ -234,25 +274,6 @@ class Engine:
         T = max(len(p) for p in prompts)
         block = on_device([p + [0] * (T - len(p)) + [len(p)] for p in prompts], self.target.device)  # [B, T + 1]
         return block[:, :T], block[:, T]
-
-    def _prefill_target(self, ids: torch.Tensor, lens: torch.Tensor, cache) -> Prefilled:
-        """Every prompt token but the last into `cache`; the last becomes the root."""
-        target = self.target
-        B, T = ids.shape
-        rows = torch.arange(B, device=ids.device)
-        cache.lens.zero_()
-        features = None
-        last_hidden = torch.zeros(B, target.cfg.hidden_size, dtype=target.dtype, device=ids.device)  # [B, H]
-        if T > 1:
-            positions = torch.arange(T - 1, device=ids.device).expand(B, -1)
-            _, hidden, aux = target(ids[:, :-1], positions, cache)  # hidden [B, T-1, H]
-            features = self.drafter.pick_features(hidden, aux) if self.drafter is not None else None
-            last_hidden = hidden[rows, (lens - 2).clamp(min=0)]
-        cache.lens.copy_(lens - 1)
-        root = ids[rows, lens - 1]
-        one_token = (lens > 1)[:, None]  # a one-token prompt has no hidden state before its root
-        ldlp_feat = torch.cat([target.embed_tokens(root), torch.where(one_token, last_hidden, 0.0)], -1)
-        return Prefilled(root=root, ldlp_feat=ldlp_feat, features=features)
 
     def _prefill_drafter(self, ids: torch.Tensor, lens: torch.Tensor, features: torch.Tensor | None) -> None:
         """The drafter's cache for the workspace's slots, then the prompts into it."""

@@ -125,9 +125,11 @@ class HFEngine:
         stop_fn: StopFn | None = None,
         slots: int | None = None,
         refill: bool = True,
+        prefill_chunk: int = 0,
     ) -> tuple[list[Completion], EngineStats]:
-        """Decode every prompt to completion, `slots` prompts at a time (no continuous batching here: `refill` is
-        accepted for the engine's interface); one Completion per prompt, in order, and the call's stats."""
+        """Decode every prompt to completion, `slots` prompts at a time (no continuous batching here: `refill` and
+        `prefill_chunk` are accepted for the engine's interface); one Completion per prompt, in order, and the
+        call's stats."""
         seeds = list(seeds) if seeds is not None else [0] * len(prompts)
         width = slots or len(prompts)
         done, stats = [], EngineStats()
@@ -139,9 +141,9 @@ class HFEngine:
             stats = stats + st
         return done, stats
 
-    def stream(self, source: Source, slots: int, refill: bool = True) -> CallStream:
+    def stream(self, source: Source, slots: int, refill: bool = True, prefill_chunk: int = 0) -> CallStream:
         """`Engine.stream`'s interface: each run of arrived rows that share their settings in one generate()."""
-        return CallStream(self, source, slots, refill)
+        return CallStream(self, source, slots, refill, prefill_chunk)
 
     @torch.inference_mode()
     def _generate_batch(

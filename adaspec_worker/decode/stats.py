@@ -164,6 +164,7 @@ class EngineStats:
     reference_seconds: float = 0.0  # the benchmark-only oracle's reference verification: not charged to it
     slot_rounds: int = 0  # batch slots x rounds (padding and finished-but-frozen slots included)
     busy_slot_rounds: int = 0  # of those, slots whose row was still decoding
+    prefill_chunks: int = 0  # chunked refills' passes (a chunk of their prompts' positions, between rounds)
 
     @property
     def occupancy(self) -> float:
@@ -179,7 +180,8 @@ class EngineStats:
                            warmup_seconds=self.warmup_seconds + other.warmup_seconds,
                            reference_seconds=self.reference_seconds + other.reference_seconds,
                            slot_rounds=self.slot_rounds + other.slot_rounds,
-                           busy_slot_rounds=self.busy_slot_rounds + other.busy_slot_rounds)
+                           busy_slot_rounds=self.busy_slot_rounds + other.busy_slot_rounds,
+                           prefill_chunks=self.prefill_chunks + other.prefill_chunks)
 
 
 class PhaseClock:

@@ -75,9 +75,13 @@ def once(requests: list[Request]) -> Source:
 class Stream:
     """One pass of the decode loop over `source`'s rows, through `slots` slots (iterate it once)."""
 
-    def __init__(self, engine, source: Source, slots: int, refill: bool = True):  # engine: engine.Engine
+    def __init__(self, engine, source: Source, slots: int, refill: bool = True,
+                 prefill_chunk: int = 0):  # engine: engine.Engine
         assert slots >= 1, f"slots must be >= 1, got {slots}"
+        assert prefill_chunk >= 0, f"prefill_chunk must be >= 0, got {prefill_chunk}"
         self.engine, self.source, self.width, self.refill = engine, source, slots, refill
+        self.chunk = prefill_chunk  # a refill whose prompts are longer prefills this many positions per round
+        self.loading = None  # the chunked refill in progress (engine.Loading): its slots are reserved
         self.stats = EngineStats()  # the whole stream
         self.groups: dict[Hashable, EngineStats] = {}  # by group, oldest first, until taken
         self.pending: deque[int] = deque()  # row numbers, in arrival order
@@ -163,6 +167,14 @@ class Stream:
         overlap = eng.overlap and not eng.proposer.returns_plan and eng.on_round is None
         batch, flight = None, None
         while True:
+            if self.loading is not None and not batch.live(self.outputs):  # only a chunked refill left: finish it
+                flight = None
+                clock.mark("prefill")
+                while not self._load_step(batch):
+                    pass
+                self.loading = None
+                self._next_rows(batch, clock, shrink=True)
+                clock.mark("other")
             if batch is None or not batch.live(self.outputs):  # nothing decoding: start a batch
                 flight = None
                 if not self.pending:
@@ -187,8 +199,15 @@ class Stream:
                 slots = [i for i, row in enumerate(batch.origin) if row in done]  # where they sit now
                 batch.workspace.alive[on_device(slots, eng.target.device)] = False  # frozen from now on
                 self._next_rows(batch, clock, shrink=True)
-            elif self.refill and not self.ended and len(batch.live(self.outputs)) < self.width <= len(batch.origin):
+            elif self.refill and not self.ended and self._busy(batch) < self.width <= len(batch.origin):
                 self._next_rows(batch, clock, shrink=False)  # free slots: rows the source has since handed over
+            if self.loading is not None:  # a chunked refill's next chunk, queued behind the round launched ahead
+                clock.mark("prefill")
+                seated = self._load_step(batch)
+                clock.mark("other")
+                if seated:
+                    self.loading = None
+                    self._next_rows(batch, clock, shrink=True)  # slots freed while it loaded
             if not batch.live(self.outputs):
                 flight = None  # the round launched ahead has no row left to serve
             for e in ended:
@@ -199,19 +218,34 @@ class Stream:
         clock.flush(self.stats)
         self.stats.warmup_seconds, eng.warmup_seconds = eng.warmup_seconds, 0.0
 
+    def _load_step(self, batch: Batch) -> bool:
+        """The chunked refill's next chunk (counted); True once its rows took their slots."""
+        self.stats.prefill_chunks += 1
+        return self.engine._load_step(batch, self.loading, self.sampling)
+
+    def _busy(self, batch: Batch) -> int:
+        """Slots decoding a row or reserved by the chunked refill in progress."""
+        return len(batch.live(self.outputs)) + (len(self.loading.slots) if self.loading is not None else 0)
+
     def _next_rows(self, batch: Batch, clock: PhaseClock, shrink: bool) -> None:
         """Refill free slots from the queue (asking the source when it is empty); after rows finished (`shrink`),
-        drop them instead when no row may take their slots."""
-        live = len(batch.live(self.outputs))
+        drop them instead when no row may take their slots. Refills wait while a chunked one is in progress (the
+        batch neither refills nor shrinks under it); one whose longest prompt has more than `chunk` positions to
+        prefill becomes that chunked refill (the loop runs a chunk per round)."""
+        if self.loading is not None:
+            return
         if not self.pending:
             self._pull(wait=False)
         fits = self._admissible(batch)
-        room = min(fits, self.width - live)  # rows that may start now
+        room = min(fits, self.width - self._busy(batch))  # rows that may start now
         if self.refill and fits and room >= min(fits, max(1, self.width // self.engine.refill_every)):
             clock.mark("prefill")
             free = [i for i, row in enumerate(batch.origin) if not self.outputs.running(row)]
             rows, prompts, seeds = self._take(room)
-            self.engine._refill(batch, free[:room], rows, prompts, seeds, self.sampling)
+            if self.chunk and max(len(prompts[row]) for row in rows) - 1 > self.chunk:
+                self.loading = self.engine._begin_load(batch, free[:room], rows, prompts, seeds, self.chunk)
+            else:
+                self.engine._refill(batch, free[:room], rows, prompts, seeds, self.sampling)
             clock.mark("other")
         elif shrink and (not self.refill or not fits):
             self.engine._shrink(batch, self.outputs)
@@ -243,9 +277,10 @@ class Stream:
 
 class CallStream:
     """`Stream`'s interface for an engine with `generate` only (transformers' fallback): each run of arrived rows
-    with one sampling, stop rule and group decodes in one generate() call (no slot is shared across runs)."""
+    with one sampling, stop rule and group decodes in one generate() call (no slot is shared across runs; prompts
+    prefill whole, so `prefill_chunk` is ignored)."""
 
-    def __init__(self, engine, source: Source, slots: int, refill: bool = True):
+    def __init__(self, engine, source: Source, slots: int, refill: bool = True, prefill_chunk: int = 0):
         self.engine, self.source, self.width, self.refill = engine, source, slots, refill
         self.stats = EngineStats()
         self.groups: dict[Hashable, EngineStats] = {}

@@ -1,0 +1,104 @@
+"""Chunked prefill (decode/prefill.py): a prompt prefilled a chunk of positions at a time leaves the caches, root,
+LDLP feature and drafter opinion a whole prefill leaves; under continuous batching the chunks of a long prompt's
+refill run between rounds while the other slots keep decoding."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaspec_worker.decode.build import build_engine
+from adaspec_worker.decode.drafters import load_draft_model, load_eagle_head
+from adaspec_worker.decode.model import load_target
+from adaspec_worker.decode.prefill import ChunkedPrefill, prefill_target
+from adaspec_worker.decode.sampling import SamplingParams
+from jobs.specs import parse_spec
+from tests.helpers import TINY, TINY_HEAD
+
+
+@pytest.fixture(scope="module")
+def tgt():
+    return load_target(str(TINY), dtype="float32", device="cpu")
+
+
+def padded(prompts):
+    T = max(map(len, prompts))
+    ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts])
+    return ids, torch.tensor([len(p) for p in prompts])
+
+
+@pytest.mark.parametrize("drafter_kind", ["eagle", "draft-model", None])
+@pytest.mark.parametrize("chunk", [1, 3, 8, 100])
+def test_chunks_leave_what_a_whole_prefill_leaves(tgt, drafter_kind, chunk):
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(5, 400, (n,), generator=g).tolist() for n in (17, 1, 9, 2, 12)]  # one-token rows too
+    ids, lens = padded(prompts)
+    drafter = {"eagle": lambda: load_eagle_head(str(TINY_HEAD), tgt), "draft-model": lambda: load_draft_model(
+        str(TINY), tgt), None: lambda: None}[drafter_kind]()
+    S = 64
+    whole = tgt.new_cache(len(prompts), S)
+    pre = prefill_target(tgt, drafter, ids, lens, whole)
+    if drafter is not None:
+        drafter.begin(len(prompts), S)
+        ref_draft = drafter.prefill(ids, lens, pre.features)
+        ref_cache = drafter.cache
+        drafter.cache = drafter.new_cache(len(prompts), S)  # a cache of its own: the chunked prefill leaves it be
+        drafter.cache.full_lens.fill_(-7)
+    chunked = ChunkedPrefill(tgt, drafter, ids, lens, tgt.new_cache(len(prompts), S),
+                             None if drafter is None else drafter.new_cache(len(prompts), S), chunk)
+    while not chunked.done:
+        chunked.step()
+    assert chunked.steps == -(-(ids.shape[1] - 1) // chunk)
+    got = chunked.prefilled
+    assert torch.equal(got.root, pre.root)
+    torch.testing.assert_close(got.ldlp_feat, pre.ldlp_feat)
+    assert torch.equal(chunked.cache.lens, whole.lens)
+    for b, n in enumerate(whole.lens.tolist()):  # the committed positions; past them a row's slots are scratch
+        torch.testing.assert_close(chunked.cache.kv[b, :n], whole.kv[b, :n])
+    if drafter is not None:
+        assert torch.equal(chunked.draft_cache.lens, ref_cache.lens)
+        for b, n in enumerate(ref_cache.lens.tolist()):
+            torch.testing.assert_close(chunked.draft_cache.kv[b, :n], ref_cache.kv[b, :n])
+        for mine, ref in zip(chunked.draft, ref_draft):
+            assert (mine is None) == (ref is None)
+            if ref is not None:
+                torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-4)  # float rounding of other sums
+        assert (drafter.cache.full_lens == -7).all()
+
+
+def test_a_long_prompt_prefills_between_rounds_while_the_other_slots_decode(tgt):
+    """Two slots; the second row's prompt of 30 tokens refills a freed slot in chunks of 4 positions: a round runs
+    after every chunk (the other row keeps decoding), the refilled slot idles meanwhile, and no token changes."""
+    eng = build_engine(tgt, parse_spec("eagle", {"k": 3}), draft=str(TINY_HEAD))
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(5, 400, (n,), generator=g).tolist() for n in (4, 6, 30, 5)]
+    sp = SamplingParams(max_new_tokens=40)
+    stop = lambda i, toks: [2, 40, 6, 5][i] if len(toks) >= [2, 40, 6, 5][i] else None  # noqa: E731
+    ref = [c.tokens for c in eng.generate(prompts, sp, None, stop)[0]]
+    events = []
+    launch, load = eng._launch, eng._load_step
+    eng._launch = lambda *a: (events.append("round"), launch(*a))[1]
+    eng._load_step = lambda *a: (events.append("chunk"), load(*a))[1]
+    outs, whole_prompts = eng.generate(prompts, sp, None, stop, slots=2, refill=True)
+    events.clear()
+    outs, chunked = eng.generate(prompts, sp, None, stop, slots=2, refill=True, prefill_chunk=4)
+    assert [c.tokens for c in outs] == ref
+    first, last = events.index("chunk"), len(events) - 1 - events[::-1].index("chunk")
+    assert events[first:last + 1].count("chunk") == chunked.prefill_chunks == -(-29 // 4)  # the long one only
+    assert all(events[i + 1] == "round" for i in range(first, last) if events[i] == "chunk")  # a round between
+    assert chunked.busy_slot_rounds == whole_prompts.busy_slot_rounds  # the same work...
+    idle = chunked.slot_rounds - chunked.busy_slot_rounds
+    assert idle >= chunked.prefill_chunks - 1  # ...while the slot it refills idles in the rounds between its chunks
+
+
+def test_a_chunked_refill_left_alone_finishes_without_rounds(tgt):
+    """When every decoding row ends while a chunked refill loads, its remaining chunks run back to back."""
+    eng = build_engine(tgt, parse_spec("none", {}))
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(5, 400, (n,), generator=g).tolist() for n in (3, 40)]
+    sp = SamplingParams(max_new_tokens=8)
+    ref = [c.tokens for c in eng.generate(prompts, sp)[0]]
+    stop = lambda i, toks: 1 if i == 0 and toks else None  # noqa: E731  the first row ends after one token
+    ref[0] = ref[0][:1]
+    outs, stats = eng.generate(prompts, sp, None, stop, slots=1, prefill_chunk=2)
+    assert [c.tokens for c in outs] == ref
+    assert stats.prefill_chunks == -(-39 // 2)
