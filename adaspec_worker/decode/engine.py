@@ -4,7 +4,8 @@
 another: `stream.py` holds that loop); `Engine.generate(prompts, sampling params, seeds, slots=...)` is the
 same loop over a list of prompts. Rows decode through B batch slots; each row has its own committed length,
 accepted count per round and random stream. With continuous batching (`refill`, the default) a slot whose
-row finishes is prefilled with the next queued row at once while the other slots keep decoding; without it
+row finishes is prefilled with the next queued row at once (a long prompt a chunk of positions per round,
+`prefill.py`) while the other slots keep decoding; without it
 the slots are filled batch by batch and a finished row only leaves the batch (which shrinks through static
 sizes, `batch.shrunk`). Either way a row's tokens depend only on its prompt and seed. Plain autoregressive
 decoding is the same loop with an empty draft (the `none` method), so every speedup is measured against the same

@@ -9,7 +9,10 @@
 The engine keeps B slots and a queue of pending rows. When rows finish, their slots are prefilled with
 the next pending rows while the other slots keep decoding; when the queue is empty the source is asked
 (without waiting) for more, as it is in every round with a free slot, so a caller can append the next
-shard's rows while the current shard's last rows decode. Only when nothing decodes and nothing is pending
+shard's rows while the current shard's last rows decode. A refill whose longest prompt has more than
+`prefill_chunk` positions to prefill is a chunked refill (`prefill.ChunkedPrefill`): one chunk runs after each
+round, its slots stay frozen until the last, and no other refill or shrink happens meanwhile (when nothing else
+decodes, its chunks run back to back). Only when nothing decodes and nothing is pending
 does the stream wait on the source; None from it ends the stream. `Engine.generate` is this loop over a
 source that hands over its prompts once.
 
