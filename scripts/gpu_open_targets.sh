@@ -8,7 +8,7 @@
 #   profile-plain the same with compiled rounds off: the comparison for the compiled propose/settle
 #   profile-kernel the same with the Triton tree-attention and RoPE kernels (ADARUN_TREE_KERNEL=1), and transformers'
 #                 generate at batch 1 (the 20x baseline) in the same JSON
-#   fixed-b64     `none`, `eagle:k=4`, `eagle2` d4/t30 at batch 64, T=0 (the batch where the kernels once lost 3.4x)
+#   fixed-b64     `none` and `eagle2` d4/t30 at batch 64, T=0 (the batch where the kernels once lost 3.4x)
 #   fixed-b64-kernel the same with ADARUN_TREE_KERNEL=1
 #   natural       #17: continuous batching on the natural workload, 64 slots, `none`, `eagle:k=4` (the fastest fixed
 #                 method at 64 slots on the fixed workload) and `eagle2` d4/t30 (NATURAL_METHODS overrides), T=0 and 0.7:
@@ -31,7 +31,7 @@ for arg in "$@"; do
     adaptive-b16) ARGS="--methods $ADAPTIVE --batch-sizes 16,64 --temperatures 0 --new-tokens 128 --n-prompts 64 --repeats 4 --cost-model" ;;
     profile|profile-plain) ARGS=$PROFILE ;;
     profile-kernel) ARGS="$PROFILE --baselines hf --hf-prompts 2" ;;
-    fixed-b64|fixed-b64-kernel) ARGS="--methods none,eagle:k=4,eagle2:depth=4:total_tokens=30 --batch-sizes 64 --temperatures 0 --new-tokens 128 --n-prompts 64 --repeats 3" ;;
+    fixed-b64|fixed-b64-kernel) ARGS="--methods none,eagle2:depth=4:total_tokens=30 --batch-sizes 64 --temperatures 0 --new-tokens 128 --n-prompts 64 --repeats 3" ;;
     adaptive-b1) ARGS="--methods $ADAPTIVE --batch-sizes 1 --temperatures 0,0.7 --new-tokens 128 --n-prompts 16 --repeats 4 --cost-model" ;;
     *) echo "usage: $0 natural|natural-whole|adaptive-b16|adaptive-b1|profile|profile-plain|profile-kernel|fixed-b64|fixed-b64-kernel[:seconds] ..." >&2; exit 2 ;;
   esac
