@@ -1,7 +1,7 @@
 """The Triton tree-attention kernel (CUDA's attention in the fast path) run by Triton's CPU interpreter: equal to
 SDPA over the dense mask for tree masks, offsets, strided cache views, empty rows and grouped heads; sensitive to
 the tree mask; and a whole engine run with it is token-identical to one without (greedy and sampled, `none` and
-`eagle2`, continuous batching on). Runs in a subprocess: the interpreter is chosen when Triton is imported."""
+`eagle2`, continuous batching on, its refills' prompts prefilled in chunks). Runs in a subprocess: the interpreter is chosen when Triton is imported."""
 from __future__ import annotations
 
 import os
@@ -80,7 +80,8 @@ SCRIPT = textwrap.dedent('''
                     drafter.fuse(compile=False)
                     assert drafter.kernel_attention
                 engine = build_engine(m, spec, draft=drafter)
-                runs.append(engine.generate(prompts, s, seeds=[1, 2, 3, 4], slots=2)[0])
+                chunk = 3 if m is fast else 0  # the kernel's refills in chunks of 3 positions (prefill.py)
+                runs.append(engine.generate(prompts, s, seeds=[1, 2, 3, 4], slots=2, prefill_chunk=chunk)[0])
             a, b = ([c.tokens for c in run] for run in runs)
             assert a == b, (method, temperature, a, b)
     print("ok")
