@@ -102,3 +102,21 @@ def test_a_chunked_refill_left_alone_finishes_without_rounds(tgt):
     outs, stats = eng.generate(prompts, sp, None, stop, slots=1, prefill_chunk=2)
     assert [c.tokens for c in outs] == ref
     assert stats.prefill_chunks == -(-39 // 2)
+
+
+@pytest.mark.parametrize("method,params,draft", [("none", {}, None), ("eagle", {"k": 3}, TINY_HEAD),
+                                                 ("draft-model", {"k": 3}, TINY)])
+def test_a_first_batch_of_long_prompts_prefills_in_chunks(tgt, monkeypatch, method, params, draft):
+    """The first batch's prompts too (every pass's mask [B, chunk, S], however long the prompts): same tokens."""
+    eng = build_engine(tgt, parse_spec(method, params), draft=None if draft is None else str(draft))
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(5, 400, (n,), generator=g).tolist() for n in (25, 3, 1, 17)]
+    for sp in (SamplingParams(max_new_tokens=10), SamplingParams(max_new_tokens=10, temperature=0.8)):
+        ref = [c.tokens for c in eng.generate(prompts, sp, [4, 5, 6, 7])[0]]
+        steps = []
+        step = ChunkedPrefill.step
+        monkeypatch.setattr(ChunkedPrefill, "step", lambda self: (steps.append(self.cursor), step(self))[1])
+        outs, stats = eng.generate(prompts, sp, [4, 5, 6, 7], prefill_chunk=5)
+        monkeypatch.undo()
+        assert [c.tokens for c in outs] == ref, (method, sp.temperature)
+        assert steps == [0, 5, 10, 15, 20] and stats.prefill_chunks == 0  # before the first round: not a refill

@@ -1,7 +1,8 @@
 """The Triton tree-attention kernel (CUDA's attention in the fast path) run by Triton's CPU interpreter: equal to
 SDPA over the dense mask for tree masks, offsets, strided cache views, empty rows and grouped heads; sensitive to
 the tree mask; and a whole engine run with it is token-identical to one without (greedy and sampled, `none` and
-`eagle2`, continuous batching on, its refills' prompts prefilled in chunks). Runs in a subprocess: the interpreter is chosen when Triton is imported."""
+`eagle2`, continuous batching on, its refills' prompts prefilled in chunks). Runs in a subprocess: the interpreter
+is chosen when Triton is imported."""
 from __future__ import annotations
 
 import os

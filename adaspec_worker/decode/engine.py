@@ -5,12 +5,12 @@ another: `stream.py` holds that loop); `Engine.generate(prompts, sampling params
 same loop over a list of prompts. Rows decode through B batch slots; each row has its own committed length,
 accepted count per round and random stream. With continuous batching (`refill`, the default) a slot whose
 row finishes is prefilled with the next queued row at once (a long prompt a chunk of positions per round,
-`prefill.py`) while the other slots keep decoding; without it
-the slots are filled batch by batch and a finished row only leaves the batch (which shrinks through static
-sizes, `batch.shrunk`). Either way a row's tokens depend only on its prompt and seed. Plain autoregressive
-decoding is the same loop with an empty draft (the `none` method), so every speedup is measured against the same
-code. Each round ends with one device-to-host copy (a `RoundOutcome`, laid out by `stats.py`; with the emitted tokens'
-log-probabilities when `SamplingParams.logprobs` asks, `logprobs.py`).
+`prefill.py`) while the other slots keep decoding; without it the slots are filled batch by batch and a
+finished row only leaves the batch (which shrinks through static sizes, `batch.shrunk`). Either way a row's
+tokens depend only on its prompt and seed. Plain autoregressive decoding is the same loop with an empty draft
+(the `none` method), so every speedup is measured against the same code. Each round ends with one
+device-to-host copy (a `RoundOutcome`, laid out by `stats.py`; with the emitted tokens' log-probabilities when
+`SamplingParams.logprobs` asks, `logprobs.py`).
 
 The engine receives built parts: a target, a proposer and, when the method drafts, a drafter
 (`build.py` makes them from a method spec and model paths). It knows nothing of method names, file
@@ -30,7 +30,7 @@ from .batch import Batch, Completion, Outputs, Request, StagedRefill, StopFn, Wo
 from .drafters import Drafter
 from .logprobs import path_logprobs
 from .model import CausalLM, compiled
-from .prefill import ChunkedPrefill, Prefilled, prefill_target
+from .prefill import ChunkedPrefill, Prefilled, prefill_target, right_padded
 from .proposers.base import BatchInfo, Proposer, RoundInput
 from .sampling import SamplingParams
 from .settle import SlotState, compiled_settle, settle, verify_round
@@ -145,26 +145,39 @@ class Engine:
         return Stream(self, source, slots, refill, prefill_chunk)
 
     def _start(self, prompts: dict[int, list[int]], take: list[int], seeds: dict[int, int], sampling: SamplingParams,
-               S: int) -> Batch:
-        """A fresh batch for rows `take` (prompts and seeds by row): padded to its bucket, target and drafter
-        prefilled, proposer begun."""
+               S: int, chunk: int = 0) -> Batch:
+        """A fresh batch for rows `take` (prompts and seeds by row): padded to its bucket, proposer begun, target
+        and drafter prefilled (`chunk` positions per pass, back to back, when a prompt has more: the passes'
+        masks stay [B, chunk, S] however long the prompts)."""
         device, n = self.target.device, len(take)
         B = bucket(n) if self.fast else n
         chosen = [prompts[i] for i in take]
         padded = chosen + [chosen[0]] * (B - n)  # padding slots start dead
         work = self._workspace(B, S)
         work.fit_outcome(sampling.logprobs)
-        ids, lens = self._right_padded(padded)
-        pre = prefill_target(self.target, self.drafter, ids, lens, work.cache)
+        ids, lens = right_padded(padded, device)
+        self.proposer.begin(BatchInfo(B=B, device=device, sampling=sampling, prompts=padded))
+        drafting = self.drafter is not None and self.proposer.drafting  # a call that backs off leaves it idle
+        if drafting:
+            self._begin_drafter(B)
+        if chunk and ids.shape[1] - 1 > chunk:
+            chunked = ChunkedPrefill(self.target, self.drafter if drafting else None, ids, lens, work.cache,
+                                     self.drafter.cache if drafting else None, chunk)
+            while not chunked.done:
+                chunked.step()
+            pre, draft = chunked.prefilled, chunked.draft
+        else:
+            pre = prefill_target(self.target, self.drafter, ids, lens, work.cache)
+            draft = self.drafter.prefill(ids, lens, pre.features) if drafting else None
         work.root.copy_(pre.root)
         work.ldlp_feat.copy_(pre.ldlp_feat)
         work.seed.copy_(on_device([seeds[i] for i in take] + [0] * (B - n), device))
         work.counter.zero_()
         work.alive.copy_(torch.arange(B, device=device) < n)
-        self.proposer.begin(BatchInfo(B=B, device=device, sampling=sampling, prompts=padded))
-        drafting = self.drafter is not None and self.proposer.drafting  # a call that backs off leaves it idle
-        if drafting:
-            self._prefill_drafter(ids, lens, pre.features)
+        if draft is not None:
+            work.draft_logits.copy_(draft[0])
+            if draft[1] is not None:
+                work.draft_hidden.copy_(draft[1])
         batch = Batch(work, self.proposer, self.drafter if drafting else None,
                       origin=take + [-1 - i for i in range(B - n)])
         first_plan = self.proposer.first_plan(self._round_input(sampling))  # planning proposers: one sync of its own
@@ -182,7 +195,7 @@ class Engine:
             index, seed, pre, draft = self._staged_prefill(chosen, slots, [seeds[i] for i in take], drafting)
         else:
             index, seed = on_device(slots, self.target.device), on_device([seeds[i] for i in take], self.target.device)
-            ids, lens = self._right_padded(chosen)
+            ids, lens = right_padded(chosen, self.target.device)
             scratch = self.target.new_cache(k, work.S)  # the new rows' prefill, then copied into their slots
             pre = prefill_target(self.target, self.drafter, ids, lens, scratch)
             work.cache.load_rows(index, scratch)
@@ -191,10 +204,9 @@ class Engine:
 
     def _begin_load(self, batch: Batch, slots: list[int], take: list[int], prompts: dict[int, list[int]],
                     seeds: dict[int, int], chunk: int) -> Loading:
-        """Continuous batching with chunked prefill: rows `take` are to fill the free slots `slots`, their prompts
-        prefilled `chunk` positions per `_load_step` into scratch caches while the other slots keep decoding."""
+        """Rows `take` to fill free slots `slots`, prefilled `chunk` positions per `_load_step` into scratch caches."""
         chosen = [prompts[i] for i in take]
-        ids, lens = self._right_padded(chosen)
+        ids, lens = right_padded(chosen, self.target.device)
         drafting = self.drafter is not None and self.proposer.drafting
         cache = self.target.new_cache(len(take), batch.workspace.S)
         draft_cache = self.drafter.new_cache(len(take), self.drafter.cache.capacity) if drafting else None
@@ -270,24 +282,14 @@ class Engine:
             main.load_rows(index, cache)
         return index, rows[:k, W + 2], pre, draft
 
-    def _right_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompts -> ids [B, T] right-padded with 0, lens [B] (one copy to the device)."""
-        T = max(len(p) for p in prompts)
-        block = on_device([p + [0] * (T - len(p)) + [len(p)] for p in prompts], self.target.device)  # [B, T + 1]
-        return block[:, :T], block[:, T]
-
-    def _prefill_drafter(self, ids: torch.Tensor, lens: torch.Tensor, features: torch.Tensor | None) -> None:
-        """The drafter's cache for the workspace's slots, then the prompts into it."""
+    def _begin_drafter(self, B: int) -> None:
+        """The drafter's cache for the workspace's slots (its first B rows empty)."""
         work, drafter = self.workspace, self.drafter
         if drafter.begin(work.B_cap, work.S + self.proposer.scratch):
             work.graphs.clear()  # graphs captured against the old drafter cache
             work.seen.clear()
-        drafter.cache.view(ids.shape[0])
+        drafter.cache.view(B)
         drafter.cache.lens.zero_()
-        logits, hidden = drafter.prefill(ids, lens, features)
-        work.draft_logits.copy_(logits)
-        if hidden is not None:
-            work.draft_hidden.copy_(hidden)
 
     def _launch(self, batch: Batch, sampling: SamplingParams, clock: PhaseClock) -> Flight:
         """Draft, one target pass with verification and commit, and the outcome's copy to the host, all queued on

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .batch import on_device
 from .drafters import Drafter
 from .kv_cache import KVCache
 from .model import CausalLM
@@ -30,6 +31,13 @@ class Prefilled:
     root: torch.Tensor  # [k] each prompt's last token: the first pending token
     ldlp_feat: torch.Tensor  # [k, 2H] emb(root) ++ the hidden state before it (zeros for one-token prompts)
     features: torch.Tensor | None  # [k, T-1, F] the drafter's features at the prefilled positions (None without one)
+
+
+def right_padded(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompts -> ids [B, T] right-padded with 0, lens [B] (one copy to the device)."""
+    T = max(len(p) for p in prompts)
+    block = on_device([p + [0] * (T - len(p)) + [len(p)] for p in prompts], device)  # [B, T + 1]
+    return block[:, :T], block[:, T]
 
 
 def seated(target: CausalLM, ids: torch.Tensor, lens: torch.Tensor, last_hidden: torch.Tensor) -> tuple:

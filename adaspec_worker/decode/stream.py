@@ -157,7 +157,7 @@ class Stream:
         longest = max(len(self.requests[row].prompt) for row in same)  # the queued rows fit, not only the first B
         self.S = longest + sampling.max_new_tokens + self._slack()
         rows, prompts, seeds = self._take(min(self.width, len(same)))
-        batch = self.engine._start(prompts, rows, seeds, sampling, self.S)
+        batch = self.engine._start(prompts, rows, seeds, sampling, self.S, self.chunk)
         self.S = batch.workspace.S  # the workspace may be larger (fast: 256-position buckets)
         return batch
 
