@@ -263,7 +263,7 @@ class ShardStream:
             accepted_by_depth=dict(seq.accepted_by_depth), draft_lengths=dict(seq.draft_lengths),
             draft_seconds=es.draft_seconds, verify_seconds=es.verify_seconds,
             other_seconds=es.other_seconds + es.prefill_seconds, target_passes=es.target_passes,
-            slot_rounds=es.slot_rounds, busy_slot_rounds=es.busy_slot_rounds,
+            slot_rounds=es.slot_rounds, busy_slot_rounds=es.busy_slot_rounds, prefill_chunks=es.prefill_chunks,
             baseline=baseline, shard=sh.index, attempt=job.attempt, rows=len(outputs), error_rows=len(errors),
             errors=[e.error for e in errors][:20], prompt_tokens=sum(o.num_prompt_tokens for o in outputs),
             completion_tokens=sum(o.num_completion_tokens for o in outputs), wall_seconds=wall,

@@ -50,6 +50,7 @@ class ShardStats:
     target_passes: int = 0  # batch rounds (one target forward each)
     slot_rounds: int = 0  # batch slots x rounds, idle slots included
     busy_slot_rounds: int = 0  # of those, slots whose row was still decoding
+    prefill_chunks: int = 0  # chunked refills' passes for this shard's rows (resources.prefill_chunk)
     baseline: list = field(default_factory=list)  # rows decoded both ways: {id, spec_seconds, spec_tokens, plain_...}
     energy_kwh: float | None = None
     stages: dict = field(default_factory=dict)  # seconds: read (rows read, tokenized), queued (to the device), decode

@@ -240,7 +240,8 @@ def test_stats_written_before_the_layout_change_still_load():
         k: v for k, v in old.items() if k not in ("accepted_by_depth", "draft_lengths")
     }
     added = set(written) - set(old)  # fields added since: at their "not measured" values
-    assert added == {"target_passes", "slot_rounds", "busy_slot_rounds", "occupancy", "stages", "cost_model"}, added
+    assert added == {"target_passes", "slot_rounds", "busy_slot_rounds", "occupancy", "stages", "cost_model",
+                     "prefill_chunks"}, added
     assert written["occupancy"] is None and written["slot_rounds"] == 0 and written["cost_model"] is None
 
 

@@ -113,10 +113,36 @@ def test_a_first_batch_of_long_prompts_prefills_in_chunks(tgt, monkeypatch, meth
     prompts = [torch.randint(5, 400, (n,), generator=g).tolist() for n in (25, 3, 1, 17)]
     for sp in (SamplingParams(max_new_tokens=10), SamplingParams(max_new_tokens=10, temperature=0.8)):
         ref = [c.tokens for c in eng.generate(prompts, sp, [4, 5, 6, 7])[0]]
-        steps = []
-        step = ChunkedPrefill.step
-        monkeypatch.setattr(ChunkedPrefill, "step", lambda self: (steps.append(self.cursor), step(self))[1])
+        steps, step = [], ChunkedPrefill.step
+        monkeypatch.setattr(ChunkedPrefill, "step", lambda self, steps=steps, step=step: (steps.append(self.cursor),
+                                                                                         step(self))[1])
         outs, stats = eng.generate(prompts, sp, [4, 5, 6, 7], prefill_chunk=5)
         monkeypatch.undo()
         assert [c.tokens for c in outs] == ref, (method, sp.temperature)
         assert steps == [0, 5, 10, 15, 20] and stats.prefill_chunks == 0  # before the first round: not a refill
+
+
+def test_short_prompts_join_at_once_while_a_long_one_loads(tgt):
+    """A refill splits: rows with short prompts take their slots at once, the long one loads in chunks; while it
+    loads, rows with short prompts still refill freed slots. No token changes."""
+    eng = build_engine(tgt, parse_spec("eagle", {"k": 3}), draft=str(TINY_HEAD))
+    eng.refill_every = 2  # 4 slots: a refill waits for 2 free ones, so rows 4 (long) and 5 (short) come together
+    g = torch.Generator().manual_seed(9)
+    lengths = (3, 5, 4, 6, 40, 4, 4, 3)  # prompt tokens: only row 4 is long, its prefill 13 chunks of 3 positions
+    stops = (2, 2, 9, 30, 6, 3, 5, 4)  # rows 0 and 1 end together; row 2 ends while row 4 loads
+    prompts = [torch.randint(5, 400, (n,), generator=g).tolist() for n in lengths]
+    stop = lambda i, toks: stops[i] if len(toks) >= stops[i] else None  # noqa: E731
+    sp = SamplingParams(max_new_tokens=32)
+    ref = [c.tokens for c in eng.generate(prompts, sp, None, stop)[0]]
+    events = []
+    refill, begin, load = eng._refill, eng._begin_load, eng._load_step
+    eng._refill = lambda b, slots, take, *a: (events.append(("refill", tuple(take))), refill(b, slots, take, *a))[1]
+    eng._begin_load = lambda b, slots, take, *a: (events.append(("load", tuple(take))), begin(b, slots, take, *a))[1]
+    eng._load_step = lambda *a: (events.append(("chunk",)), load(*a))[1]
+    outs, stats = eng.generate(prompts, sp, None, stop, slots=4, prefill_chunk=3)
+    assert [c.tokens for c in outs] == ref
+    start = events.index(("load", (4,)))
+    assert events[start - 1] == ("refill", (5,))  # the same refill: the short row seated at once
+    seated = start + 1 + [i for i, e in enumerate(events[start + 1:]) if e == ("chunk",)][-1]
+    assert any(e[0] == "refill" for e in events[start + 1: seated])  # a short row joined while row 4 loaded
+    assert stats.prefill_chunks == 13

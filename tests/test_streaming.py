@@ -52,9 +52,11 @@ LENGTHS = [[3, 14, 1, 9, 20, 2], [6, 11, 4, 2, 15], [5, 1, 8]]
 
 @pytest.mark.parametrize("method", sorted(SPECS))
 @pytest.mark.parametrize("sp", [GREEDY, SAMPLED], ids=["greedy", "T0.8"])
-def test_a_growing_stream_decodes_each_shard_as_alone(tgt, method, sp):
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_a_growing_stream_decodes_each_shard_as_alone(tgt, method, sp, chunk):
     """Shard k+1's rows arrive while shard k decodes (after its second finished row) and join its free slots:
-    every row's tokens equal those of its shard decoded alone, and the shards shared target passes."""
+    every row's tokens equal those of its shard decoded alone, and the shards shared target passes. With chunked
+    prefill (prompts of up to 11 tokens, chunks of 3 positions) the same, its passes counted to the shards too."""
     eng = engine(tgt, method)
     stop = stop_after(LENGTHS)
     shards = [prompts(len(n), 10 + k) for k, n in enumerate(LENGTHS)]
@@ -74,7 +76,7 @@ def test_a_growing_stream_decodes_each_shard_as_alone(tgt, method, sp):
         state["given"] += 1
         return [Request(p, sp, seeds[k][j], stop, tag=(k, j), group=k) for j, p in enumerate(shards[k])]
 
-    run = eng.stream(source, slots=4)
+    run = eng.stream(source, slots=4, prefill_chunk=chunk)
     got, rounds = {}, [0] * len(shards)
     for f in run:
         state["finished"] += 1
@@ -87,6 +89,8 @@ def test_a_growing_stream_decodes_each_shard_as_alone(tgt, method, sp):
     assert [s.busy_slot_rounds for s in per] == rounds  # a row's slot is busy in each of its rounds
     assert sum(s.slot_rounds for s in per) == run.stats.slot_rounds  # idle slot-rounds counted once, to a shard
     assert run.stats.occupancy > 0.6
+    assert (run.stats.prefill_chunks > 0) == (chunk > 0)
+    assert sum(s.prefill_chunks for s in per) >= run.stats.prefill_chunks  # a load may serve two shards' rows
 
 
 def test_rows_with_other_sampling_wait_for_the_batch_to_drain(tgt):
@@ -128,8 +132,9 @@ class Codec:
         return " ".join(map(str, tokens))
 
 
-def fake_worker(eng, slots=4):
-    m = manifest_from_dict(job_dict("in.parquet", "out", resources={"batch_size": slots}))
+def fake_worker(eng, slots=4, prefill_chunk=None):
+    resources = {"batch_size": slots, **({} if prefill_chunk is None else {"prefill_chunk": prefill_chunk})}
+    m = manifest_from_dict(job_dict("in.parquet", "out", resources=resources))
     energy = SimpleNamespace(read=lambda: None, kwh=lambda a, b: None)
     info = {"actor_id": "a", "node_id": "n", "host": "h", "pid": 1, "accelerator": "cpu", "device": "cpu"}
     return SimpleNamespace(m=m, engine=eng, sp=GREEDY, autotune=None, cost_model=None,
@@ -211,6 +216,20 @@ def test_shards_stream_through_the_engine_and_reach_the_writer_in_order(tgt, met
     s = [d.stats for d in out]
     assert s[1].started_at < s[0].finished_at, "shard 1's rows started before shard 0's last row finished"
     assert sum(x.target_passes for x in s) > max(x.target_passes for x in s) + 3  # shards shared rounds
+
+
+def test_the_manifest_s_prefill_chunk_reaches_the_engine_and_the_shard_stats(tgt):
+    """resources.prefill_chunk 2: the shards' refills prefill in chunks (counted in their stats), same texts."""
+    eng = engine(tgt, "eagle2")
+    stops = ["len:9,3,2,3,4", "len:2,3,1", "len:5,5,5,5,5,5"]
+    shards = [shard(k, s, seed=k) for k, s in enumerate(stops)]
+    out, written = run_shards(fake_worker(eng, prefill_chunk=2), shards)
+    assert written == [0, 1, 2]
+    for (_, p), d in zip(shards, out):
+        assert [o.completion for o in d.outputs] == alone(eng, p)[0]
+    assert sum(d.stats.prefill_chunks for d in out) > 0
+    out, _ = run_shards(fake_worker(eng), [shard(k, s, seed=k) for k, s in enumerate(stops)])
+    assert sum(d.stats.prefill_chunks for d in out) == 0  # the default (256 positions): these prompts at once
 
 
 def test_the_first_stream_warms_the_engine_up_and_its_first_shard_shows_it(tgt):

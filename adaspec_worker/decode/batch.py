@@ -84,6 +84,7 @@ class Workspace:
         self.seen: set = set()
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.staging: StagedRefill | None = None  # captured refill prefills (CUDA graphs): their fixed buffers
+        self.scratch: dict[str, object] = {}  # chunked refills' scratch caches by owner, kept for the next one
         self.fit_outcome(None)
         self.view(B)
 
@@ -104,6 +105,17 @@ class Workspace:
         self.seen.clear()
         if old is not None:
             self.view(self.B)
+
+    def scratch_cache(self, owner: str, new_cache, B: int, S: int):
+        """A cache of B rows and at least S positions (a multiple of 256, at most the workspace's) from `new_cache`
+        (B, S), kept under `owner` for the next caller and grown only: chunked refills allocate nothing each time."""
+        S = min(-(-S // 256) * 256, self.S)
+        cache = self.scratch.get(owner)
+        if cache is None or cache.full_kv.shape[0] < B or cache.capacity < S:
+            rows = B if cache is None else max(B, cache.full_kv.shape[0])
+            cache = self.scratch[owner] = new_cache(rows, max(S, 0 if cache is None else cache.capacity))
+        cache.view(B)
+        return cache
 
     def view(self, B: int) -> None:
         self.B = B

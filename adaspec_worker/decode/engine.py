@@ -205,11 +205,11 @@ class Engine:
     def _begin_load(self, batch: Batch, slots: list[int], take: list[int], prompts: dict[int, list[int]],
                     seeds: dict[int, int], chunk: int) -> Loading:
         """Rows `take` to fill free slots `slots`, prefilled `chunk` positions per `_load_step` into scratch caches."""
-        chosen = [prompts[i] for i in take]
+        chosen, work, k = [prompts[i] for i in take], batch.workspace, len(take)
         ids, lens = right_padded(chosen, self.target.device)
         drafting = self.drafter is not None and self.proposer.drafting
-        cache = self.target.new_cache(len(take), batch.workspace.S)
-        draft_cache = self.drafter.new_cache(len(take), self.drafter.cache.capacity) if drafting else None
+        cache = work.scratch_cache("target", self.target.new_cache, k, ids.shape[1])  # seated: its positions only
+        draft_cache = work.scratch_cache("drafter", self.drafter.new_cache, k, ids.shape[1]) if drafting else None
         prefill = ChunkedPrefill(self.target, self.drafter if drafting else None, ids, lens, cache, draft_cache, chunk)
         return Loading(slots=slots, rows=take, prompts=chosen, seeds=[seeds[i] for i in take], prefill=prefill)
 

@@ -6,8 +6,9 @@ A prompt of T tokens prefills its first T - 1 into the target's cache; its last 
 long prompt into a freed slot a chunk per round while the other slots keep decoding (`stream.py` schedules
 it; the slot stays frozen until the last chunk). Each chunk is one target pass over positions [a, b) that
 attends to the cache's first a positions (the earlier chunks) causally, then the drafter's entries for the
-same positions (`Drafter.extend`). The result is the whole-prompt prefill's, up to float rounding: a row's
-tokens do not depend on the chunk size (tests/test_refill.py).
+same positions (`Drafter.extend`). The result is the whole-prompt prefill's up to float rounding (the passes'
+shapes differ, as a refill of k rows differs from a first batch of B): the tests find every method's tokens
+unchanged by the chunk size in float32 on the CPU (tests/test_refill.py, tests/test_prefill.py).
 
 Knows nothing of slots, batches or scheduling: the caller hands it right-padded prompts and scratch caches,
 and copies the caches into its slots when `done`.

@@ -9,12 +9,12 @@
 The engine keeps B slots and a queue of pending rows. When rows finish, their slots are prefilled with
 the next pending rows while the other slots keep decoding; when the queue is empty the source is asked
 (without waiting) for more, as it is in every round with a free slot, so a caller can append the next
-shard's rows while the current shard's last rows decode. A refill whose longest prompt has more than
-`prefill_chunk` positions to prefill is a chunked refill (`prefill.ChunkedPrefill`): one chunk runs after each
-round, its slots stay frozen until the last, and no other refill or shrink happens meanwhile (when nothing else
-decodes, its chunks run back to back). Only when nothing decodes and nothing is pending
-does the stream wait on the source; None from it ends the stream. `Engine.generate` is this loop over a
-source that hands over its prompts once.
+shard's rows while the current shard's last rows decode. Refilled rows whose prompts have more than
+`prefill_chunk` positions to prefill form a chunked refill (`prefill.ChunkedPrefill`): one chunk runs after each
+round and its slots stay frozen until the last. One loads at a time, and the batch does not shrink under it; rows
+with shorter prompts still join at once; when nothing else decodes, its chunks run back to back. Only when nothing
+decodes and nothing is pending does the stream wait on the source; None from it ends the stream.
+`Engine.generate` is this loop over a source that hands over its prompts once.
 
 Rows are admitted in the order they arrive. A row joins the running batch only when its SamplingParams
 equal the batch's (the sampling rule is baked into captured graphs, and max_new_tokens sizes the cache),
@@ -222,35 +222,44 @@ class Stream:
         self.stats.warmup_seconds, eng.warmup_seconds = eng.warmup_seconds, 0.0
 
     def _load_step(self, batch: Batch) -> bool:
-        """The chunked refill's next chunk (counted); True once its rows took their slots."""
+        """The chunked refill's next chunk (counted for its rows' groups too); True once its rows took their slots."""
         self.stats.prefill_chunks += 1
+        for group in {self.outputs.rows[row].request.group for row in self.loading.rows}:
+            self.groups[group].prefill_chunks += 1
         return self.engine._load_step(batch, self.loading, self.sampling)
 
     def _busy(self, batch: Batch) -> int:
         """Slots decoding a row or reserved by the chunked refill in progress."""
         return len(batch.live(self.outputs)) + (len(self.loading.slots) if self.loading is not None else 0)
 
+    def _long(self, row: int) -> bool:
+        """A pending row whose prompt prefills in chunks (more than `chunk` positions before its last token)."""
+        return bool(self.chunk) and len(self.requests[row].prompt) - 1 > self.chunk
+
     def _next_rows(self, batch: Batch, clock: PhaseClock, shrink: bool) -> None:
         """Refill free slots from the queue (asking the source when it is empty); after rows finished (`shrink`),
-        drop them instead when no row may take their slots. Refills wait while a chunked one is in progress (the
-        batch neither refills nor shrinks under it); one whose longest prompt has more than `chunk` positions to
-        prefill becomes that chunked refill (the loop runs a chunk per round)."""
-        if self.loading is not None:
-            return
+        drop them instead when no row may take their slots. Rows whose prompts have more than `chunk` positions
+        become a chunked refill (the loop runs a chunk per round), one at a time: while it loads, only the rows
+        ahead of the next long one may join (prefilled at once), and the batch does not shrink."""
         if not self.pending:
             self._pull(wait=False)
         fits = self._admissible(batch)
+        if self.loading is not None:
+            fits = next((i for i, row in enumerate(list(self.pending)[:fits]) if self._long(row)), fits)
         room = min(fits, self.width - self._busy(batch))  # rows that may start now
         if self.refill and fits and room >= min(fits, max(1, self.width // self.engine.refill_every)):
             clock.mark("prefill")
-            free = [i for i, row in enumerate(batch.origin) if not self.outputs.running(row)]
+            reserved = set(self.loading.slots) if self.loading is not None else set()
+            free = [i for i, row in enumerate(batch.origin) if not self.outputs.running(row) and i not in reserved]
+            long = [row for row in list(self.pending)[:room] if self._long(row)]
             rows, prompts, seeds = self._take(room)
-            if self.chunk and max(len(prompts[row]) for row in rows) - 1 > self.chunk:
-                self.loading = self.engine._begin_load(batch, free[:room], rows, prompts, seeds, self.chunk)
-            else:
-                self.engine._refill(batch, free[:room], rows, prompts, seeds, self.sampling)
+            short = [row for row in rows if row not in long]
+            if short:
+                self.engine._refill(batch, free[: len(short)], short, prompts, seeds, self.sampling)
+            if long:
+                self.loading = self.engine._begin_load(batch, free[len(short): room], long, prompts, seeds, self.chunk)
             clock.mark("other")
-        elif shrink and (not self.refill or not fits):
+        elif shrink and self.loading is None and (not self.refill or not fits):
             self.engine._shrink(batch, self.outputs)
 
     def _account(self, origin: list[int], spent: EngineStats, timed: bool) -> None:
