@@ -87,9 +87,10 @@ class ResourcesCfg:
     batch_size: int = 8  # rows decoded at once per worker (batch slots)
     shards_in_flight: int = 2  # per worker: the next shard is read and tokenized, the last written, while one decodes
     continuous_batching: bool = True  # a finished row's slot takes the shard's next row at once
-    # continuous batching: a refill whose prompts are longer prefills this many positions per round while the other
-    # slots keep decoding (0: the whole prompt at once, the other slots waiting for it)
-    prefill_chunk: int = 256
+    # prompts with more positions prefill this many per pass: a refill's a chunk per round while the other slots keep
+    # decoding (its slots idle until the last), a first batch's back to back; each pass's mask is [rows, chunk, cache]
+    # (0: whole prompts at once). Larger keeps slots busier, smaller bounds a round's stall and the mask's memory
+    prefill_chunk: int = 512
 
 
 @dataclass

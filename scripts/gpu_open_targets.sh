@@ -12,8 +12,10 @@
 #   fixed-b64-kernel the same with ADARUN_TREE_KERNEL=1
 #   natural       #17: continuous batching on the natural workload, 64 slots, `none`, `eagle:k=4` (the fastest fixed
 #                 method at 64 slots on the fixed workload) and `eagle2` d4/t30 (NATURAL_METHODS overrides), T=0 and 0.7:
-#                 refill on/off, occupancy; refills' prompts in chunks of the default prefill chunk
+#                 refill on/off, occupancy (the default prefill chunk, 512 positions: these prompts, cut to 384
+#                 tokens, prefill whole)
 #   natural-whole the same at T=0 with refills' prompts prefilled at once (--prefill-chunk 0), for comparison
+#   natural-chunk the same at T=0 with prompts prefilled in chunks of 128 positions: chunked prefill on the GPU
 #   adaptive-b16  #12: every adaptive method against `none` and the best fixed settings at batch 16 and 64, T=0
 #   adaptive-b1   #12: the same at batch 1, T=0 and 0.7 (16 prompts)
 # Each bench cell warms its engine up first (decode/warmup.py): its timed calls replay graphs from their first round.
@@ -27,13 +29,14 @@ for arg in "$@"; do
   name=${arg%%:*}; limit=${arg#*:}; [ "$limit" = "$arg" ] && limit=540
   case "$name" in
     natural) ARGS="--workload natural --batch-sizes 64 --temperatures 0,0.7 --new-tokens 256 --n-prompts 244 --repeats 3 --methods ${NATURAL_METHODS:-eagle:k=4,eagle2:depth=4:total_tokens=30}" ;;
+    natural-chunk) ARGS="--workload natural --batch-sizes 64 --temperatures 0 --new-tokens 256 --n-prompts 244 --repeats 3 --prefill-chunk 128 --methods ${NATURAL_METHODS:-eagle:k=4,eagle2:depth=4:total_tokens=30}" ;;
     natural-whole) ARGS="--workload natural --batch-sizes 64 --temperatures 0 --new-tokens 256 --n-prompts 244 --repeats 3 --prefill-chunk 0 --methods ${NATURAL_METHODS:-eagle:k=4,eagle2:depth=4:total_tokens=30}" ;;
     adaptive-b16) ARGS="--methods $ADAPTIVE --batch-sizes 16,64 --temperatures 0 --new-tokens 128 --n-prompts 64 --repeats 4 --cost-model" ;;
     profile|profile-plain) ARGS=$PROFILE ;;
     profile-kernel) ARGS="$PROFILE --baselines hf --hf-prompts 2" ;;
     fixed-b64|fixed-b64-kernel) ARGS="--methods none,eagle2:depth=4:total_tokens=30 --batch-sizes 64 --temperatures 0 --new-tokens 128 --n-prompts 64 --repeats 3" ;;
     adaptive-b1) ARGS="--methods $ADAPTIVE --batch-sizes 1 --temperatures 0,0.7 --new-tokens 128 --n-prompts 16 --repeats 4 --cost-model" ;;
-    *) echo "usage: $0 natural|natural-whole|adaptive-b16|adaptive-b1|profile|profile-plain|profile-kernel|fixed-b64|fixed-b64-kernel[:seconds] ..." >&2; exit 2 ;;
+    *) echo "usage: $0 natural|natural-whole|natural-chunk|adaptive-b16|adaptive-b1|profile|profile-plain|profile-kernel|fixed-b64|fixed-b64-kernel[:seconds] ..." >&2; exit 2 ;;
   esac
   echo "== $name (${limit} s, ADARUN_COMPILE_ROUND=${ADARUN_COMPILE_ROUND:-1})"
   if [ "$name" = profile-plain ]; then plain=0; else plain=${ADARUN_COMPILE_ROUND:-1}; fi

@@ -229,7 +229,7 @@ def test_the_manifest_s_prefill_chunk_reaches_the_engine_and_the_shard_stats(tgt
         assert [o.completion for o in d.outputs] == alone(eng, p)[0]
     assert sum(d.stats.prefill_chunks for d in out) > 0
     out, _ = run_shards(fake_worker(eng), [shard(k, s, seed=k) for k, s in enumerate(stops)])
-    assert sum(d.stats.prefill_chunks for d in out) == 0  # the default (256 positions): these prompts at once
+    assert sum(d.stats.prefill_chunks for d in out) == 0  # the default (512 positions): these prompts at once
 
 
 def test_the_first_stream_warms_the_engine_up_and_its_first_shard_shows_it(tgt):
