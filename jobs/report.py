@@ -5,8 +5,7 @@ are missing. Numbers: totals summed over shard stats; cost = device hours x the 
 the speedup is measured, not assumed: each shard decoded a sample of its rows a second time with
 plain autoregressive decoding on the same actor, and the report takes the geometric mean of the
 per-row time-per-token ratios with a 95% t-interval on their logs. Writes OUTPUT/report/report.json,
-report.md and a self-contained report.html (charts inlined), plus the PNG charts.
-No torch here; matplotlib draws with the Agg backend.
+report.md and a self-contained report.html (charts inlined), plus the PNG charts. No torch here.
 """
 
 from __future__ import annotations
@@ -99,6 +98,7 @@ def summarize(run: Run) -> dict:
         "completion_tokens_per_second": tok / wall if wall else None,
         "completion_tokens_per_second_per_gpu": (tok / wall / gpus) if wall and gpus else None,
         "tau": t.tau if t.rounds else None,
+        "slot_occupancy": t.occupancy,  # share of batch slot-rounds that decoded a row (None: not measured)
         "measured_speedup": sp,
         "measured_speedup_ci95": ci,
         "baseline_samples": n_samples,
@@ -275,6 +275,7 @@ HEADLINE = [
     "ray_start_seconds",
     "usd_per_million_completion_tokens",
     "tau",
+    "slot_occupancy",
     "measured_speedup",
     "measured_speedup_ci95",
     "autoregressive_cost_usd_estimate",

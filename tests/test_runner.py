@@ -266,6 +266,8 @@ def test_report_of_a_finished_job(finished_job, tmp_path):
         == pq.read_table(out / "shards").column("num_completion_tokens").to_numpy().sum()
     )
     assert rep["prompt_tokens"] == sum(s["prompt_tokens"] for s in stats)
+    busy, slots = sum(s["busy_slot_rounds"] for s in stats), sum(s["slot_rounds"] for s in stats)
+    assert 0 < busy <= slots and rep["slot_occupancy"] == pytest.approx(busy / slots)
     hours = sum(s["cpu_seconds"] for s in stats) / 3600
     assert rep["cpu_hours"] == pytest.approx(hours)
     assert rep["cost_usd"] == pytest.approx(hours * m.cost.cpu_hour_usd + rep["gpu_hours"] * m.cost.gpu_hour_usd)
