@@ -141,6 +141,8 @@ class CausalLM(nn.Module):
         B, T = ids.shape
         if tree_mask is None:
             tree_mask = causal_tree(B, T, ids.device)
+        if self.kernel_attention:  # the kernel's int8 mask made here: traced, inductor remade it for every layer
+            tree_mask = tree_mask.to(torch.int8)
         if self._compiled is not None and T <= self.compile_max_tokens:  # one layout per input: no stride recompiles
             return self._compiled(dense(ids), dense(positions), cache.kv, cache.lens, dense(tree_mask), offset)
         return self._body(ids, positions, cache.kv, cache.lens, tree_mask, offset)

@@ -34,7 +34,7 @@ class TreeSpan:
 
 
 def span(lens: torch.Tensor, tree_mask: torch.Tensor) -> TreeSpan:
-    """lens [B], tree_mask [B, T, W] bool -> the kernel's TreeSpan."""
+    """lens [B], tree_mask [B, T, W] bool or int8 (`CausalLM.forward` converts it once) -> the kernel's TreeSpan."""
     return TreeSpan(lens=lens, tree_mask=tree_mask.to(torch.int8).contiguous())
 
 
