@@ -57,8 +57,8 @@ def test_refill_changes_no_tokens(tgt, method):
         whole, _ = eng.generate(prompts, sp, seeds, stop_at)
         ref = [c.tokens for c in whole]
         assert [len(t) for t in ref] == LENGTHS
-        for slots, refill, overlap, chunk in ((2, True, False, 0), (3, True, True, 0), (3, False, True, 0),
-                                              (1, True, True, 0), (2, True, True, 3), (3, True, False, 4)):
+        for slots, refill, overlap, chunk in ((2, True, False, 0), (3, True, True, 4), (3, False, True, 0),
+                                              (1, True, True, 0), (2, True, True, 3)):
             eng.overlap = overlap  # the next round launched before this one is recorded (the CUDA default)
             outs, stats = eng.generate(prompts, sp, seeds, stop_at, slots=slots, refill=refill, prefill_chunk=chunk)
             assert [c.tokens for c in outs] == ref, (method, sp.temperature, slots, refill, overlap, chunk)
