@@ -22,7 +22,8 @@ Drafters know nothing of verification, sampling or how trees are shaped.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -92,13 +93,19 @@ class Drafter:
         self.cache.load_rows(rows, scratch)
         return out
 
-    def prefill_into(self, scratch, ids: torch.Tensor, lens: torch.Tensor, feats: torch.Tensor | None):
-        """prefill() into `scratch` (a cache of ids' rows) instead of the drafter's own cache."""
-        main, self.cache = self.cache, scratch
+    @contextmanager
+    def using(self, cache) -> Iterator[None]:
+        """Inside the block the drafter reads and writes `cache` (a scratch cache) instead of its own."""
+        main, self.cache = getattr(self, "cache", None), cache
         try:
-            return self.prefill(ids, lens, feats)
+            yield
         finally:
             self.cache = main
+
+    def prefill_into(self, scratch, ids: torch.Tensor, lens: torch.Tensor, feats: torch.Tensor | None):
+        """prefill() into `scratch` (a cache of ids' rows) instead of the drafter's own cache."""
+        with self.using(scratch):
+            return self.prefill(ids, lens, feats)
 
     def prefill(self, ids: torch.Tensor, lens: torch.Tensor, feats: torch.Tensor | None):
         """ids [B, T] right-padded prompts, lens [B]; feats [B, T, F] at every prompt position but the last."""

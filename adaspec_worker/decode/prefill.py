@@ -41,7 +41,8 @@ def right_padded(prompts: list[list[int]], device: torch.device) -> tuple[torch.
     return block[:, :T], block[:, T]
 
 
-def seated(target: CausalLM, ids: torch.Tensor, lens: torch.Tensor, last_hidden: torch.Tensor) -> tuple:
+def seated(target: CausalLM, ids: torch.Tensor, lens: torch.Tensor,
+           last_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(root [k], ldlp_feat [k, 2H]) of prompts ids [k, T] with lens [k], given the hidden state at each one's
     position lens - 2 (last_hidden [k, H]; ignored for one-token prompts, which have none)."""
     rows = torch.arange(ids.shape[0], device=ids.device)
@@ -125,11 +126,8 @@ class ChunkedPrefill:
         final = self.cursor >= self.end
         stop = T - s if final else self.cursor  # entries [a, stop)
         n_new = (self.lens - s - a).clamp(0, stop - a)  # [k]
-        main, drafter.cache = drafter.cache, self.draft_cache
-        try:
+        with drafter.using(self.draft_cache):
             logits, hidden = drafter.extend(self.ids[:, a + s: stop + s], feats, n_new)
-        finally:
-            drafter.cache = main
         if self.draft is None:
             self.draft = (torch.zeros_like(logits), None if hidden is None else torch.zeros_like(hidden))
         some = (n_new > 0)[:, None]  # rows whose last entry is in this chunk, or later: keep the latest

@@ -232,9 +232,9 @@ class Stream:
         """Slots decoding a row or reserved by the chunked refill in progress."""
         return len(batch.live(self.outputs)) + (len(self.loading.slots) if self.loading is not None else 0)
 
-    def _long(self, row: int) -> bool:
-        """A pending row whose prompt prefills in chunks (more than `chunk` positions before its last token)."""
-        return bool(self.chunk) and len(self.requests[row].prompt) - 1 > self.chunk
+    def _long(self, prompt: list[int]) -> bool:
+        """A prompt that prefills in chunks (more than `chunk` positions before its last token)."""
+        return bool(self.chunk) and len(prompt) - 1 > self.chunk
 
     def _next_rows(self, batch: Batch, clock: PhaseClock, shrink: bool) -> None:
         """Refill free slots from the queue (asking the source when it is empty); after rows finished (`shrink`),
@@ -245,15 +245,16 @@ class Stream:
             self._pull(wait=False)
         fits = self._admissible(batch)
         if self.loading is not None:
-            fits = next((i for i, row in enumerate(list(self.pending)[:fits]) if self._long(row)), fits)
+            fits = next((i for i, row in enumerate(list(self.pending)[:fits]) if self._long(self.requests[row].prompt)),
+                        fits)
         room = min(fits, self.width - self._busy(batch))  # rows that may start now
         if self.refill and fits and room >= min(fits, max(1, self.width // self.engine.refill_every)):
             clock.mark("prefill")
             reserved = set(self.loading.slots) if self.loading is not None else set()
             free = [i for i, row in enumerate(batch.origin) if not self.outputs.running(row) and i not in reserved]
-            long = [row for row in list(self.pending)[:room] if self._long(row)]
             rows, prompts, seeds = self._take(room)
-            short = [row for row in rows if row not in long]
+            long = [row for row in rows if self._long(prompts[row])]
+            short = [row for row in rows if not self._long(prompts[row])]
             if short:
                 self.engine._refill(batch, free[: len(short)], short, prompts, seeds, self.sampling)
             if long:
