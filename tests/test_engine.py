@@ -285,3 +285,21 @@ def test_fast_path_equals_eager_path(setup, method, params):
             assert int(eng.workspace.cache.lens.max()) + eng.proposer.max_nodes <= cap
         assert (eng.workspace.B_cap == 8) == fast
     assert res[True] == res[False]
+
+
+def test_phase_clock_flushes_a_round_without_the_one_queued_behind_it():
+    """With the next round launched before the host waits on this one, the flush attributes this round's phases up
+    to where the next one's begin, and keeps the next round's marks for its own flush."""
+    from adaspec_worker.decode.stats import EngineStats, PhaseClock
+
+    clock = PhaseClock(torch.device("cpu"))
+    clock.marks = [("draft", 0.0), ("verify", 1.0), ("other", 3.0)]  # round r
+    upto = len(clock.marks)
+    clock.marks += [("draft", 3.5), ("verify", 4.0)]  # round r + 1, still running
+    spent = EngineStats()
+    clock.flush(spent, upto)
+    assert (spent.draft_seconds, spent.verify_seconds, spent.other_seconds) == (1.0, 2.0, 0.5)
+    assert clock.marks == [("draft", 3.5), ("verify", 4.0)]
+    later = EngineStats()
+    clock.flush(later)  # the default: every interval up to the last mark, which stays
+    assert (later.draft_seconds, later.verify_seconds) == (0.5, 0.0) and clock.marks == [("verify", 4.0)]

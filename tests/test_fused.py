@@ -116,14 +116,16 @@ def test_compiled_round_equals_the_plain_ops(models):
     """A round's tree building (a traceable proposer's `propose`) and its bookkeeping after the target pass
     (`settle.py`: verification, KV compaction, next root, LDLP feature and counter), compiled by inductor as the
     engine runs them where the target is compiled (CUDA), decode the same tokens as the plain ops: greedy and
-    sampled dynamic trees, a greedy chain and a static tree."""
+    sampled dynamic trees, a greedy chain, a static tree and adaptive trees (DDD's, AdaEDL's per-row lambda)."""
     from adaspec_worker.decode import settle
     from adaspec_worker.decode.model import compiled
 
     prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]]
     cases = [("eagle2", {"top_k": 3, "depth": 3, "total_tokens": 8}, 0.0),
              ("eagle2", {"top_k": 3, "depth": 3, "total_tokens": 8}, 0.8), ("eagle", {"k": 3}, 0.0),
-             ("eagle-tree", {"tree": ((0,), (1,), (0, 0))}, 0.0)]
+             ("eagle-tree", {"tree": ((0,), (1,), (0, 0))}, 0.0),
+             ("ddd", {"top_k": 3, "max_depth": 3, "total_tokens": 6}, 0.0),  # adaptive: the call's shape, per-row state
+             ("adaedl", {"top_k": 2, "k_max": 3}, 0.8)]
     torch._dynamo.reset()
     try:
         for method, params, temperature in cases:
@@ -134,6 +136,9 @@ def test_compiled_round_equals_the_plain_ops(models):
                 spec = parse_spec(method, params)
                 engine = build_engine(target, spec, draft=load_drafter(target, spec, str(models / "head")))
                 assert engine.proposer.traceable
+                drafting = [v.key for v in engine.proposer.variants() if v.key is not None and v.key.drafts]
+                if drafting:  # an adaptive menu: its deepest shape, whatever the policy would choose
+                    engine.proposer.force(max(drafting, key=lambda shape: shape.depth))
                 if whole:
                     engine._settle = settle.compiled_settle()
                     engine._compiled_propose = compiled(engine.proposer.propose)

@@ -1,8 +1,8 @@
 """The Triton tree-attention kernel (CUDA's attention in the fast path) run by Triton's CPU interpreter: equal to
 SDPA over the dense mask for tree masks, offsets, strided cache views, empty rows and grouped heads; sensitive to
 the tree mask; and a whole engine run with it is token-identical to one without (greedy and sampled, `none` and
-`eagle2`, continuous batching on, its refills' prompts prefilled in chunks). Runs in a subprocess: the interpreter
-is chosen when Triton is imported."""
+`eagle2`, continuous batching on, its refills' prompts prefilled in chunks); compiled, the pass writes the cache in
+place. Runs in a subprocess: the interpreter is chosen when Triton is imported."""
 from __future__ import annotations
 
 import os
@@ -60,15 +60,39 @@ SCRIPT = textwrap.dedent('''
         freqs = positions[..., None].float() * inv
         emb = torch.cat((freqs, freqs), -1)
         cos, sin = emb.cos() * att, emb.sin() * att
-        q, kv = rope_qkv(x, rope_kernel.Angles(positions, inv, att), H, Hkv, D)
+        full = torch.randn(B + 1, 40, 3, 2, Hkv, D)  # a cache's rows [:B] (a view), layer 1 of 3
+        cache, before = LayerCache(full[:B], 1), full.clone()
+        slots = torch.tensor([[3, 7, 8], [30, 0, 39]])  # any slots, in any order
+        q = rope_qkv(x, rope_kernel.Angles(positions, inv, att), cache, slots, H, Hkv, D)
         qr, kr, vr = x.split((H * D, Hkv * D, Hkv * D), -1)
         assert torch.allclose(q, apply_rope(qr.view(B, T, H, D), cos, sin), atol=1e-4)
-        assert torch.allclose(kv[:, :, 0], apply_rope(kr.view(B, T, Hkv, D), cos, sin), atol=1e-4)
-        assert torch.equal(kv[:, :, 1], vr.view(B, T, Hkv, D))
+        want = before.clone()  # the plain path's write: only those slots of that layer change
+        LayerCache(want[:B], 1).write(slots, torch.stack((apply_rope(kr.view(B, T, Hkv, D), cos, sin),
+                                                         vr.view(B, T, Hkv, D)), dim=2))
+        assert torch.allclose(full, want, atol=1e-4) and not torch.equal(full, before)
 
     plain = load_target(sys.argv[1], dtype="float32", device="cpu").fuse(compile=False, kernel=False)
     fast = load_target(sys.argv[1], dtype="float32", device="cpu").fuse(compile=False, kernel=True)
     assert fast.kernel_attention and not plain.kernel_attention and fast.layers[0].self_attn.rope_kernel
+
+    # compiled by inductor, the kernels' pass writes the cache in place: no buffer near a cache layer's size (a
+    # functionalised copy of the cache the RoPE kernel writes would be one per layer), and the eager pass's result
+    import math
+    import re
+    from torch._inductor.utils import run_and_get_code
+    B, S = 2, 1000
+    cache = fast.new_cache(B, S)
+    cache.lens.copy_(torch.tensor([7, 30]))
+    ids, pos, tree = torch.tensor([[3], [5]]), cache.lens[:, None].clone(), torch.ones(B, 1, 1, dtype=torch.int8)
+    kv = cache.kv.clone()
+    want = fast._body(ids, pos, kv, cache.lens, tree, 0)[0]
+    with torch.inference_mode():
+        got, codes = run_and_get_code(torch.compile(fast._body, dynamic=False), ids, pos, cache.kv, cache.lens, tree, 0)
+    sizes = re.findall(r"empty_strided_cpu\\(\\(([0-9, ]*)\\)", "\\n".join(codes))
+    biggest = max(math.prod(int(n) for n in size.split(",") if n.strip()) for size in sizes)
+    assert biggest < B * S * 2 * fast.cfg.num_kv_heads * fast.cfg.head_dim // 8, biggest
+    assert torch.allclose(got[0], want, atol=1e-5) and torch.allclose(cache.kv, kv, atol=1e-5) and kv.any()
+    torch._dynamo.reset()
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [1, 2, 3, 4, 5, 6, 7, 8, 9], [7]]
     for method in ("none", "eagle2"):
         spec = parse_spec(method, {"depth": 3, "total_tokens": 8} if method == "eagle2" else {})

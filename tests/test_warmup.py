@@ -117,12 +117,16 @@ def test_rounds_that_compile_or_capture_are_not_timed(models, monkeypatch):  # n
     real, times = eng._launch, []
     monkeypatch.setattr(eng.proposer, "timed", lambda B, s: times.append(s))
 
-    def launch(*a, **k):  # every other launch "captures"
+    def launch(*a, **k):  # every other launch "captures" (inside it, as `_run` does)
+        flight = real(*a, **k)
         eng.warmup_seconds += 0.5 * (len(launches) % 2 == 0)
         launches.append(1)
-        return real(*a, **k)
+        return flight
 
     launches: list = []
     monkeypatch.setattr(eng, "_launch", launch)
-    _, stats = eng.generate(_prompts(2), SamplingParams(max_new_tokens=12), seeds=[1, 2])
-    assert 0 < len(times) < stats.target_passes
+    for overlap in (False, True):  # the next round launched before this one lands (CUDA) or after
+        eng.overlap, launches[:], times[:] = overlap, [], []
+        _, stats = eng.generate(_prompts(2), SamplingParams(max_new_tokens=12), seeds=[1, 2])
+        assert 0 < len(times) < stats.target_passes, overlap
+        assert len(times) <= (len(launches) + 1) // 2, overlap  # at most the launches that did not capture

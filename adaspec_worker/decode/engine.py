@@ -60,6 +60,7 @@ class Flight:
     origin: list[int]  # [B] each slot's prompt when the round was launched (slots may be re-pointed before it lands)
     host: torch.Tensor  # [B, columns] the outcome's host copy (pinned on CUDA), laid out by stats.py
     done: torch.cuda.Event | None  # recorded after the copy (CUDA)
+    warm: float  # the engine's warm-up seconds (compile + capture) when its launch began
 
 
 class Engine:
@@ -79,8 +80,9 @@ class Engine:
         # rows (a prefill costs about a round), and occupancy stays above ~1 - 1/(2 * refill_every). 16 since prefills
         # are compiled (at 8, 64 slots ran at occupancy 0.88-0.90 on an H100: bench/results/h100-fast-attention)
         self.refill_every = 16
-        # launch round r+1 before the host records round r (CUDA: the host's work hides behind the GPU's; each
-        # row costs one wasted round at its end; on CPU nothing runs concurrently, so off unless a test asks)
+        # launch round r+1 before the host waits on round r (CUDA: the host's work, r's record and r+1's launch, hides
+        # behind the GPU's; each row costs one wasted round at its end; on CPU nothing runs concurrently, so off
+        # unless a test asks)
         self.overlap = target.device.type == "cuda"
         # where the target is compiled, so are the round's bookkeeping after the target pass and a traceable
         # proposer's tree building: their small ops fuse (ADARUN_COMPILE_ROUND=0: plain ops, for comparison)
@@ -147,31 +149,38 @@ class Engine:
     def _start(self, prompts: dict[int, list[int]], take: list[int], seeds: dict[int, int], sampling: SamplingParams,
                S: int, chunk: int = 0) -> Batch:
         """A fresh batch for rows `take` (prompts and seeds by row): padded to its bucket, proposer begun, target
-        and drafter prefilled (`chunk` positions per pass, back to back, when a prompt has more: the passes'
-        masks stay [B, chunk, S] however long the prompts)."""
+        and drafter prefilled: fast, as a refill's captured prefill over every slot (`_staged_prefill`: one graph
+        replay per prompt width on CUDA, where an uncaptured compiled pass spends milliseconds launching
+        kernels); `chunk` positions per pass, back to back, when a prompt has more (the passes' masks stay
+        [B, chunk, S] however long the prompts)."""
         device, n = self.target.device, len(take)
         B = bucket(n) if self.fast else n
         chosen = [prompts[i] for i in take]
         padded = chosen + [chosen[0]] * (B - n)  # padding slots start dead
+        longest = max(map(len, padded))
         work = self._workspace(B, S)
         work.fit_outcome(sampling.logprobs)
-        ids, lens = right_padded(padded, device)
         self.proposer.begin(BatchInfo(B=B, device=device, sampling=sampling, prompts=padded))
         drafting = self.drafter is not None and self.proposer.drafting  # a call that backs off leaves it idle
         if drafting:
             self._begin_drafter(B)
-        if chunk and ids.shape[1] - 1 > chunk:
+        row_seeds = [seeds[i] for i in take] + [0] * (B - n)
+        if chunk and longest - 1 > chunk:
+            ids, lens = right_padded(padded, device)
             chunked = ChunkedPrefill(self.target, self.drafter if drafting else None, ids, lens, work.cache,
                                      self.drafter.cache if drafting else None, chunk)
             while not chunked.done:
                 chunked.step()
             pre, draft = chunked.prefilled, chunked.draft
+        elif self.fast and StagedRefill.width(longest) <= work.S:
+            _, _, pre, draft = self._staged_prefill(padded, list(range(B)), row_seeds, drafting)
         else:
+            ids, lens = right_padded(padded, device)
             pre = prefill_target(self.target, self.drafter, ids, lens, work.cache)
             draft = self.drafter.prefill(ids, lens, pre.features) if drafting else None
         work.root.copy_(pre.root)
         work.ldlp_feat.copy_(pre.ldlp_feat)
-        work.seed.copy_(on_device([seeds[i] for i in take] + [0] * (B - n), device))
+        work.seed.copy_(on_device(row_seeds, device))
         work.counter.zero_()
         work.alive.copy_(torch.arange(B, device=device) < n)
         if draft is not None:
@@ -295,7 +304,7 @@ class Engine:
         """Draft, one target pass with verification and commit, and the outcome's copy to the host, all queued on
         the device; `_land` waits for it."""
         # the sampling rule is baked into a captured graph (temperature, top-k/p are Python constants there)
-        rule = sampling.graph_key
+        rule, warm = sampling.graph_key, self.warmup_seconds
         key = (batch.workspace.B, rule, tuple(self.proposer.plan_key(batch.plan)))
         if self.proposer.references:  # benchmark-only oracle: its reference verification is timed apart, uncharged
             clock.mark("reference")
@@ -319,7 +328,7 @@ class Engine:
             done = torch.cuda.Event()
             done.record()
         clock.mark("other")
-        return Flight(origin=list(batch.origin), host=host, done=done)
+        return Flight(origin=list(batch.origin), host=host, done=done, warm=warm)
 
     def _land(self, flight: Flight, batch: Batch) -> list[RowOutcome]:
         """The round's one device-to-host wait; the outcome per slot, and the proposer's plan into the batch."""

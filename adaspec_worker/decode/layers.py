@@ -99,9 +99,8 @@ class Attention(nn.Module):
         a `TreeSpan` for the Triton kernel (`tree_attention.py`), which reads the cache up to each row's length."""
         B, T, _ = x.shape
         h, hk, d = self.h, self.hk, self.d
-        if isinstance(cos, Angles):  # the fast path (`rope_kernel`): 1 GEMM + 2 kernels (+ the KV write); sin unused
-            q, kv_new = rope_qkv(self.qkv(x), cos, h, hk, d)  # [B, T, H, D], [B, T, 2, Hkv, D]
-            cache.write(slots, kv_new)
+        if isinstance(cos, Angles):  # the fast path (`rope_kernel`): 1 GEMM + 2 kernels (KV write inside); sin unused
+            q = rope_qkv(self.qkv(x), cos, cache, slots, h, hk, d)  # [B, T, H, D]; k, v into the cache at slots
             return self.o_proj(tree_attention(q, cache, mask, self.scale).reshape(B, T, h * d))
         if self.qkv is not None:
             q, k, v = self.qkv(x).split((h * d, hk * d, hk * d), -1)

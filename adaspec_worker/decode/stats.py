@@ -203,16 +203,18 @@ class PhaseClock:
         else:
             self.marks.append((phase, time.perf_counter()))
 
-    def flush(self, stats: EngineStats) -> None:
-        """Attribute the time between consecutive marks to the phase that started it (after a sync)."""
+    def flush(self, stats: EngineStats, upto: int | None = None) -> None:
+        """Attribute the time between consecutive marks to the phase that started it (after a sync), up to mark
+        `upto` (a `len(marks)` taken before later work was queued: that work is still running; default: the last)."""
+        n = len(self.marks) - 1 if upto is None else upto
         if self.cuda and self.marks:
-            self.marks[-1][1].synchronize()  # a no-op after the round's sync; needed at the end of generate()
+            self.marks[n][1].synchronize()  # a no-op after the round's sync; needed at the end of generate()
         spent = dict.fromkeys(self.PHASES, 0.0)
-        for (phase, start), (_, end) in zip(self.marks, self.marks[1:]):
+        for (phase, start), (_, end) in zip(self.marks[:n], self.marks[1 : n + 1]):
             spent[phase] += start.elapsed_time(end) / 1e3 if self.cuda else end - start
         stats.prefill_seconds += spent["prefill"]
         stats.draft_seconds += spent["draft"]
         stats.verify_seconds += spent["verify"]
         stats.other_seconds += spent["other"]
         stats.reference_seconds += spent["reference"]
-        self.marks = self.marks[-1:]
+        self.marks = self.marks[n:]

@@ -95,7 +95,6 @@ class Stream:
         self.started: set[Hashable] = set()  # groups with a row that entered a slot (the others are only queued)
         self.sampling = None  # the running batch's
         self.S = 0  # the running batch's cache positions per slot
-        self.graph_seconds = engine.warmup_seconds  # compile + capture so far: rounds adding some are not timed
 
     def take_group(self, group: Hashable) -> EngineStats:
         """A group's stats (final once its last row was handed out), and forget them."""
@@ -188,12 +187,15 @@ class Stream:
                 batch = self._start()
             if flight is None:
                 flight = eng._launch(batch, self.sampling, clock)
+            ahead, upto = None, None
+            if overlap:  # queued behind this round before the host waits on it: the GPU works while the host records
+                upto = len(clock.marks)  # the round's time ends where the next one's begins
+                ahead = eng._launch(batch, self.sampling, clock)
             outcomes = eng._land(flight, batch)
             spent = EngineStats()
-            clock.flush(spent)
-            timed = eng.warmup_seconds == self.graph_seconds  # no compile or capture inside `spent`
-            self.graph_seconds = eng.warmup_seconds
-            ahead = eng._launch(batch, self.sampling, clock) if overlap else None  # the GPU works while we record
+            clock.flush(spent, upto)
+            # no compile or capture inside `spent` (from this round's launch to the next one's, or to now)
+            timed = (ahead.warm if ahead is not None else eng.warmup_seconds) == flight.warm
             self._account(flight.origin, spent, timed)
             ended = self.outputs.record(flight.origin, outcomes)
             flight = ahead

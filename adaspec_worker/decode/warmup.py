@@ -6,7 +6,8 @@ For each variant the proposer may run (`Proposer.variants()`: one for the fixed 
 adaptive policy, plain decoding included), one call of `slots` short dummy rows runs at least `rounds` rounds
 with that variant forced. On CUDA the first round compiles, the second captures the round's graphs and the rest
 replay them, so the job's calls at that batch size and sampling rule replay graphs from their first round (batch
-sizes a drain shrinks to, refill prefills and a Thompson chain's other lengths are still captured on first use).
+sizes a drain shrinks to, refills of fewer rows and a Thompson chain's other lengths are still captured on first
+use). So is a batch's prefill, at every prompt width up to `prompt_len` (`_prefill_widths`).
 An adaptive policy keeps each variant's median round time (`policy.Timings`, through the proposer's `timed`;
 rounds that compiled or captured are not timed), so it prices every shape it may choose, `none` included, from
 this device's measurement instead of extrapolating from the shapes it has run. The dummy rows teach nothing:
@@ -27,7 +28,7 @@ import time
 
 import torch
 
-from .batch import bucket
+from .batch import StagedRefill, bucket
 from .sampling import SamplingParams
 from .stream import slack
 
@@ -54,14 +55,29 @@ def warm(engine, slots: int, sampling: SamplingParams, prompt_len: int, rounds: 
     g = torch.Generator().manual_seed(0)  # the same dummy rows on every actor; short: their prefill is not the job's
     prompts = torch.randint(engine.target.cfg.vocab_size, (B, min(prompt_len, DUMMY_PROMPT)), generator=g).tolist()
     learned = proposer.learned()
+    prefilled = set()  # drafting or not: whether a prefill's graph includes the drafter's
     try:
         for variant in proposer.variants():
             proposer.force(variant.key)
             new = min(rounds * variant.max_emit, sampling.max_new_tokens)
             sp = dataclasses.replace(sampling, max_new_tokens=new, eos_token_ids=())  # no row ends early
             engine.generate(prompts, sp, seeds=list(range(B)), slots=B)
+            if engine.graphs_on and getattr(proposer, "drafting", True) not in prefilled:
+                prefilled.add(getattr(proposer, "drafting", True))
+                _prefill_widths(engine, B, sampling, prompt_len, g)
     finally:
         proposer.force(None)
         proposer.restore(learned)  # the dummy rows leave nothing in a datastore or recycling table
     done[(B, rule)] = engine.workspace
     return time.perf_counter() - start
+
+
+def _prefill_widths(engine, B: int, sampling: SamplingParams, prompt_len: int, g: torch.Generator) -> None:
+    """A batch's prefill at every prompt width up to `prompt_len`'s (`StagedRefill.STEP` apart), widest first (the
+    staging buffers are sized by the first): each compiled, then captured, so a batch of B rows starts with one graph
+    replay whatever its prompts' lengths."""
+    sp = dataclasses.replace(sampling, max_new_tokens=1, eos_token_ids=())
+    for W in range(StagedRefill.width(prompt_len), 0, -StagedRefill.STEP):
+        prompts = torch.randint(engine.target.cfg.vocab_size, (B, W), generator=g).tolist()
+        for _ in range(2):  # the first use compiles, the second captures
+            engine.generate(prompts, sp, seeds=list(range(B)), slots=B)

@@ -15,7 +15,8 @@ on their specs in `jobs/specs.py`. Every method here is a `Budgeted` proposer:
       opt-tree      stop at the first level whose frontier adds less than delta to E = sum of path probabilities
       ldlp-tree     LDLP's length + 1, within [min_depth, max_depth]
 Per-row state lives in `row_state` tensors; propose and observe never leave the device (no host sync), so
-every round is a CUDA graph (one per shape). Lossless: they only change what is proposed.
+every round is a CUDA graph (one per shape), and propose is compiled with the target (one compile per shape).
+Lossless: they only change what is proposed.
 
 Knows nothing of the engine: the LDLP and the cost model are handed in by the builder.
 """
@@ -34,6 +35,10 @@ from .base import BatchInfo, Proposer, RoundInput, Variant, implements
 
 class Budgeted(Proposer):
     """Base of the adaptive proposers: the shape from the cost policy, the per-row depth from `limit`."""
+
+    # propose reads the call's shape (a constant the compiled code guards on: one compile per menu shape, at warm-up)
+    # and per-row state tensors, never a tensor's value on the host
+    traceable = True
 
     def __init__(self, spec: MethodSpec, max_depth: int, width: int, nodes_per_level: int):
         super().__init__(spec)

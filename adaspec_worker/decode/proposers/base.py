@@ -92,8 +92,9 @@ class Proposer:
     max_emit = 0  # most tokens a round can emit (its tree's depth + 1) where smaller than max_nodes; 0: max_nodes
     returns_plan = False  # first_plan()/observe() return a plan that rides the round's sync
     graphable = True  # no host sync inside propose/observe: the rounds can be CUDA graphs
-    # propose is a function of the round input and the spec only (no Python state, no branch on a tensor's value):
-    # where the target is compiled, the engine compiles it too, so the tree's small ops fuse around the drafter steps
+    # propose is a function of the round input, the spec and per-row state tensors, with Python state only as a
+    # constant for the whole call (an adaptive call's shape) and no branch on a tensor's value: where the target is
+    # compiled, the engine compiles it too, so the tree's small ops fuse around the drafter steps
     traceable = False
     ldlp = None  # the draft-length predictor it reads, for proposers that take one
     cost = None  # the measured cost model (`decode/cost.py`), for proposers whose policy reads one
