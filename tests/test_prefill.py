@@ -146,3 +146,30 @@ def test_short_prompts_join_at_once_while_a_long_one_loads(tgt):
     seated = start + 1 + [i for i, e in enumerate(events[start + 1:]) if e == ("chunk",)][-1]
     assert any(e[0] == "refill" for e in events[start + 1: seated])  # a short row joined while row 4 loaded
     assert stats.prefill_chunks == 13
+
+
+@pytest.mark.parametrize("method,params,draft", [("none", {}, None), ("eagle2", {"top_k": 3, "depth": 3,
+                                                 "total_tokens": 8}, TINY_HEAD), ("draft-model", {"k": 3}, TINY)])
+def test_a_first_batch_prefills_from_fixed_buffers_padded_to_its_width(tgt, monkeypatch, method, params, draft):
+    """With CUDA graphs (`_run` stands in for capture and replay here), a batch's prefill reads its prompts padded to
+    a multiple of 64 tokens from one fixed buffer per (batch size, width), the same buffer on the next call: the same
+    tokens as prompts padded to the longest, greedy and sampled, one-token prompts included."""
+    from adaspec_worker.decode.engine import Engine
+
+    eng = build_engine(tgt, parse_spec(method, params), draft=None if draft is None else str(draft))
+    g = torch.Generator().manual_seed(3)
+    batches = [[torch.randint(5, 400, (n,), generator=g).tolist() for n in lens] for lens in ((25, 3, 1, 17), (70, 2))]
+    for sp in (SamplingParams(max_new_tokens=10), SamplingParams(max_new_tokens=10, temperature=0.8)):
+        refs = [[c.tokens for c in eng.generate(prompts, sp, [4, 5, 6, 7][: len(prompts)])[0]] for prompts in batches]
+        keys, buffers = [], set()
+        monkeypatch.setattr(Engine, "graphs_on", property(lambda self: True))
+        monkeypatch.setattr(eng, "_run", lambda key, fn: (keys.append(key), fn())[1])
+        for _ in range(2):
+            for prompts, ref in zip(batches, refs):
+                outs, _ = eng.generate(prompts, sp, [4, 5, 6, 7][: len(prompts)])
+                assert [c.tokens for c in outs] == ref, (method, sp.temperature, len(prompts))
+                buffers |= {t.data_ptr() for t in eng.workspace.prompt_rows.values()}
+        monkeypatch.undo()
+        starts = [k for k in keys if k[0] == "prefill"]
+        assert starts == [("prefill", 4, 64, draft is not None), ("prefill", 2, 128, draft is not None)] * 2, starts
+        assert len(buffers) == 2  # (4, 64) and (2, 128): the second calls read the first ones' buffers

@@ -84,6 +84,7 @@ class Workspace:
         self.seen: set = set()
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.staging: StagedRefill | None = None  # captured refill prefills (CUDA graphs): their fixed buffers
+        self.prompt_rows: dict[tuple[int, int], torch.Tensor] = {}  # (B, W) -> a batch's prompts for its prefill
         self.scratch: dict[str, object] = {}  # chunked refills' scratch caches by owner, kept for the next one
         self.fit_outcome(None)
         self.view(B)
@@ -105,6 +106,16 @@ class Workspace:
         self.seen.clear()
         if old is not None:
             self.view(self.B)
+
+    def stage(self, prompts: list[list[int]], W: int) -> torch.Tensor:
+        """A batch's prompts right-padded with 0 to W tokens, then each one's length: [B, W + 1] in a fixed device
+        buffer per (B, W), one copy to the device, for the batch's captured prefill to read."""
+        key = (len(prompts), W)
+        rows = self.prompt_rows.get(key)
+        if rows is None:
+            rows = self.prompt_rows[key] = torch.zeros(*key[:1], W + 1, dtype=torch.long, device=self.cache.kv.device)
+        rows.copy_(on_device([(p + [0] * W)[:W] + [len(p)] for p in prompts], rows.device))
+        return rows
 
     def scratch_cache(self, owner: str, new_cache, B: int, S: int):
         """A cache of B rows and at least S positions (a multiple of 256, at most the workspace's) from `new_cache`

@@ -149,10 +149,10 @@ class Engine:
     def _start(self, prompts: dict[int, list[int]], take: list[int], seeds: dict[int, int], sampling: SamplingParams,
                S: int, chunk: int = 0) -> Batch:
         """A fresh batch for rows `take` (prompts and seeds by row): padded to its bucket, proposer begun, target
-        and drafter prefilled: fast, as a refill's captured prefill over every slot (`_staged_prefill`: one graph
-        replay per prompt width on CUDA, where an uncaptured compiled pass spends milliseconds launching
-        kernels); `chunk` positions per pass, back to back, when a prompt has more (the passes' masks stay
-        [B, chunk, S] however long the prompts)."""
+        and drafter prefilled into the workspace's caches: with CUDA graphs, over prompts padded to a multiple of
+        `StagedRefill.STEP` tokens in fixed buffers, one graph per batch size and prompt width (an uncaptured
+        compiled pass spends milliseconds launching its kernels); `chunk` positions per pass, back to back, when a
+        prompt has more (the passes' masks stay [B, chunk, S] however long the prompts)."""
         device, n = self.target.device, len(take)
         B = bucket(n) if self.fast else n
         chosen = [prompts[i] for i in take]
@@ -172,12 +172,17 @@ class Engine:
             while not chunked.done:
                 chunked.step()
             pre, draft = chunked.prefilled, chunked.draft
-        elif self.fast and StagedRefill.width(longest) <= work.S:
-            _, _, pre, draft = self._staged_prefill(padded, list(range(B)), row_seeds, drafting)
         else:
-            ids, lens = right_padded(padded, device)
-            pre = prefill_target(self.target, self.drafter, ids, lens, work.cache)
-            draft = self.drafter.prefill(ids, lens, pre.features) if drafting else None
+            def prefill(ids, lens):
+                pre = prefill_target(self.target, self.drafter, ids, lens, work.cache)
+                return pre, (self.drafter.prefill(ids, lens, pre.features) if drafting else None)
+
+            W = StagedRefill.width(longest)
+            if self.graphs_on and W <= work.S:  # fixed buffers: one graph per (batch size, prompt width)
+                rows = work.stage(padded, W)  # [B, W + 1]
+                pre, draft = self._run(("prefill", B, W, drafting), lambda: prefill(rows[:, :W], rows[:, W]))
+            else:
+                pre, draft = prefill(*right_padded(padded, device))
         work.root.copy_(pre.root)
         work.ldlp_feat.copy_(pre.ldlp_feat)
         work.seed.copy_(on_device(row_seeds, device))

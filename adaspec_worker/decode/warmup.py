@@ -73,11 +73,10 @@ def warm(engine, slots: int, sampling: SamplingParams, prompt_len: int, rounds: 
 
 
 def _prefill_widths(engine, B: int, sampling: SamplingParams, prompt_len: int, g: torch.Generator) -> None:
-    """A batch's prefill at every prompt width up to `prompt_len`'s (`StagedRefill.STEP` apart), widest first (the
-    staging buffers are sized by the first): each compiled, then captured, so a batch of B rows starts with one graph
-    replay whatever its prompts' lengths."""
+    """A batch's prefill at every prompt width up to `prompt_len`'s (`StagedRefill.STEP` apart): each compiled, then
+    captured, so a batch of B rows starts with one graph replay whatever its prompts' lengths."""
     sp = dataclasses.replace(sampling, max_new_tokens=1, eos_token_ids=())
-    for W in range(StagedRefill.width(prompt_len), 0, -StagedRefill.STEP):
+    for W in range(StagedRefill.STEP, StagedRefill.width(prompt_len) + 1, StagedRefill.STEP):
         prompts = torch.randint(engine.target.cfg.vocab_size, (B, W), generator=g).tolist()
         for _ in range(2):  # the first use compiles, the second captures
             engine.generate(prompts, sp, seeds=list(range(B)), slots=B)
