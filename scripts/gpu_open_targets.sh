@@ -19,6 +19,7 @@
 #   adaptive-b16  #12: every adaptive method against `none` and the best fixed settings at batch 16 and 64, T=0
 #   adaptive-b1   #12: the same at batch 1, T=0 (ADAPTIVE_TEMPERATURES=0,0.7 adds T=0.7; 16 prompts). The adaptive
 #                 methods' propose compiles once per menu shape at warm-up: each cell's warm_seconds says what it cost
+#   adaptive-b1-kernel the same with ADARUN_TREE_KERNEL=1
 # Each bench cell warms its engine up first (decode/warmup.py): its timed calls replay graphs from their first round.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ADARUN_GIT_COMMIT=$(cat .kit/commit 2>/dev/null || git rev-parse HEAD)
@@ -36,8 +37,8 @@ for arg in "$@"; do
     profile|profile-plain) ARGS=$PROFILE ;;
     profile-kernel) ARGS="$PROFILE --baselines hf --hf-prompts 2" ;;
     fixed-b64|fixed-b64-kernel) ARGS="--methods none,eagle2:depth=4:total_tokens=30 --batch-sizes 64 --temperatures 0 --new-tokens 128 --n-prompts 64 --repeats 3" ;;
-    adaptive-b1) ARGS="--methods $ADAPTIVE --batch-sizes 1 --temperatures ${ADAPTIVE_TEMPERATURES:-0} --new-tokens 128 --n-prompts 16 --repeats 3 --cost-model" ;;
-    *) echo "usage: $0 natural|natural-whole|natural-chunk|adaptive-b16|adaptive-b1|profile|profile-plain|profile-kernel|fixed-b64|fixed-b64-kernel[:seconds] ..." >&2; exit 2 ;;
+    adaptive-b1|adaptive-b1-kernel) ARGS="--methods $ADAPTIVE --batch-sizes 1 --temperatures ${ADAPTIVE_TEMPERATURES:-0} --new-tokens 128 --n-prompts 16 --repeats 3 --cost-model" ;;
+    *) echo "usage: $0 natural|natural-whole|natural-chunk|adaptive-b16|adaptive-b1[-kernel]|profile|profile-plain|profile-kernel|fixed-b64|fixed-b64-kernel[:seconds] ..." >&2; exit 2 ;;
   esac
   echo "== $name (${limit} s, ADARUN_COMPILE_ROUND=${ADARUN_COMPILE_ROUND:-1})"
   if [ "$name" = profile-plain ]; then plain=0; else plain=${ADARUN_COMPILE_ROUND:-1}; fi
