@@ -163,7 +163,7 @@ def test_a_first_batch_prefills_from_fixed_buffers_padded_to_its_width(tgt, monk
         refs = [[c.tokens for c in eng.generate(prompts, sp, [4, 5, 6, 7][: len(prompts)])[0]] for prompts in batches]
         keys, buffers = [], set()
         monkeypatch.setattr(Engine, "graphs_on", property(lambda self: True))
-        monkeypatch.setattr(eng, "_run", lambda key, fn: (keys.append(key), fn())[1])
+        monkeypatch.setattr(eng, "_run", lambda key, fn, keys=keys: (keys.append(key), fn())[1])
         for _ in range(2):
             for prompts, ref in zip(batches, refs):
                 outs, _ = eng.generate(prompts, sp, [4, 5, 6, 7][: len(prompts)])

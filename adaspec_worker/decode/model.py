@@ -134,20 +134,21 @@ class CausalLM(nn.Module):
             self._compiled = compiled(self._body)
         return self
 
-    def forward(self, ids, positions, cache: KVCache, tree_mask=None, offset: int = 0):
+    def forward(self, ids, positions, cache: KVCache, tree_mask=None, offset: int = 0, logits: bool = True):
         """ids, positions [B, T]; new tokens go to slots cache.lens + offset + arange(T).
 
-        tree_mask [B, T, offset + T]: what each new token sees of the uncommitted region (default causal)."""
+        tree_mask [B, T, offset + T]: what each new token sees of the uncommitted region (default causal);
+        logits False: None in their place (a prefill's: no [B, T, V] block computed)."""
         B, T = ids.shape
         if tree_mask is None:
             tree_mask = causal_tree(B, T, ids.device)
         if self.kernel_attention:  # the kernel's int8 mask made here: traced, inductor remade it for every layer
             tree_mask = tree_mask.to(torch.int8)
         if self._compiled is not None and T <= self.compile_max_tokens:  # one layout per input: no stride recompiles
-            return self._compiled(dense(ids), dense(positions), cache.kv, cache.lens, dense(tree_mask), offset)
-        return self._body(ids, positions, cache.kv, cache.lens, tree_mask, offset)
+            return self._compiled(dense(ids), dense(positions), cache.kv, cache.lens, dense(tree_mask), offset, logits)
+        return self._body(ids, positions, cache.kv, cache.lens, tree_mask, offset, logits)
 
-    def _body(self, ids, positions, kv, lens, tree_mask, offset: int):
+    def _body(self, ids, positions, kv, lens, tree_mask, offset: int, logits: bool = True):
         """The pass itself over the cache tensors kv [B, S, L, 2, Hkv, D] and lens [B] (what torch.compile sees)."""
         T = ids.shape[1]
         if self.kernel_attention:  # the kernel reads lens and the tree mask itself: no [B, T, S] mask
@@ -172,10 +173,12 @@ class CausalLM(nn.Module):
                 outs[i] = h
         hidden = self.norm(h)
         aux = torch.cat([outs[i] for i in self.aux_layers], -1) if self.aux_layers else None
-        logits = self.lm_head(hidden)  # [B, T, V]
+        if not logits:
+            return None, hidden, aux
+        out = self.lm_head(hidden)  # [B, T, V]
         if self.cfg.final_softcap is not None:  # Gemma-2
-            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
-        return logits, hidden, aux
+            out = torch.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
+        return out, hidden, aux
 
 
 # ---------------------------------------------------------------- loading

@@ -62,7 +62,7 @@ def prefill_target(target: CausalLM, drafter: Drafter | None, ids: torch.Tensor,
     last_hidden = torch.zeros(B, target.cfg.hidden_size, dtype=target.dtype, device=ids.device)  # [B, H]
     if T > 1:
         positions = torch.arange(T - 1, device=ids.device).expand(B, -1)
-        _, hidden, aux = target(ids[:, :-1], positions, cache)  # hidden [B, T-1, H]
+        _, hidden, aux = target(ids[:, :-1], positions, cache, logits=False)  # hidden [B, T-1, H]
         features = drafter.pick_features(hidden, aux) if drafter is not None else None
         last_hidden = hidden[rows, (lens - 2).clamp(min=0)]
     cache.lens.copy_(lens - 1)
@@ -107,7 +107,7 @@ class ChunkedPrefill:
         k, rows = self.ids.shape[0], torch.arange(self.ids.shape[0], device=self.ids.device)
         self.cache.lens.fill_(a)  # every row attends to the chunks before (rows already past their end: padding)
         positions = torch.arange(a, b, device=self.ids.device).expand(k, -1)
-        _, hidden, aux = self.target(self.ids[:, a:b], positions, self.cache)  # hidden [k, b - a, H]
+        _, hidden, aux = self.target(self.ids[:, a:b], positions, self.cache, logits=False)  # hidden [k, b - a, H]
         last = self.lens - 2  # [k] the position whose hidden state the root's LDLP feature carries
         here = ((last >= a) & (last < b))[:, None]
         self.last_hidden = torch.where(here, hidden[rows, (last - a).clamp(0, b - a - 1)], self.last_hidden)

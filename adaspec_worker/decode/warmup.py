@@ -62,8 +62,8 @@ def warm(engine, slots: int, sampling: SamplingParams, prompt_len: int, rounds: 
             new = min(rounds * variant.max_emit, sampling.max_new_tokens)
             sp = dataclasses.replace(sampling, max_new_tokens=new, eos_token_ids=())  # no row ends early
             engine.generate(prompts, sp, seeds=list(range(B)), slots=B)
-            if engine.graphs_on and getattr(proposer, "drafting", True) not in prefilled:
-                prefilled.add(getattr(proposer, "drafting", True))
+            if engine.graphs_on and proposer.drafting not in prefilled:
+                prefilled.add(proposer.drafting)
                 _prefill_widths(engine, B, sampling, prompt_len, g)
     finally:
         proposer.force(None)
