@@ -30,7 +30,7 @@ from .batch import Batch, Completion, Outputs, Request, StagedRefill, StopFn, Wo
 from .drafters import Drafter
 from .logprobs import path_logprobs
 from .model import CausalLM, compiled
-from .prefill import ChunkedPrefill, Prefilled, prefill_target, right_padded
+from .prefill import ChunkedPrefill, Loading, Prefilled, prefill_batch, prefill_target, right_padded
 from .proposers.base import BatchInfo, Proposer, RoundInput
 from .sampling import SamplingParams
 from .settle import SlotState, compiled_settle, settle, verify_round
@@ -39,18 +39,6 @@ from .stream import Source, Stream, once
 from .trees import DraftTree
 
 RoundHook = Callable[[torch.Tensor, torch.Tensor, DraftTree], None]  # (ldlp_feat [B, 2H], n_accepted [B], tree)
-
-
-@dataclass
-class Loading:
-    """A refill whose prompts prefill a chunk per round (`ChunkedPrefill`): the slots they will take (frozen until
-    then), their rows, prompts and seeds."""
-
-    slots: list[int]
-    rows: list[int]
-    prompts: list[list[int]]
-    seeds: list[int]
-    prefill: ChunkedPrefill
 
 
 @dataclass
@@ -173,16 +161,13 @@ class Engine:
                 chunked.step()
             pre, draft = chunked.prefilled, chunked.draft
         else:
-            def prefill(ids, lens):
-                pre = prefill_target(self.target, self.drafter, ids, lens, work.cache)
-                return pre, (self.drafter.prefill(ids, lens, pre.features) if drafting else None)
-
-            W = StagedRefill.width(longest)
+            drafter, W = self.drafter if drafting else None, StagedRefill.width(longest)
             if self.graphs_on and W <= work.S:  # fixed buffers: one graph per (batch size, prompt width)
                 rows = work.stage(padded, W)  # [B, W + 1]
-                pre, draft = self._run(("prefill", B, W, drafting), lambda: prefill(rows[:, :W], rows[:, W]))
+                pre, draft = self._run(("prefill", B, W, drafting),
+                                       lambda: prefill_batch(self.target, drafter, rows[:, :W], rows[:, W], work.cache))
             else:
-                pre, draft = prefill(*right_padded(padded, device))
+                pre, draft = prefill_batch(self.target, drafter, *right_padded(padded, device), work.cache)
         work.root.copy_(pre.root)
         work.ldlp_feat.copy_(pre.ldlp_feat)
         work.seed.copy_(on_device(row_seeds, device))
@@ -282,14 +267,9 @@ class Engine:
         for cache in caches:
             cache.view(kb)
 
-        def prefill():
-            pre = prefill_target(self.target, self.drafter, ids, lens, staging.cache)
-            if not drafting:
-                return pre, None
-            staging.draft_cache.lens.zero_()
-            return pre, self.drafter.prefill_into(staging.draft_cache, ids, lens, pre.features)
-
-        pre, draft = self._run(("refill", kb, W, drafting), prefill)
+        drafter, draft_cache = (self.drafter, staging.draft_cache) if drafting else (None, None)
+        pre, draft = self._run(("refill", kb, W, drafting),
+                               lambda: prefill_batch(self.target, drafter, ids, lens, staging.cache, draft_cache))
         index = rows[:k, W + 1]
         for cache, main in zip(caches, [work.cache, self.drafter.cache if drafting else None]):
             cache.view(k)

@@ -70,6 +70,23 @@ def prefill_target(target: CausalLM, drafter: Drafter | None, ids: torch.Tensor,
     return Prefilled(root=root, ldlp_feat=ldlp_feat, features=features)
 
 
+DraftOpinion = tuple[torch.Tensor, "torch.Tensor | None"]  # the drafter's (logits [B, V], hidden [B, H] | None)
+
+
+def prefill_batch(target: CausalLM, drafter: Drafter | None, ids: torch.Tensor, lens: torch.Tensor, cache: KVCache,
+                  draft_cache: KVCache | None = None) -> tuple[Prefilled, DraftOpinion | None]:
+    """Prompts ids [B, T] (right-padded, lens [B]) into the target's `cache` and, given a drafter, their drafter
+    entries into `draft_cache` (emptied here) or, without one, into the drafter's own cache (emptied by the caller):
+    the Prefilled and the drafter's (logits [B, V], hidden [B, H] | None) at each prompt's last entry, or None."""
+    pre = prefill_target(target, drafter, ids, lens, cache)
+    if drafter is None:
+        return pre, None
+    if draft_cache is None:
+        return pre, drafter.prefill(ids, lens, pre.features)
+    draft_cache.lens.zero_()
+    return pre, drafter.prefill_into(draft_cache, ids, lens, pre.features)
+
+
 class ChunkedPrefill:
     """Prompts ids [k, T] (right-padded, lens [k]) prefilled `chunk` positions per step() into `cache` (k rows)
     and, when `draft_cache` is given, the drafter's entries for the same positions into it (the drafter's own
@@ -140,3 +157,15 @@ class ChunkedPrefill:
         assert self.done, "the prefill is not done"
         root, ldlp_feat = seated(self.target, self.ids, self.lens, self.last_hidden)
         return Prefilled(root=root, ldlp_feat=ldlp_feat, features=None)
+
+
+@dataclass
+class Loading:
+    """A refill whose prompts prefill a chunk per round (`ChunkedPrefill`): the slots they will take (frozen until
+    then), their rows, prompts and seeds."""
+
+    slots: list[int]
+    rows: list[int]
+    prompts: list[list[int]]
+    seeds: list[int]
+    prefill: ChunkedPrefill

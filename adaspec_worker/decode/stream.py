@@ -84,7 +84,7 @@ class Stream:
         assert prefill_chunk >= 0, f"prefill_chunk must be >= 0, got {prefill_chunk}"
         self.engine, self.source, self.width, self.refill = engine, source, slots, refill
         self.chunk = prefill_chunk  # a refill whose prompts are longer prefills this many positions per round
-        self.loading = None  # the chunked refill in progress (engine.Loading): its slots are reserved
+        self.loading = None  # the chunked refill in progress (prefill.Loading): its slots are reserved
         self.stats = EngineStats()  # the whole stream
         self.groups: dict[Hashable, EngineStats] = {}  # by group, oldest first, until taken
         self.pending: deque[int] = deque()  # row numbers, in arrival order
