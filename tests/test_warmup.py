@@ -130,3 +130,29 @@ def test_rounds_that_compile_or_capture_are_not_timed(models, monkeypatch):  # n
         _, stats = eng.generate(_prompts(2), SamplingParams(max_new_tokens=12), seeds=[1, 2])
         assert 0 < len(times) < stats.target_passes, overlap
         assert len(times) <= (len(launches) + 1) // 2, overlap  # at most the launches that did not capture
+
+
+def test_warm_up_prefills_every_prompt_width_drafting_or_not(models, monkeypatch):  # noqa: F811
+    """With CUDA graphs (`_run` stands in here), warm-up runs a batch's prefill twice (compile, then capture) at every
+    prompt width up to the job's longest prompt, 64 tokens apart, for the drafting shapes and for plain decoding, and
+    leaves the policy knowing nothing of acceptance; widths past `PREFILL_WIDTHS` are left to the job."""
+    from adaspec_worker.decode.engine import Engine
+
+    d, tgt = models
+    eng = _engine(d, tgt, "ldlp-tree")
+    eng.proposer.cost = MEASURED
+    keys = []
+    monkeypatch.setattr(Engine, "graphs_on", property(lambda self: True))
+    monkeypatch.setattr(eng, "_run", lambda key, fn: (keys.append(key), fn())[1])
+    warm(eng, slots=2, sampling=SamplingParams(max_new_tokens=8), prompt_len=100, rounds=2)
+    prefills = [k for k in keys if k[0] == "prefill"]
+    assert set(prefills) == {("prefill", 2, W, drafting) for drafting in (False, True) for W in (64, 128)}
+    assert all(prefills.count(k) >= 2 for k in set(prefills))
+    assert all(p.rounds == 0 for p in eng.proposer.policy.posteriors.values())
+    from adaspec_worker.decode import warmup
+
+    keys.clear()
+    eng.warmed = {}
+    monkeypatch.setattr(warmup, "PREFILL_WIDTHS", 128)  # (512 in a job; this model's context is 256)
+    warm(eng, slots=2, sampling=SamplingParams(max_new_tokens=8), prompt_len=200, rounds=1)
+    assert max(k[2] for k in keys if k[0] == "prefill") == 128

@@ -7,7 +7,7 @@ adaptive policy, plain decoding included), one call of `slots` short dummy rows 
 with that variant forced. On CUDA the first round compiles, the second captures the round's graphs and the rest
 replay them, so the job's calls at that batch size and sampling rule replay graphs from their first round (batch
 sizes a drain shrinks to, refills of fewer rows and a Thompson chain's other lengths are still captured on first
-use). So is a batch's prefill, at every prompt width up to `prompt_len` (`_prefill_widths`).
+use). So is a batch's prefill, at every prompt width up to `prompt_len` (`_prefill_widths`, 512 tokens at most).
 An adaptive policy keeps each variant's median round time (`policy.Timings`, through the proposer's `timed`;
 rounds that compiled or captured are not timed), so it prices every shape it may choose, `none` included, from
 this device's measurement instead of extrapolating from the shapes it has run. The dummy rows teach nothing:
@@ -33,6 +33,9 @@ from .sampling import SamplingParams
 from .stream import slack
 
 DUMMY_PROMPT = 16  # tokens per dummy row: the rounds' cost depends on the workspace's size, not on the prompts
+# prompt widths whose prefill warm-up captures: 8 at most (longer prompts prefill in chunks of the default
+# `resources.prefill_chunk`, 512 positions; a wider prefill first met in the job is captured at its second use)
+PREFILL_WIDTHS = 512
 
 
 def warm(engine, slots: int, sampling: SamplingParams, prompt_len: int, rounds: int = 8) -> float:
@@ -73,10 +76,11 @@ def warm(engine, slots: int, sampling: SamplingParams, prompt_len: int, rounds: 
 
 
 def _prefill_widths(engine, B: int, sampling: SamplingParams, prompt_len: int, g: torch.Generator) -> None:
-    """A batch's prefill at every prompt width up to `prompt_len`'s (`StagedRefill.STEP` apart): each compiled, then
-    captured, so a batch of B rows starts with one graph replay whatever its prompts' lengths."""
+    """A batch's prefill at every prompt width up to `prompt_len`'s (`StagedRefill.STEP` apart, `PREFILL_WIDTHS` at
+    most): each compiled, then captured, so a batch of B rows starts with one graph replay whatever its prompts'
+    lengths."""
     sp = dataclasses.replace(sampling, max_new_tokens=1, eos_token_ids=())
-    for W in range(StagedRefill.STEP, StagedRefill.width(prompt_len) + 1, StagedRefill.STEP):
+    for W in range(StagedRefill.STEP, min(StagedRefill.width(prompt_len), PREFILL_WIDTHS) + 1, StagedRefill.STEP):
         prompts = torch.randint(engine.target.cfg.vocab_size, (B, W), generator=g).tolist()
         for _ in range(2):  # the first use compiles, the second captures
             engine.generate(prompts, sp, seeds=list(range(B)), slots=B)
