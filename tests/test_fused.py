@@ -116,7 +116,7 @@ def test_compiled_round_equals_the_plain_ops(models):
     """A round's tree building (a traceable proposer's `propose`) and its bookkeeping after the target pass
     (`settle.py`: verification, KV compaction, next root, LDLP feature and counter), compiled by inductor as the
     engine runs them where the target is compiled (CUDA), decode the same tokens as the plain ops: greedy and
-    sampled dynamic trees, a greedy chain, a static tree and adaptive trees (DDD's, AdaEDL's per-row lambda)."""
+    sampled dynamic trees, a greedy chain, a static tree and an adaptive tree (AdaEDL's, per-row lambda)."""
     from adaspec_worker.decode import settle
     from adaspec_worker.decode.model import compiled
 
@@ -124,8 +124,7 @@ def test_compiled_round_equals_the_plain_ops(models):
     cases = [("eagle2", {"top_k": 3, "depth": 3, "total_tokens": 8}, 0.0),
              ("eagle2", {"top_k": 3, "depth": 3, "total_tokens": 8}, 0.8), ("eagle", {"k": 3}, 0.0),
              ("eagle-tree", {"tree": ((0,), (1,), (0, 0))}, 0.0),
-             ("ddd", {"top_k": 3, "max_depth": 3, "total_tokens": 6}, 0.0),  # adaptive: the call's shape, per-row state
-             ("adaedl", {"top_k": 2, "k_max": 3}, 0.8)]
+             ("adaedl", {"top_k": 2, "k_max": 3}, 0.8)]  # adaptive: the call's shape and per-row state (lambda)
     torch._dynamo.reset()
     try:
         for method, params, temperature in cases:
