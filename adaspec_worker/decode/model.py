@@ -142,17 +142,22 @@ class CausalLM(nn.Module):
         B, T = ids.shape
         if tree_mask is None:
             tree_mask = causal_tree(B, T, ids.device)
-        if self.kernel_attention:  # the kernel's int8 mask made here: traced, inductor remade it for every layer
+        slots = None
+        if self.kernel_attention:  # the kernels' int8 mask and slots made here: traced, inductor remade them per layer
             tree_mask = tree_mask.to(torch.int8)
+            slots = cache.lens[:, None] + torch.arange(offset, offset + T, device=ids.device)[None, :]  # [B, T]
         if self._compiled is not None and T <= self.compile_max_tokens:  # one layout per input: no stride recompiles
-            return self._compiled(dense(ids), dense(positions), cache.kv, cache.lens, dense(tree_mask), offset, logits)
-        return self._body(ids, positions, cache.kv, cache.lens, tree_mask, offset, logits)
+            return self._compiled(dense(ids), dense(positions), cache.kv, cache.lens, dense(tree_mask), offset, logits,
+                                  slots)
+        return self._body(ids, positions, cache.kv, cache.lens, tree_mask, offset, logits, slots)
 
-    def _body(self, ids, positions, kv, lens, tree_mask, offset: int, logits: bool = True):
-        """The pass itself over the cache tensors kv [B, S, L, 2, Hkv, D] and lens [B] (what torch.compile sees)."""
+    def _body(self, ids, positions, kv, lens, tree_mask, offset: int, logits: bool = True, slots=None):
+        """The pass itself over the cache tensors kv [B, S, L, 2, Hkv, D] and lens [B] (what torch.compile sees);
+        slots [B, T] where the new tokens go (kernel path; default lens + offset + arange(T))."""
         T = ids.shape[1]
         if self.kernel_attention:  # the kernel reads lens and the tree mask itself: no [B, T, S] mask
-            slots = lens[:, None] + offset + torch.arange(T, device=lens.device)[None, :]  # [B, T]
+            if slots is None:
+                slots = lens[:, None] + offset + torch.arange(T, device=lens.device)[None, :]  # [B, T]
             mask = tree_attention.span(lens, tree_mask)
         else:
             slots, mask = slots_and_mask(lens, kv.shape[1], T, tree_mask, offset)
