@@ -1,11 +1,12 @@
 """Prompt prefill: prompts into a KV cache (and the drafter's), whole or a chunk of positions at a time.
 
 A prompt of T tokens prefills its first T - 1 into the target's cache; its last token becomes the slot's root
-(the first pending token, which the first round verifies). `prefill_target` does that in one pass.
-`ChunkedPrefill` does the same over `chunk` positions per `step()`, so that continuous batching can prefill a
-long prompt into a freed slot a chunk per round while the other slots keep decoding (`stream.py` schedules
-it; the slot stays frozen until the last chunk). Each chunk is one target pass over positions [a, b) that
-attends to the cache's first a positions (the earlier chunks) causally, then the drafter's entries for the
+(the first pending token, which the first round verifies). `prefill_target` does that in one pass (hidden
+states only: a prefill needs no logits); `prefill_batch` adds the drafter's entries. `ChunkedPrefill` does the
+same over `chunk` positions per `step()`, so that continuous batching can prefill a long prompt into a freed
+slot a chunk per round while the other slots keep decoding (`stream.py` schedules it, as a `Loading`; the slot
+stays frozen until the last chunk). Each chunk is one target pass over positions [a, b) that attends to the
+cache's first a positions (the earlier chunks) causally, then the drafter's entries for the
 same positions (`Drafter.extend`). The result is the whole-prompt prefill's up to float rounding (the passes'
 shapes differ, as a refill of k rows differs from a first batch of B): the tests find every method's tokens
 unchanged by the chunk size in float32 on the CPU (tests/test_refill.py, tests/test_prefill.py).
