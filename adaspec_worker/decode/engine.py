@@ -164,10 +164,11 @@ class Engine:
             drafter, W = self.drafter if drafting else None, StagedRefill.width(longest)
             if self.graphs_on and W <= work.S:  # fixed buffers: one graph per (batch size, prompt width)
                 rows = work.stage(padded, W)  # [B, W + 1]
-                pre, draft = self._run(("prefill", B, W, drafting),
-                                       lambda: prefill_batch(self.target, drafter, rows[:, :W], rows[:, W], work.cache))
+                pre = self._run(("prefill", B, W, drafting),
+                                lambda: prefill_batch(self.target, drafter, rows[:, :W], rows[:, W], work.cache))
             else:
-                pre, draft = prefill_batch(self.target, drafter, *right_padded(padded, device), work.cache)
+                pre = prefill_batch(self.target, drafter, *right_padded(padded, device), work.cache)
+            draft = pre.draft
         work.root.copy_(pre.root)
         work.ldlp_feat.copy_(pre.ldlp_feat)
         work.seed.copy_(on_device(row_seeds, device))
@@ -268,13 +269,13 @@ class Engine:
             cache.view(kb)
 
         drafter, draft_cache = (self.drafter, staging.draft_cache) if drafting else (None, None)
-        pre, draft = self._run(("refill", kb, W, drafting),
-                               lambda: prefill_batch(self.target, drafter, ids, lens, staging.cache, draft_cache))
+        pre = self._run(("refill", kb, W, drafting),
+                        lambda: prefill_batch(self.target, drafter, ids, lens, staging.cache, draft_cache))
         index = rows[:k, W + 1]
         for cache, main in zip(caches, [work.cache, self.drafter.cache if drafting else None]):
             cache.view(k)
             main.load_rows(index, cache)
-        return index, rows[:k, W + 2], pre, draft
+        return index, rows[:k, W + 2], pre, pre.draft
 
     def _begin_drafter(self, B: int) -> None:
         """The drafter's cache for the workspace's slots (its first B rows empty)."""

@@ -25,6 +25,8 @@ from .drafters import Drafter
 from .kv_cache import KVCache
 from .model import CausalLM
 
+DraftOpinion = tuple[torch.Tensor, "torch.Tensor | None"]  # the drafter's (logits [B, V], hidden [B, H] | None)
+
 
 @dataclass
 class Prefilled:
@@ -33,6 +35,7 @@ class Prefilled:
     root: torch.Tensor  # [k] each prompt's last token: the first pending token
     ldlp_feat: torch.Tensor  # [k, 2H] emb(root) ++ the hidden state before it (zeros for one-token prompts)
     features: torch.Tensor | None  # [k, T-1, F] the drafter's features at the prefilled positions (None without one)
+    draft: DraftOpinion | None = None  # `prefill_batch`: the drafter's opinion at each prompt's last entry
 
 
 def right_padded(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,21 +74,18 @@ def prefill_target(target: CausalLM, drafter: Drafter | None, ids: torch.Tensor,
     return Prefilled(root=root, ldlp_feat=ldlp_feat, features=features)
 
 
-DraftOpinion = tuple[torch.Tensor, "torch.Tensor | None"]  # the drafter's (logits [B, V], hidden [B, H] | None)
-
-
 def prefill_batch(target: CausalLM, drafter: Drafter | None, ids: torch.Tensor, lens: torch.Tensor, cache: KVCache,
-                  draft_cache: KVCache | None = None) -> tuple[Prefilled, DraftOpinion | None]:
+                  draft_cache: KVCache | None = None) -> Prefilled:
     """Prompts ids [B, T] (right-padded, lens [B]) into the target's `cache` and, given a drafter, their drafter
     entries into `draft_cache` (emptied here) or, without one, into the drafter's own cache (emptied by the caller):
-    the Prefilled and the drafter's (logits [B, V], hidden [B, H] | None) at each prompt's last entry, or None."""
+    the Prefilled, with the drafter's opinion at each prompt's last entry as its `draft` (None without a drafter)."""
     pre = prefill_target(target, drafter, ids, lens, cache)
-    if drafter is None:
-        return pre, None
-    if draft_cache is None:
-        return pre, drafter.prefill(ids, lens, pre.features)
-    draft_cache.lens.zero_()
-    return pre, drafter.prefill_into(draft_cache, ids, lens, pre.features)
+    if drafter is not None and draft_cache is None:
+        pre.draft = drafter.prefill(ids, lens, pre.features)
+    elif drafter is not None:
+        draft_cache.lens.zero_()
+        pre.draft = drafter.prefill_into(draft_cache, ids, lens, pre.features)
+    return pre
 
 
 class ChunkedPrefill:
