@@ -148,6 +148,34 @@ def test_compiled_round_equals_the_plain_ops(models):
         torch._dynamo.reset()
 
 
+def test_compiled_settle_after_a_plain_ranked_tree(models):
+    """The compiled `settle` alone (the proposer's ops plain) over an adaptive method's ranked trees at each depth of
+    its menu decodes the same tokens as the plain ops. It once read the KV cache out of bounds on the CPU (a fatal
+    error in the worker): the path's node per level came from an argmax over a one-hot, which inductor's vectorised
+    CPU code got wrong."""
+    from adaspec_worker.decode import settle
+
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    sp = SamplingParams(max_new_tokens=12, temperature=0.0)
+    torch._dynamo.reset()
+    try:
+        outs = []
+        for whole in (False, True):
+            target = load_target(str(models / "target"), dtype="float32", device="cpu")
+            spec = parse_spec("opt-tree", {"max_depth": 2})
+            engine = build_engine(target, spec, draft=load_drafter(target, spec, str(models / "head")))
+            if whole:
+                engine._settle = settle.compiled_settle()
+            for variant in engine.proposer.variants():
+                engine.proposer.force(variant.key)
+                res, _ = engine.generate(prompts, sp, seeds=[1, 2], slots=2)
+                outs.append((whole, variant.key, [r.tokens for r in res]))
+        half = len(outs) // 2
+        assert [o[1:] for o in outs[:half]] == [o[1:] for o in outs[half:]]
+    finally:
+        torch._dynamo.reset()
+
+
 def test_compiled_settle_compacts_the_cache_in_place(models):
     """Inductor's code for `settle` allocates nothing near the cache's size: the compaction moves the accepted
     entries inside the cache (a functionalised copy of the whole cache per round would cost batch-64 decoding

@@ -48,8 +48,11 @@ class Verdict:
 def path_to(anc_row: torch.Tensor, depth: torch.Tensor, P: int) -> torch.Tensor:
     """anc_row [B, N] (ancestors of the chosen node), depth [B, N] -> node at each depth [B, P]."""
     levels = torch.arange(P, device=depth.device)[None, :, None]
-    onehot = anc_row[:, None, :] & (depth[:, None, :] == levels)  # [B, P, N]
-    return onehot.to(torch.uint8).argmax(-1)
+    onehot = anc_row[:, None, :] & (depth[:, None, :] == levels)  # [B, P, N] at most one node per level: a path
+    # the node's index as a sum, not an argmax over the one-hot: inductor's vectorised CPU argmax over uint8 read
+    # indices out of bounds (torch 2.13), and the sum fuses into one reduction anyway
+    nodes = torch.arange(depth.shape[1], device=depth.device)
+    return (onehot.long() * nodes).sum(-1)
 
 
 # -- the steps of the rules that tests replace with broken versions to show their power
