@@ -6,7 +6,8 @@
 #   profile       #11: CUDA kernels per round by name, `none` and `eagle2` d4/t30 at batch 1, T=0. If it fails, the
 #                 later sections run with compiled rounds off (ADARUN_COMPILE_ROUND=0) and say so
 #   profile-plain the same with compiled rounds off: the comparison for the compiled propose/settle
-#   profile-kernel the same with the Triton tree-attention and RoPE kernels (ADARUN_TREE_KERNEL=1), and transformers'
+#   profile-kernel the same with the Triton tree-attention and RoPE kernels (ADARUN_TREE_KERNEL=1, the default on CUDA
+#                 since h100-kernel-default; ADARUN_TREE_KERNEL=0 runs SDPA), and transformers'
 #                 generate at batch 1 (the 20x baseline) in the same JSON
 #   fixed-b64     `none` and `eagle2` d4/t30 at batch 64, T=0 (the batch where the kernels once lost 3.4x)
 #   fixed-b64-kernel the same with ADARUN_TREE_KERNEL=1
@@ -16,6 +17,9 @@
 #                 tokens, prefill whole)
 #   natural-whole the same at T=0 with refills' prompts prefilled at once (--prefill-chunk 0), for comparison
 #   natural-chunk the same at T=0 with prompts prefilled in chunks of 128 positions: chunked prefill on the GPU
+#   fixed-grid    #11 at batch 16 and 64, T=0: `none` against the fixed settings that suit a batch (EAGLE-2 trees of
+#                 30 and 12 nodes, a chain of 4); FIXED_METHODS overrides
+#   fixed-t07     #11 at batch 1, T=0.7: `none`, `eagle2` d4/t30 and d6/t60, `eagle:k=4`
 #   adaptive-b16  #12: every adaptive method against `none` and the best fixed settings at batch 16 and 64, T=0
 #   adaptive-b1   #12: the same at batch 1, T=0 (ADAPTIVE_TEMPERATURES=0,0.7 adds T=0.7; 16 prompts). The adaptive
 #                 methods' propose compiles once per menu shape at warm-up: each cell's warm_seconds says what it cost
@@ -33,16 +37,18 @@ for arg in "$@"; do
     natural) ARGS="--workload natural --batch-sizes 64 --temperatures 0,0.7 --new-tokens 256 --n-prompts 244 --repeats 3 --methods ${NATURAL_METHODS:-eagle:k=4,eagle2:depth=4:total_tokens=30}" ;;
     natural-chunk) ARGS="--workload natural --batch-sizes 64 --temperatures 0 --new-tokens 256 --n-prompts 244 --repeats 3 --prefill-chunk 128 --methods ${NATURAL_METHODS:-eagle:k=4,eagle2:depth=4:total_tokens=30}" ;;
     natural-whole) ARGS="--workload natural --batch-sizes 64 --temperatures 0 --new-tokens 256 --n-prompts 244 --repeats 3 --prefill-chunk 0 --methods ${NATURAL_METHODS:-eagle:k=4,eagle2:depth=4:total_tokens=30}" ;;
+    fixed-grid) ARGS="--methods ${FIXED_METHODS:-none,eagle2:depth=4:total_tokens=30,eagle2:top_k=4:depth=4:total_tokens=12,eagle:k=4} --batch-sizes ${FIXED_BATCHES:-16,64} --temperatures 0 --new-tokens 128 --n-prompts 64 --repeats 3" ;;
+    fixed-t07) ARGS="--methods none,eagle2:depth=4:total_tokens=30,eagle2:depth=6:total_tokens=60,eagle:k=4 --batch-sizes 1 --temperatures 0.7 --new-tokens 128 --n-prompts 16 --repeats 2" ;;
     adaptive-b16) ARGS="--methods $ADAPTIVE --batch-sizes 16,64 --temperatures 0 --new-tokens 128 --n-prompts 64 --repeats 4 --cost-model" ;;
     profile|profile-plain) ARGS=$PROFILE ;;
     profile-kernel) ARGS="$PROFILE --baselines hf --hf-prompts 2" ;;
     fixed-b64|fixed-b64-kernel) ARGS="--methods none,eagle2:depth=4:total_tokens=30 --batch-sizes 64 --temperatures 0 --new-tokens 128 --n-prompts 64 --repeats 3" ;;
     adaptive-b1|adaptive-b1-kernel) ARGS="--methods $ADAPTIVE --batch-sizes 1 --temperatures ${ADAPTIVE_TEMPERATURES:-0} --new-tokens 128 --n-prompts 16 --repeats 3 --cost-model" ;;
-    *) echo "usage: $0 natural|natural-whole|natural-chunk|adaptive-b16|adaptive-b1[-kernel]|profile|profile-plain|profile-kernel|fixed-b64|fixed-b64-kernel[:seconds] ..." >&2; exit 2 ;;
+    *) echo "usage: $0 natural|natural-whole|natural-chunk|fixed-grid|fixed-t07|adaptive-b16|adaptive-b1[-kernel]|profile|profile-plain|profile-kernel|fixed-b64|fixed-b64-kernel[:seconds] ..." >&2; exit 2 ;;
   esac
   echo "== $name (${limit} s, ADARUN_COMPILE_ROUND=${ADARUN_COMPILE_ROUND:-1})"
   if [ "$name" = profile-plain ]; then plain=0; else plain=${ADARUN_COMPILE_ROUND:-1}; fi
-  if [ "${name%-kernel}" != "$name" ]; then kernel=1; else kernel=${ADARUN_TREE_KERNEL:-0}; fi
+  if [ "${name%-kernel}" != "$name" ]; then kernel=1; else kernel=${ADARUN_TREE_KERNEL:-1}; fi
   ADARUN_COMPILE_ROUND=$plain ADARUN_TREE_KERNEL=$kernel timeout "$limit" python3 scripts/gpu_fast_bench.py $COMMON $ARGS \
     --out "$OUT/$name" > "/tmp/$name.log" 2>&1
   rc=$?
