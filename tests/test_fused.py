@@ -140,7 +140,7 @@ def test_compiled_round_equals_the_plain_ops(models):
                     engine.proposer.force(max(drafting, key=lambda shape: shape.depth))
                 if whole:
                     engine._settle = settle.compiled_settle()
-                    engine._compiled_propose = compiled(engine.proposer.propose)
+                    engine._compiled_propose = engine.proposer.compile_propose(compiled)
                 res, stats = engine.generate(prompts, sp, seeds=[1, 2, 3], slots=3)
                 outs.append(([r.tokens for r in res], stats.rows.accepted))
             assert outs[0] == outs[1], (method, temperature)

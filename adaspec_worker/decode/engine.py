@@ -76,7 +76,7 @@ class Engine:
         # proposer's tree building: their small ops fuse (ADARUN_COMPILE_ROUND=0: plain ops, for comparison)
         whole = fast and target._compiled is not None and os.environ.get("ADARUN_COMPILE_ROUND", "1") != "0"
         self._settle = compiled_settle() if whole else settle
-        self._compiled_propose = compiled(proposer.propose) if whole and proposer.traceable else None
+        self._compiled_propose = proposer.compile_propose(compiled) if whole and proposer.traceable else None
 
     @property
     def spec(self):

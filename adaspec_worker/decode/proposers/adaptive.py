@@ -6,8 +6,8 @@ on their specs in `jobs/specs.py`. Every method here is a `Budgeted` proposer:
   - the round's shape (depth, node budget, width) is chosen once per generate() call by `policy.ShapePolicy`
     from the method's menu, the batch bucket, the sampling rule and the measured cost model (`self.cost`,
     set by the builder or the worker): expected tokens per second, `none` (drafter idle) when nothing pays;
-  - per row, `limit(r, stats, shape)` turns the method's signal into that row's depth limit, and
-    `ranked.grow_ranked` spends the row's node budget on its best candidates within it:
+  - per row, `limit(r, stats, depth)` turns the method's signal into that row's depth limit, and
+    `ranked.finish` spends the row's node budget on its best candidates within it:
       adaeagle      LDLP's predicted accepted length (AdaEAGLE)
       adaeagle-ddd  LDLP's length, or deeper while the best path's log-probability stays above the threshold
       adaedl        levels while 1 - sqrt(gamma * H) >= lambda, lambda adapted per row (AdaEDL)
@@ -15,7 +15,8 @@ on their specs in `jobs/specs.py`. Every method here is a `Budgeted` proposer:
       opt-tree      stop at the first level whose frontier adds less than delta to E = sum of path probabilities
       ldlp-tree     LDLP's length + 1, within [min_depth, max_depth]
 Per-row state lives in `row_state` tensors; propose and observe never leave the device (no host sync), so
-every round is a CUDA graph (one per shape), and propose is compiled with the target (one compile per shape).
+every round is a CUDA graph (one per shape). Where the target is compiled, so is propose, in pieces every shape
+shares (`compile_propose`): the expansion's root level and one level, traced once, and the limits and rerank.
 Lossless: they only change what is proposed.
 
 Knows nothing of the engine: the LDLP and the cost model are handed in by the builder.
@@ -28,7 +29,7 @@ import torch
 from jobs.specs import AdaEagleDDDSpec, AdaEagleSpec, AdaEDLSpec, DDDSpec, LDLPTreeSpec, MethodSpec, OptTreeSpec
 
 from ..policy import NO_DRAFT, RoundTally, Shape, ShapePolicy, menu, rule_key
-from ..ranked import LevelStats, grow_ranked, leading
+from ..ranked import Candidates, LevelStats, RankedSteps, finish, grow_levels, leading, level_stats
 from ..trees import chain_tree
 from .base import BatchInfo, Proposer, RoundInput, Variant, implements
 
@@ -82,15 +83,29 @@ class Budgeted(Proposer):
     def plan_key(self, plan):
         return (self.shape,)
 
+    steps = RankedSteps()  # the expansion's phases, plain until `compile_propose`
+
+    def compile_propose(self, compile):
+        """Compiled in pieces every menu shape shares: one trace of the expansion's root level, one of a level
+        (`ranked.RankedSteps`), and one of the limits and rerank per depth, instead of one trace of the whole
+        unrolled propose per shape."""
+        self.steps = RankedSteps.compile_with(compile)
+        self._ranked = compile(self._ranked)
+        return self.propose
+
     def propose(self, r: RoundInput, plan):
         s = self.shape
         if not s.drafts:
             return chain_tree(r.root, r.root.new_zeros(r.root.shape[0], 0))
-        limit = lambda stats: self.limit(r, stats, s).clamp(1, s.depth)  # noqa: E731
-        return grow_ranked(r.root, r.root_logits, r.root_hidden, r.drafter.step, s.width, s.depth, s.nodes, limit)
+        levels = grow_levels(r.root_logits, r.root_hidden, r.drafter.step, s.width, s.depth, self.scratch, self.steps)
+        return self._ranked(r, levels, s.depth, s.nodes)
 
-    def limit(self, r: RoundInput, stats: LevelStats, shape: Shape) -> torch.Tensor:
-        """[B] the depth each row may draft to this round (clamped to [1, shape.depth] by the caller)."""
+    def _ranked(self, r: RoundInput, levels: list[Candidates], depth: int, nodes: int):
+        """Each row's depth limit from the method's signal, then its `nodes` best candidates within it."""
+        return finish(r.root, levels, self.limit(r, level_stats(levels), depth).clamp(1, depth), nodes)
+
+    def limit(self, r: RoundInput, stats: LevelStats, depth: int) -> torch.Tensor:
+        """[B] the depth each row may draft to this round (clamped to [1, depth] by the caller)."""
         raise NotImplementedError
 
     def timed(self, B: int, seconds: float) -> None:
@@ -129,7 +144,7 @@ class AdaEagle(LDLPBudgeted):
     def __init__(self, spec: AdaEagleSpec, ldlp):
         super().__init__(spec, ldlp, spec.k_max, spec.top_k, spec.nodes_per_level)
 
-    def limit(self, r, stats, shape):
+    def limit(self, r, stats, depth):
         return self.predicted(r)
 
 
@@ -138,7 +153,7 @@ class AdaEagleDDD(LDLPBudgeted):
     def __init__(self, spec: AdaEagleDDDSpec, ldlp):
         super().__init__(spec, ldlp, spec.k_max, spec.top_k, spec.nodes_per_level)
 
-    def limit(self, r, stats, shape):
+    def limit(self, r, stats, depth):
         best_path = stats.frontier_logp[:, :, 0]  # [B, D] log-probability of the best path to each level
         go = (_depths(stats) <= self.predicted(r)[:, None]) | (best_path > self.spec.threshold)
         return leading(go)  # stop only when both say stop
@@ -161,7 +176,7 @@ class AdaEDL(Budgeted):
         self.row_state("lam", batch.B, self.spec.lam0, torch.float64, batch.device)  # [B]
         self.row_state("ema", batch.B, self.spec.alpha, torch.float64, batch.device)  # [B]
 
-    def limit(self, r, stats, shape):
+    def limit(self, r, stats, depth):
         go = (1 - (self.spec.gamma * stats.entropy.double()).clamp(min=0).sqrt()) >= self.lam[:, None]  # [B, D]
         return leading(go)
 
@@ -179,12 +194,12 @@ class DDD(Budgeted):
     def __init__(self, spec: DDDSpec):
         super().__init__(spec, spec.max_depth, spec.top_k, -(-spec.total_tokens // spec.max_depth))
 
-    def limit(self, r, stats, shape):
+    def limit(self, r, stats, depth):
         """The first check depth (below the shape's depth) where log(sum of the beams' probabilities) < threshold."""
         B = stats.entropy.shape[0]
-        limit = torch.full((B,), shape.depth, dtype=torch.long, device=stats.entropy.device)
+        limit = torch.full((B,), depth, dtype=torch.long, device=stats.entropy.device)
         for c in sorted(set(self.spec.check_depths), reverse=True):  # the shallowest failing check wins
-            if c < shape.depth:
+            if c < depth:
                 low = torch.logsumexp(stats.frontier_logp[:, c - 1], -1) < self.spec.threshold
                 limit = torch.where(low, c, limit)
         return limit
@@ -195,7 +210,7 @@ class OptTree(Budgeted):
     def __init__(self, spec: OptTreeSpec):
         super().__init__(spec, spec.max_depth, spec.n, spec.n)
 
-    def limit(self, r, stats, shape):
+    def limit(self, r, stats, depth):
         gain = stats.frontier_logp.exp().sum(-1)  # [B, D] what each level's frontier adds to E
         return 1 + leading(gain[:, :-1] >= self.spec.delta)
 
@@ -205,5 +220,5 @@ class LDLPTree(LDLPBudgeted):
     def __init__(self, spec: LDLPTreeSpec, ldlp):
         super().__init__(spec, ldlp, spec.max_depth, spec.top_k, spec.nodes_per_level)
 
-    def limit(self, r, stats, shape):
+    def limit(self, r, stats, depth):
         return (self.predicted(r) + 1).clamp(min=self.spec.min_depth)

@@ -104,6 +104,11 @@ class Proposer:
     def __init__(self, spec: MethodSpec):
         self.spec = spec
 
+    def compile_propose(self, compile):
+        """The propose the engine runs where rounds are compiled (a `traceable` proposer): by default `propose`
+        through `compile`, one trace of the whole round's tree building per shape."""
+        return compile(self.propose)
+
     def begin(self, batch: BatchInfo) -> None:
         """Called once per generate() before the first round."""
 
