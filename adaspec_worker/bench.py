@@ -138,7 +138,7 @@ def kernels_per_round(engine: Engine, prompts, B: int, sampling: SamplingParams)
 
     from torch.profiler import ProfilerActivity, profile
 
-    counts, names = [], []
+    counts, names, times = [], [], []
     for n in (16, sampling.max_new_tokens):
         engine.generate(prompts[:B], replace(sampling, max_new_tokens=n), seeds=list(range(B)))  # warm this length
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -148,12 +148,18 @@ def kernels_per_round(engine: Engine, prompts, B: int, sampling: SamplingParams)
                    and not e.name.startswith(("Memcpy", "Memset"))]
         counts.append((len(kernels), stats.target_passes, sum(e.device_time for e in kernels)))
         names.append(Counter(e.name[:100] for e in kernels))
+        times.append(Counter())
+        for e in kernels:
+            times[-1][e.name[:100]] += e.device_time  # us
     (k0, r0, t0), (k1, r1, t1) = counts
     rounds = max(r1 - r0, 1)
     by_name = {name: round((names[1][name] - names[0][name]) / rounds, 2) for name in names[1]}
     by_name = dict(sorted(((k, v) for k, v in by_name.items() if v > 0), key=lambda kv: -kv[1]))
+    us = {name: round((times[1][name] - times[0][name]) / rounds, 2) for name in times[1]}
+    us = dict(sorted(((k, v) for k, v in us.items() if v > 0), key=lambda kv: -kv[1])[:40])
     return {"kernels_per_round": (k1 - k0) / rounds, "gpu_kernel_ms_per_round": (t1 - t0) / 1e3 / rounds,
-            "kernels_by_name": by_name}  # per round, the most frequent first: where the count comes from
+            "kernels_by_name": by_name,  # per round, the most frequent first: where the count comes from
+            "kernel_us_by_name": us}  # GPU microseconds per round, the 40 costliest names first: where the time goes
 
 
 def bench_hf(model, prompts, B, n, temperature, new_tokens, dev, **kw) -> dict:

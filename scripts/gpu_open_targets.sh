@@ -9,6 +9,8 @@
 #   profile-kernel the same with the Triton tree-attention and RoPE kernels (ADARUN_TREE_KERNEL=1, the default on CUDA
 #                 since h100-kernel-default; ADARUN_TREE_KERNEL=0 runs SDPA), and transformers'
 #                 generate at batch 1 (the 20x baseline) in the same JSON
+#   profile-b16   the same at batch 16 (PROFILE_BATCHES overrides) for `none`, `eagle:k=4` and `eagle2` d4/t30, with
+#                 each kernel name's GPU time per round (`kernel_us_by_name`): where a batch's rounds grow
 #   fixed-b64     `none` and `eagle2` d4/t30 at batch 64, T=0 (the batch where the kernels once lost 3.4x)
 #   fixed-b64-kernel the same with ADARUN_TREE_KERNEL=1
 #   natural       #17: continuous batching on the natural workload, 64 slots, `none`, `eagle:k=4` (the fastest fixed
@@ -42,9 +44,10 @@ for arg in "$@"; do
     adaptive-b16) ARGS="--methods $ADAPTIVE --batch-sizes 16,64 --temperatures 0 --new-tokens 128 --n-prompts 64 --repeats 4 --cost-model" ;;
     profile|profile-plain) ARGS=$PROFILE ;;
     profile-kernel) ARGS="$PROFILE --baselines hf --hf-prompts 2" ;;
+    profile-b16) ARGS="--methods none,eagle:k=4,eagle2:depth=4:total_tokens=30 --batch-sizes ${PROFILE_BATCHES:-16} --temperatures 0 --new-tokens 128 --n-prompts 32 --repeats 2 --profile" ;;
     fixed-b64|fixed-b64-kernel) ARGS="--methods none,eagle2:depth=4:total_tokens=30 --batch-sizes 64 --temperatures 0 --new-tokens 128 --n-prompts 64 --repeats 3" ;;
     adaptive-b1|adaptive-b1-kernel) ARGS="--methods $ADAPTIVE --batch-sizes 1 --temperatures ${ADAPTIVE_TEMPERATURES:-0} --new-tokens 128 --n-prompts 16 --repeats 3 --cost-model" ;;
-    *) echo "usage: $0 natural|natural-whole|natural-chunk|fixed-grid|fixed-t07|adaptive-b16|adaptive-b1[-kernel]|profile|profile-plain|profile-kernel|fixed-b64|fixed-b64-kernel[:seconds] ..." >&2; exit 2 ;;
+    *) echo "usage: $0 natural|natural-whole|natural-chunk|fixed-grid|fixed-t07|profile-b16|adaptive-b16|adaptive-b1[-kernel]|profile|profile-plain|profile-kernel|fixed-b64|fixed-b64-kernel[:seconds] ..." >&2; exit 2 ;;
   esac
   echo "== $name (${limit} s, ADARUN_COMPILE_ROUND=${ADARUN_COMPILE_ROUND:-1})"
   if [ "$name" = profile-plain ]; then plain=0; else plain=${ADARUN_COMPILE_ROUND:-1}; fi
@@ -60,7 +63,7 @@ for arg in "$@"; do
     fi
   fi
   if [ -f "$OUT/$name/bench.json" ] && [ "${name#profile}" != "$name" ]; then  # kernels per round by name
-    python3 -c "import json,sys; [print(c['label'], c.get('kernels_per_round'), *[f'{v:6.2f} {k}' for k, v in list(c.get('kernels_by_name', {}).items())[:30]], sep='\n') for c in json.load(open(sys.argv[1]))['cells']]" "$OUT/$name/bench.json"
+    python3 -c "import json,sys; [print(c['label'], c.get('kernels_per_round'), c.get('gpu_kernel_ms_per_round'), *[f'{v:7.2f} us {k[:70]}' for k, v in list(c.get('kernel_us_by_name', {}).items())[:12]], sep='\n') for c in json.load(open(sys.argv[1]))['cells']]" "$OUT/$name/bench.json"
   fi
   rm -f "$OUT/$name"/*.png "$OUT/$name"/*.md  # the device returns at most 8 files: the JSON carries everything
 done
