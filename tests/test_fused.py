@@ -113,13 +113,11 @@ def test_compiled_pass_writes_the_cache_in_place(models):
 
 
 def test_compiled_round_equals_the_plain_ops(models):
-    """A round's tree building (a traceable proposer's `propose`) and its bookkeeping after the target pass
-    (`settle.py`: verification, KV compaction, next root, LDLP feature and counter), compiled by inductor as the
-    engine runs them where the target is compiled (CUDA), decode the same tokens as the plain ops: greedy and
-    sampled dynamic trees, a greedy chain, a static tree and an adaptive tree (AdaEDL's, per-row lambda)."""
-    from adaspec_worker.decode import settle
-    from adaspec_worker.decode.model import compiled
-
+    """A round's small ops (`Engine.compile_round`: the tree building of a traceable proposer's `propose`, the tree's
+    positions and mask, the bookkeeping after the target pass in `settle.py`, the drafter's catch-up, the outcome's
+    packing), compiled by inductor as the engine runs them where the target is compiled (CUDA), decode the same
+    tokens as the plain ops: greedy and sampled dynamic trees, a greedy chain, a static tree and an adaptive tree
+    (AdaEDL's, per-row lambda)."""
     prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]]
     cases = [("eagle2", {"top_k": 3, "depth": 3, "total_tokens": 8}, 0.0),
              ("eagle2", {"top_k": 3, "depth": 3, "total_tokens": 8}, 0.8), ("eagle", {"k": 3}, 0.0),
@@ -139,8 +137,7 @@ def test_compiled_round_equals_the_plain_ops(models):
                 if drafting:  # an adaptive menu: its deepest shape, whatever the policy would choose
                     engine.proposer.force(max(drafting, key=lambda shape: shape.depth))
                 if whole:
-                    engine._settle = settle.compiled_settle()
-                    engine._compiled_propose = engine.proposer.compile_propose(compiled)
+                    engine.compile_round()
                 res, stats = engine.generate(prompts, sp, seeds=[1, 2, 3], slots=3)
                 outs.append(([r.tokens for r in res], stats.rows.accepted))
             assert outs[0] == outs[1], (method, temperature)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -33,22 +32,12 @@ from .model import CausalLM, compiled
 from .prefill import ChunkedPrefill, Loading, Prefilled, prefill_batch, prefill_target, right_padded
 from .proposers.base import BatchInfo, Proposer, RoundInput
 from .sampling import SamplingParams
-from .settle import SlotState, compiled_settle, settle, verify_round
+from .settle import SlotState, compiled_pack, compiled_settle, compiled_tree_pass, settle, verify_round
 from .stats import EngineStats, PhaseClock, RoundOutcome, RowOutcome, pack_outcome, unpack_outcomes
-from .stream import Source, Stream, once
-from .trees import DraftTree
+from .stream import Flight, Source, Stream, once
+from .trees import DraftTree, tree_pass
 
 RoundHook = Callable[[torch.Tensor, torch.Tensor, DraftTree], None]  # (ldlp_feat [B, 2H], n_accepted [B], tree)
-
-
-@dataclass
-class Flight:
-    """A launched round: its outcome on its way to the host."""
-
-    origin: list[int]  # [B] each slot's prompt when the round was launched (slots may be re-pointed before it lands)
-    host: torch.Tensor  # [B, columns] the outcome's host copy (pinned on CUDA), laid out by stats.py
-    done: torch.cuda.Event | None  # recorded after the copy (CUDA)
-    warm: float  # the engine's warm-up seconds (compile + capture) when its launch began
 
 
 class Engine:
@@ -72,11 +61,22 @@ class Engine:
         # behind the GPU's; each row costs one wasted round at its end; on CPU nothing runs concurrently, so off
         # unless a test asks)
         self.overlap = target.device.type == "cuda"
-        # where the target is compiled, so are the round's bookkeeping after the target pass and a traceable
-        # proposer's tree building: their small ops fuse (ADARUN_COMPILE_ROUND=0: plain ops, for comparison)
+        # where the target is compiled, so are a round's small ops (ADARUN_COMPILE_ROUND=0: plain ops, for comparison)
         whole = fast and target._compiled is not None and os.environ.get("ADARUN_COMPILE_ROUND", "1") != "0"
-        self._settle = compiled_settle() if whole else settle
-        self._compiled_propose = proposer.compile_propose(compiled) if whole and proposer.traceable else None
+        self._settle, self._tree_pass, self._pack = settle, tree_pass, pack_outcome
+        self._catch_up, self._compiled_propose = self._extend_drafter, None
+        if whole:
+            self.compile_round()
+
+    def compile_round(self) -> None:
+        """A round's small ops through torch.compile, so they fuse around the compiled model passes: the tree's
+        positions and mask, the bookkeeping after the target pass (`settle`), the drafter's catch-up, the outcome's
+        packing and a traceable proposer's tree building (run eagerly, each costs a few kernels per round). Done
+        by the constructor where the target is compiled (CUDA); tests call it on the CPU."""
+        self._settle, self._tree_pass, self._pack = compiled_settle(), compiled_tree_pass(), compiled_pack()
+        self._catch_up = compiled(self._extend_drafter)
+        if self.proposer.traceable:
+            self._compiled_propose = self.proposer.compile_propose(compiled)
 
     @property
     def spec(self):
@@ -369,21 +369,22 @@ class Engine:
         root / LDLP feature / counter, in place), drafter catch-up; the RoundOutcome packed into the workspace's
         outcome buffer."""
         work, target = self.workspace, self.target
-        logits, hidden, aux = target(tree.tokens, tree.positions(work.cache.lens), work.cache, tree.ancestors())
+        inputs = self._tree_pass(tree, work.cache.lens)
+        logits, hidden, aux = target(tree.tokens, inputs.positions, work.cache, inputs.mask)
         before = work.ldlp_feat.clone() if self.on_round is not None else None  # the hook sees the round's features
         slots = SlotState(kv=work.cache.kv, lens=work.cache.lens, alive=work.alive, root=work.root, seed=work.seed,
                           counter=work.counter, ldlp_feat=work.ldlp_feat, embed=target.embed_tokens.weight)
         done = self._settle(tree, logits, hidden, sampling, slots)
         verdict, path, emitted = done.verdict, done.verdict.path, done.emitted
         if self.drafter is not None and self.proposer.drafting:
-            self._extend_drafter(emitted, self.drafter.pick_features(hidden, aux), path, done.keep)
+            self._catch_up(emitted, self.drafter.pick_features(hidden, aux), path, done.keep)
         if self.on_round is not None:
             self.on_round(before, verdict.n_accepted, tree)
         plan = self.proposer.observe(verdict, tree, self._round_input(sampling, target_logits=logits))
         scores = None if sampling.logprobs is None else path_logprobs(logits, path, emitted, sampling.logprobs)
         outcome = RoundOutcome(n_accepted=verdict.n_accepted, n_drafted=done.n_drafted,
                                draft_depth=done.draft_depth, emitted=emitted, plan=plan, logprobs=scores)
-        pack_outcome(outcome, work.outcome)
+        self._pack(outcome, work.outcome)
 
     def _extend_drafter(self, emitted: torch.Tensor, features: torch.Tensor, path: torch.Tensor,
                         keep: torch.Tensor) -> None:

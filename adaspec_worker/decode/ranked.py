@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import topk_kernel
 from .trees import DraftTree, StepFn
 
 
@@ -78,13 +79,12 @@ def root_level(root_logits: torch.Tensor, root_hidden, top_k: int, slots: int) -
     B, V = root_logits.shape
     dev = root_logits.device
     K = min(top_k, V)
-    logp = torch.log_softmax(root_logits.float(), -1)  # [B, V]
-    s, t = logp.topk(K, dim=-1)  # [B, K]
+    s, t = topk_kernel.log_softmax_topk(root_logits, K)  # [B, K]
     idx = torch.arange(K, device=dev).expand(B, K).contiguous()
     hidden = None if root_hidden is None else root_hidden[:, None].expand(B, K, -1).contiguous()
     anc = torch.zeros(B, K, max(slots, 1), dtype=torch.bool, device=dev)
     cands = Candidates(tok=t, score=s, parent=torch.full((B, K), -1, device=dev), depth=torch.ones_like(t),
-                       frontier_logp=s, entropy=_entropy(logp))
+                       frontier_logp=s, entropy=_entropy(torch.log_softmax(root_logits.float(), -1)))
     return Grown(front=Frontier(tok=t, score=s, idx=idx, hidden=hidden, anc=anc), cands=cands)
 
 
@@ -99,17 +99,16 @@ def expand(front: Frontier, step: StepFn, level: int, n_cand: int) -> Grown:
     own[:, :, off : off + K] = torch.eye(K, dtype=torch.bool, device=dev)
     mask = (front.anc | own)[:, :, : off + K]  # [B, K, off + K]
     logits, hidden = step(front.tok, front.hidden, level, off, mask)  # [B, K, V], [B, K, H]
-    lp = torch.log_softmax(logits.float(), -1)  # [B, K, V]
-    cs, ct = lp.topk(K, dim=-1)  # [B, K, K]
+    cs, ct = topk_kernel.log_softmax_topk(logits, K)  # [B, K, K]
     score = (front.score[:, :, None] + cs).reshape(B, K * K)
     tok = ct.reshape(B, K * K)
-    fs, pick = score.topk(K, dim=-1)  # next frontier [B, K], best first
+    fs, pick = topk_kernel.top_k(score, K)  # next frontier [B, K], best first
     local_parent = pick // K
     nxt = Frontier(tok=torch.gather(tok, 1, pick), score=fs, idx=n_cand + pick,
                    hidden=None if hidden is None else hidden[bi, local_parent], anc=(front.anc | own)[bi, local_parent])
     cands = Candidates(tok=tok, score=score, parent=front.idx[:, :, None].expand(B, K, K).reshape(B, K * K),
                        depth=torch.full_like(tok, level + 1), frontier_logp=fs,
-                       entropy=_entropy(lp[:, 0]))  # the best frontier node's next-token distribution
+                       entropy=_entropy(torch.log_softmax(logits[:, 0].float(), -1)))  # the best frontier node's
     return Grown(front=nxt, cands=cands)
 
 
@@ -129,7 +128,7 @@ def finish(root: torch.Tensor, levels: list[Candidates], limit: torch.Tensor | N
     if limit is not None:
         key = torch.where(dep <= limit[:, None], key, float("-inf"))
     n = min(nodes, key.shape[1])
-    top = key.topk(n, dim=-1).indices  # [B, n]
+    top = topk_kernel.top_k(key, n).indices  # [B, n]
     sel = top.sort(dim=-1).values  # topological order
     inside = torch.gather(key, 1, sel) > float("-inf")  # [B, n] within the row's limit
     bi = torch.arange(B, device=dev)[:, None]

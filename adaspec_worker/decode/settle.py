@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from .kv_cache import compact
 from .model import compiled
 from .sampling import SamplingParams, target_probs
-from .trees import DraftTree
+from .stats import pack_outcome
+from .trees import DraftTree, tree_pass
 from .verify import Verdict, verify_chain_sampling, verify_greedy, verify_tree_sampling
 
 
@@ -83,6 +84,18 @@ def settle(tree: DraftTree, logits: torch.Tensor, hidden: torch.Tensor, sampling
     slots.counter.add_(keep)
     return Settled(verdict=verdict, keep=keep, emitted=emitted, n_drafted=tree.valid.sum(1) - 1,
                    draft_depth=(tree.depth * tree.valid).amax(1))
+
+
+@functools.cache
+def compiled_tree_pass():
+    """`trees.tree_pass` (the target pass's positions and ancestry mask) through torch.compile, shared."""
+    return compiled(tree_pass)
+
+
+@functools.cache
+def compiled_pack():
+    """`stats.pack_outcome` (the round's outcome into the landing buffer) through torch.compile, shared."""
+    return compiled(pack_outcome)
 
 
 @functools.cache

@@ -49,6 +49,16 @@ TIMES = ("prefill_seconds", "draft_seconds", "verify_seconds", "other_seconds", 
 Source = Callable[[bool], "list[Request] | None"]  # (wait) -> new rows ([]: none yet), or None: no more, ever
 
 
+@dataclass
+class Flight:
+    """A launched round: its outcome on its way to the host."""
+
+    origin: list[int]  # [B] each slot's prompt when the round was launched (slots may be re-pointed before it lands)
+    host: torch.Tensor  # [B, columns] the outcome's host copy (pinned on CUDA), laid out by stats.py
+    done: torch.cuda.Event | None  # recorded after the copy (CUDA)
+    warm: float  # the engine's warm-up seconds (compile + capture) when its launch began
+
+
 def slack(proposer) -> int:
     """Cache slots a row needs past its prompt and max_new_tokens: it may commit up to a whole tree past
     max_new_tokens in its last round, one more round is launched before its end is seen, and once frozen in its

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import topk_kernel
+
 # step(tokens [B,T], hidden [B,T,H] | None, level, scratch_offset, scratch_mask [B,T,W]) -> (logits [B,T,V], hidden)
 StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -53,6 +55,19 @@ class DraftTree:
         return base[:, None] + self.depth
 
 
+@dataclass
+class TreePass:
+    """What the target's pass over a tree reads besides its tokens."""
+
+    positions: torch.Tensor  # [B, N] each node's position: the row's committed length + its depth
+    mask: torch.Tensor  # [B, N, N] bool: the node's ancestors (itself included)
+
+
+def tree_pass(tree: DraftTree, lens: torch.Tensor) -> TreePass:
+    """The positions and ancestry mask of `tree`'s nodes over caches holding `lens` [B] committed entries."""
+    return TreePass(positions=tree.positions(lens), mask=tree.ancestors())
+
+
 def chain_tree(root: torch.Tensor, drafts: torch.Tensor, valid: torch.Tensor | None = None,
                draft_probs: torch.Tensor | None = None) -> DraftTree:
     """root [B], drafts [B, k] -> a chain tree of k + 1 nodes."""
@@ -77,8 +92,7 @@ def grow_dynamic(root: torch.Tensor, root_logits: torch.Tensor, root_hidden, ste
     B, V = root_logits.shape
     dev = root_logits.device
     K = min(top_k, V)
-    logp = torch.log_softmax(root_logits.float(), -1)
-    s, t = logp.topk(K, dim=-1)  # [B, K]
+    s, t = topk_kernel.log_softmax_topk(root_logits, K)  # [B, K]
     cand_tok, cand_score, cand_parent, cand_depth = [t], [s], [torch.full((B, K), -1, device=dev)], [1]
     front_tok, front_score, front_idx = t, s, torch.arange(K, device=dev).expand(B, K)
     kept = [front_idx]
@@ -95,15 +109,14 @@ def grow_dynamic(root: torch.Tensor, root_logits: torch.Tensor, root_hidden, ste
         own[:, :, off: off + K] = torch.eye(K, dtype=torch.bool, device=dev)
         mask = (front_anc | own)[:, :, : off + K]
         logits, hidden = step(front_tok, front_hidden, level, off, mask)  # [B, K, V], [B, K, H]
-        lp = torch.log_softmax(logits.float(), -1)
-        cs, ct = lp.topk(K, dim=-1)  # [B, K, K]
+        cs, ct = topk_kernel.log_softmax_topk(logits, K)  # [B, K, K]
         score = (front_score[:, :, None] + cs).reshape(B, K * K)
         parent = front_idx[:, :, None].expand(B, K, K).reshape(B, K * K)
         cand_tok.append(ct.reshape(B, K * K))
         cand_score.append(score)
         cand_parent.append(parent)
         cand_depth.append(level + 1)
-        fs, pick = score.topk(K, dim=-1)  # next frontier [B, K]
+        fs, pick = topk_kernel.top_k(score, K)  # next frontier [B, K]
         local_parent = pick // K
         front_tok = torch.gather(ct.reshape(B, K * K), 1, pick)
         front_score = fs
@@ -123,7 +136,7 @@ def grow_dynamic(root: torch.Tensor, root_logits: torch.Tensor, root_hidden, ste
         # a child's score never exceeds its parent's; the depth tiebreak makes that strict, so the
         # kept set is closed under ancestors
         key = score.double() - 1e-9 * dep
-        sel = key.topk(min(total_tokens, C), dim=-1).indices.sort(dim=-1).values  # [B, n] topological order
+        sel = topk_kernel.top_k(key, min(total_tokens, C)).indices.sort(dim=-1).values  # [B, n] topological order
     n = sel.shape[1]
     inv = torch.full((B, C + 1), -1, device=dev, dtype=torch.long)
     inv[bi, sel] = torch.arange(n, device=dev).expand(B, n)

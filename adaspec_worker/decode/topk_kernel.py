@@ -1,0 +1,123 @@
+"""The draft tree's top-k: log-softmax over the vocabulary and its k best entries, in one Triton kernel (and the
+plain top-k of a small row, the frontier's and the rerank's, with the same kernel).
+
+What it does: for each row of logits [R, V] (one program per row, the whole row in registers) it computes the
+log-sum-exp in float32, then k times takes the row's largest logit and its index (the smallest index among
+equal values) and masks it out; the values come back as log-probabilities (logit - log-sum-exp), float32, best
+first, the indices as int64. The plain path is a log-softmax kernel writing the whole [R, V] float32 table and
+`torch.topk` reading it back: two to six kernels by the table's size, and at batch 16 (an EAGLE-2 level
+expands 160 nodes) `topk`'s radix select was a quarter of an `eagle2` round's GPU time on an H100
+(bench/results/h100-kernel-default, profile-b16).
+
+Where it runs: CUDA rows of at most `MAX_VOCAB` logits and k of at most `MAX_K` (`log_softmax_topk` falls back
+to the plain ops otherwise, and on the CPU unless Triton's interpreter is on). Checked equal to the plain ops
+through the interpreter, alone and in whole engine runs (`tests/test_topk_kernel.py`).
+
+What it does not know: trees, drafters or sampling; which rows are padding.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+
+MAX_VOCAB = 32768  # a row in registers: 32k float32 over 16 warps is 64 values a thread
+MAX_K = 32
+
+_KERNEL = None  # the jitted kernel once `available()` defined it
+
+
+class TopK(NamedTuple):
+    values: torch.Tensor  # [..., k] float32 log-probabilities, best first
+    indices: torch.Tensor  # [..., k] int64 vocabulary ids
+
+
+@functools.cache
+def available() -> bool:
+    global _KERNEL
+    try:
+        _KERNEL = _define()
+    except ImportError:
+        return False
+    return True
+
+
+def _define():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def topk_kernel(x_ptr, val_ptr, idx_ptr, V, stride, K: tl.constexpr, BLOCK: tl.constexpr,
+                    LOG_SOFTMAX: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride + cols, mask=cols < V, other=float("-inf"))
+        if LOG_SOFTMAX:  # values as log-probabilities, in float32
+            x = x.to(tl.float32)
+            top = tl.max(x, 0)
+            lse = top + tl.log(tl.sum(tl.exp(x - top), 0))
+        else:  # the values themselves, in their dtype (a float64 rerank key keeps its tie-break)
+            lse = 0.0
+        for j in tl.static_range(K):
+            best, at = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
+            tl.store(val_ptr + row * K + j, (best - lse).to(val_ptr.dtype.element_ty))
+            tl.store(idx_ptr + row * K + j, at.to(tl.int64))
+            x = tl.where(cols == at, float("-inf"), x)
+
+    return topk_kernel
+
+
+def log_softmax_topk(logits: torch.Tensor, k: int) -> TopK:
+    """logits [..., V] -> the k largest of log_softmax(logits) in float32 and their indices, [..., k] each."""
+    if _fits(logits, k):
+        return _reshaped(_topk_op(logits.reshape(-1, logits.shape[-1]).contiguous(), k, True), logits.shape, k)
+    values, indices = torch.log_softmax(logits.float(), -1).topk(k, dim=-1)
+    return TopK(values, indices)
+
+
+def top_k(x: torch.Tensor, k: int) -> TopK:
+    """x [..., C] -> its k largest values (its dtype) and their indices, best first (`torch.topk`, one kernel)."""
+    if _fits(x, k):
+        return _reshaped(_topk_op(x.reshape(-1, x.shape[-1]).contiguous(), k, False), x.shape, k)
+    values, indices = x.topk(k, dim=-1)
+    return TopK(values, indices)
+
+
+def _fits(x: torch.Tensor, k: int) -> bool:
+    """CUDA, or any device under Triton's interpreter (the CPU tests); rows and k within the kernel's bounds. (The
+    kernel is defined at import where it may run: traced inside a compiled round, `available()` would break it.)"""
+    where = x.is_cuda or _INTERPRETED
+    return where and _KERNEL is not None and x.shape[-1] <= MAX_VOCAB and k <= MAX_K and x.dtype.is_floating_point
+
+
+def _reshaped(out: tuple[torch.Tensor, torch.Tensor], shape: torch.Size, k: int) -> TopK:
+    return TopK(out[0].view(*shape[:-1], k), out[1].view(*shape[:-1], k))
+
+
+# an opaque custom op: inductor calls it as it is (it cannot analyse a user kernel's reads and writes otherwise)
+@torch.library.custom_op("adarun::topk", mutates_args=())
+def _topk_op(x: torch.Tensor, k: int, log_softmax: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    R, V = x.shape
+    values = torch.empty(R, k, dtype=torch.float32 if log_softmax else x.dtype, device=x.device)
+    indices = torch.empty(R, k, dtype=torch.int64, device=x.device)
+    if R:
+        import triton
+
+        block = max(triton.next_power_of_2(V), 128)
+        _KERNEL[(R,)](x, values, indices, V, x.stride(0), K=k, BLOCK=block, LOG_SOFTMAX=log_softmax,
+                      num_warps=16 if block >= 16384 else (8 if block >= 2048 else 4))
+    return values, indices
+
+
+@_topk_op.register_fake
+def _(x, k, log_softmax):
+    R = x.shape[0]
+    return x.new_empty(R, k, dtype=torch.float32 if log_softmax else x.dtype), x.new_empty(R, k, dtype=torch.int64)
+
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+if torch.cuda.is_available() or _INTERPRETED:
+    available()

@@ -1,0 +1,117 @@
+"""The Triton log-softmax + top-k kernel (the draft trees' top-k on CUDA) run by Triton's CPU interpreter: equal to
+`torch.log_softmax(...).topk(...)` for float32 and bfloat16 logits, vocabularies that are and are not powers of two,
+rows of -inf, k of 1 to 16, and tied logits (the smallest index first); the plain top-k of a float64 rerank key
+equals `torch.topk`; and the check breaks when a row's values are read at the wrong stride. Runs in a subprocess:
+the interpreter is chosen when Triton is imported."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = textwrap.dedent('''
+    import sys
+    import torch
+    from adaspec_worker.decode import topk_kernel
+    assert topk_kernel.available()
+    torch.manual_seed(0)
+    op = lambda x, k: topk_kernel._topk_op(x, k, True)  # noqa: E731
+
+    def check(x, k):
+        values, indices = op(x, k)
+        want = torch.log_softmax(x.float(), -1)
+        ref = want.topk(k, dim=-1).values
+        torch.testing.assert_close(values, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.gather(want, 1, indices), ref, rtol=1e-5, atol=1e-5)  # the values' ids
+        return indices
+
+    for R, V, k, dtype in [(5, 1000, 10, torch.float32), (3, 8192, 4, torch.bfloat16), (1, 64, 1, torch.float32),
+                           (7, 300, 16, torch.bfloat16)]:
+        check(torch.randn(R, V, dtype=dtype) * 4, k)
+
+    x = torch.zeros(2, 50)
+    x[0, [7, 3, 30]] = 5.0  # a three-way tie: the smallest index first
+    x[1] = float("-inf")
+    x[1, 9] = 0.0
+    idx = check(x, 3)
+    assert idx[0].tolist() == [3, 7, 30], idx
+    assert idx[1, 0].item() == 9
+
+    key = torch.randn(3, 310, dtype=torch.float64)
+    key[:, 5] = key[:, 6] - 1e-9  # the rerank's depth tie-break survives: float64 all the way
+    values, indices = topk_kernel._topk_op(key, 30, False)
+    assert values.dtype == torch.float64
+    assert torch.equal(values, key.topk(30).values) and torch.equal(indices, key.topk(30).indices)
+
+    empty = op(torch.randn(0, 40), 3)
+    assert empty[0].shape == (0, 3) and empty[1].shape == (0, 3)
+
+    wide = torch.randn(4, 2 * 500)
+    values, _ = op(wide[:, :500], 5)  # a strided view: rows 1000 apart
+    torch.testing.assert_close(values, torch.log_softmax(wide[:, :500], -1).topk(5).values, rtol=1e-5, atol=1e-5)
+    if len(sys.argv) == 2:  # the broken kernel: rows read 500 apart, as if the view were contiguous
+        bad = topk_kernel._KERNEL
+        out_v, out_i = torch.empty(4, 5), torch.empty(4, 5, dtype=torch.long)
+        bad[(4,)](wide, out_v, out_i, 500, 500, K=5, BLOCK=512, LOG_SOFTMAX=True)
+        torch.testing.assert_close(out_v, torch.log_softmax(wide[:, :500], -1).topk(5).values, rtol=1e-5, atol=1e-5)
+    if len(sys.argv) > 2:  # whole engine runs: the kernel in the trees (compiled rounds too) against the plain ops
+        from adaspec_worker.decode.build import build_engine, load_drafter
+        from adaspec_worker.decode.model import load_target
+        from adaspec_worker.decode.sampling import SamplingParams
+        from jobs.specs import parse_spec
+        prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]]
+        eagle2, opt_tree = {"top_k": 3, "depth": 3, "total_tokens": 8}, {"n": 3, "max_depth": 4}
+        for method, params, compile_round, temperatures in [("eagle2", eagle2, True, (0.0,)),
+                                                            ("eagle2", eagle2, False, (0.8,)),
+                                                            ("opt-tree", opt_tree, False, (0.0, 0.8))]:
+            for temperature in temperatures:
+                runs = []
+                for kernel in (False, True):
+                    target = load_target(sys.argv[1], dtype="float32", device="cpu")
+                    spec = parse_spec(method, params)
+                    engine = build_engine(target, spec, draft=load_drafter(target, spec, sys.argv[2]))
+                    if compile_round:
+                        engine.compile_round()
+                    calls = []
+                    fits = topk_kernel._fits
+                    topk_kernel._fits = lambda x, k: calls.append(k) or (kernel and fits(x, k))
+                    sp = SamplingParams(max_new_tokens=10, temperature=temperature)
+                    runs.append([c.tokens for c in engine.generate(prompts, sp, seeds=[1, 2, 3], slots=3)[0]])
+                    topk_kernel._fits = fits
+                    assert calls, "the trees asked for no top-k"
+                    torch._dynamo.reset()
+                assert runs[0] == runs[1], (method, temperature, runs)
+    print("ok")
+''')
+
+
+def _run(*args):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_kernel_equals_plain_log_softmax_topk():
+    done = _run()
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_check_sees_a_wrong_stride():
+    done = _run("broken")
+    assert done.returncode != 0 and "Mismatched elements" in done.stderr, done.stderr[-3000:]
+
+
+def test_engine_with_the_kernel_decodes_the_same_tokens(tmp_path):
+    """`eagle2` (greedy with compiled rounds, T=0.8) and `opt-tree` (greedy, T=0.8): the same tokens with the kernel
+    as without."""
+    from tests import tiny
+
+    tiny.save(tiny.hf_model("llama", vocab=64, hidden=64, layers=2, seed=1), tmp_path / "target")
+    tiny.random_eagle_head(tmp_path / "target", tmp_path / "head", seed=3)
+    done = _run(str(tmp_path / "target"), str(tmp_path / "head"))
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
