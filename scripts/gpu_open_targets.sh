@@ -18,6 +18,7 @@
 #                 refill on/off, occupancy (the default prefill chunk, 512 positions: these prompts, cut to 384
 #                 tokens, prefill whole)
 #   natural-whole the same at T=0 with refills' prompts prefilled at once (--prefill-chunk 0), for comparison
+#                 (NATURAL_BATCHES: the slot counts, 64 by default, for natural and natural-whole)
 #   natural-chunk the same at T=0 with prompts prefilled in chunks of 128 positions: chunked prefill on the GPU
 #   fixed-grid    #11 at batch 16 and 64, T=0: `none` against the fixed settings that suit a batch (EAGLE-2 trees of
 #                 30 and 12 nodes, a chain of 4); FIXED_METHODS overrides
@@ -36,9 +37,9 @@ PROFILE="--methods none,eagle2:depth=4:total_tokens=30 --batch-sizes 1 --tempera
 for arg in "$@"; do
   name=${arg%%:*}; limit=${arg#*:}; [ "$limit" = "$arg" ] && limit=540
   case "$name" in
-    natural) ARGS="--workload natural --batch-sizes 64 --temperatures 0,0.7 --new-tokens 256 --n-prompts 244 --repeats 3 --methods ${NATURAL_METHODS:-eagle:k=4,eagle2:depth=4:total_tokens=30}" ;;
+    natural) ARGS="--workload natural --batch-sizes ${NATURAL_BATCHES:-64} --temperatures 0,0.7 --new-tokens 256 --n-prompts 244 --repeats 3 --methods ${NATURAL_METHODS:-eagle:k=4,eagle2:depth=4:total_tokens=30}" ;;
     natural-chunk) ARGS="--workload natural --batch-sizes 64 --temperatures 0 --new-tokens 256 --n-prompts 244 --repeats 3 --prefill-chunk 128 --methods ${NATURAL_METHODS:-eagle:k=4,eagle2:depth=4:total_tokens=30}" ;;
-    natural-whole) ARGS="--workload natural --batch-sizes 64 --temperatures 0 --new-tokens 256 --n-prompts 244 --repeats 3 --prefill-chunk 0 --methods ${NATURAL_METHODS:-eagle:k=4,eagle2:depth=4:total_tokens=30}" ;;
+    natural-whole) ARGS="--workload natural --batch-sizes ${NATURAL_BATCHES:-64} --temperatures 0 --new-tokens 256 --n-prompts 244 --repeats 3 --prefill-chunk 0 --methods ${NATURAL_METHODS:-eagle:k=4,eagle2:depth=4:total_tokens=30}" ;;
     fixed-grid) ARGS="--methods ${FIXED_METHODS:-none,eagle2:depth=4:total_tokens=30,eagle2:top_k=4:depth=4:total_tokens=12,eagle:k=4} --batch-sizes ${FIXED_BATCHES:-16,64} --temperatures 0 --new-tokens 128 --n-prompts 64 --repeats 3" ;;
     fixed-t07) ARGS="--methods none,eagle2:depth=4:total_tokens=30,eagle2:depth=6:total_tokens=60,eagle:k=4 --batch-sizes 1 --temperatures 0.7 --new-tokens 128 --n-prompts 16 --repeats 2" ;;
     adaptive-b16) ARGS="--methods $ADAPTIVE --batch-sizes 16,64 --temperatures 0 --new-tokens 128 --n-prompts 64 --repeats 4 --cost-model" ;;
@@ -60,6 +61,10 @@ for arg in "$@"; do
     echo "$name: exit $rc"; tail -5 "/tmp/$name.log"
     if [ "$name" = profile ] && grep -q Traceback "/tmp/$name.log"; then
       export ADARUN_COMPILE_ROUND=0; echo "compiled rounds off from here on"
+    fi
+    if [ "$name" = profile-kernel ] && grep -q Traceback "/tmp/$name.log"; then
+      grep -E "Error" "/tmp/$name.log" | tail -3
+      export ADARUN_TREE_KERNEL=0 ADARUN_TOPK_KERNEL=0; echo "Triton attention and top-k kernels off from here on"
     fi
   fi
   if [ -f "$OUT/$name/bench.json" ] && [ "${name#profile}" != "$name" ]; then  # kernels per round by name

@@ -89,7 +89,7 @@ def top_k(x: torch.Tensor, k: int) -> TopK:
 def _fits(x: torch.Tensor, k: int) -> bool:
     """CUDA, or any device under Triton's interpreter (the CPU tests); rows and k within the kernel's bounds. (The
     kernel is defined at import where it may run: traced inside a compiled round, `available()` would break it.)"""
-    where = x.is_cuda or _INTERPRETED
+    where = (x.is_cuda and _ON) or _INTERPRETED
     return where and _KERNEL is not None and x.shape[-1] <= MAX_VOCAB and k <= MAX_K and x.dtype.is_floating_point
 
 
@@ -119,5 +119,6 @@ def _(x, k, log_softmax):
 
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-if torch.cuda.is_available() or _INTERPRETED:
+_ON = os.environ.get("ADARUN_TOPK_KERNEL", "1") != "0"  # 0: the plain ops on CUDA too, for comparison
+if (torch.cuda.is_available() and _ON) or _INTERPRETED:
     available()
