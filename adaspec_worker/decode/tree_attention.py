@@ -17,7 +17,6 @@ What it does not know: RoPE, projections, how the tree was built, or which slots
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -107,15 +106,7 @@ def _define():
         tl.store(out_ptr + b * so_b + t[:, None] * so_t + head[:, None] * so_h + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU tests: one fixed block size, nothing timed
-        return tree_attention_kernel
-    # on the GPU the key block, warps and pipeline stages are timed per tree size T (decode T = 1, a tree's nodes, a
-    # prefill's width) on its first call, which the engine's warm-up makes (an eager round before any capture): one
-    # program walks its row's live slots block after block, so at batch 1-64 (a few dozen programs) the block size
-    # sets the latency (10.5 us a call at batch 16 with blocks of 64 on an H100: bench/results/h100-kernel-default)
-    configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
-               for n, w, st in ((64, 4, 3), (32, 4, 2), (128, 4, 2), (128, 8, 3), (256, 8, 2), (256, 4, 1))]
-    return triton.autotune(configs=configs, key=["T"], warmup=5, rep=20)(tree_attention_kernel)
+    return tree_attention_kernel
 
 
 def tree_attention(q: torch.Tensor, cache: LayerCache, where: TreeSpan, scale: float | None) -> torch.Tensor:
@@ -143,7 +134,9 @@ def _tree_attention_op(q: torch.Tensor, kv: torch.Tensor, layer: int, lens: torc
     out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
     block_m = 16
     grid = (triton_cdiv(T * G, block_m), B * hkv)
-    fixed = {"BLOCK_N": 64} if os.environ.get("TRITON_INTERPRET") == "1" else {}  # {}: the autotuner's choice
+    # fixed: Triton's autotuner (block 32-256, 4-8 warps, 1-3 stages, timed per tree size) chose configurations
+    # that were faster alone and slower in the round, 10.5 -> 17-21 us a call on an H100 (h100-kernel-default)
+    block_n = 64
     _KERNEL[grid](
         q, kv_layer, out, lens, mask,
         q.stride(0), q.stride(1), q.stride(2),
@@ -151,7 +144,7 @@ def _tree_attention_op(q: torch.Tensor, kv: torch.Tensor, layer: int, lens: torc
         out.stride(0), out.stride(1), out.stride(2),
         mask.stride(0), mask.stride(1),
         T, mask.shape[-1], scale,
-        G=G, HKV=hkv, D=D, BLOCK_M=block_m, **fixed,
+        G=G, HKV=hkv, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
     )
     return out
 
