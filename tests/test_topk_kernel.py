@@ -60,24 +60,20 @@ SCRIPT = textwrap.dedent('''
         out_v, out_i = torch.empty(4, 5), torch.empty(4, 5, dtype=torch.long)
         bad[(4,)](wide, out_v, out_i, 500, 500, K=5, BLOCK=512, LOG_SOFTMAX=True)
         torch.testing.assert_close(out_v, torch.log_softmax(wide[:, :500], -1).topk(5).values, rtol=1e-5, atol=1e-5)
-    if len(sys.argv) > 2:  # whole engine runs: the kernel in the trees (compiled rounds too) against the plain ops
+    if len(sys.argv) > 2:  # whole engine runs: the kernel in the trees against the plain ops
         from adaspec_worker.decode.build import build_engine, load_drafter
         from adaspec_worker.decode.model import load_target
         from adaspec_worker.decode.sampling import SamplingParams
         from jobs.specs import parse_spec
         prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]]
         eagle2, opt_tree = {"top_k": 3, "depth": 3, "total_tokens": 8}, {"n": 3, "max_depth": 4}
-        for method, params, compile_round, temperatures in [("eagle2", eagle2, True, (0.0,)),
-                                                            ("eagle2", eagle2, False, (0.8,)),
-                                                            ("opt-tree", opt_tree, False, (0.0, 0.8))]:
-            for temperature in temperatures:
+        for method, params in [("eagle2", eagle2), ("opt-tree", opt_tree)]:
+            for temperature in (0.0, 0.8):
                 runs = []
                 for kernel in (False, True):
                     target = load_target(sys.argv[1], dtype="float32", device="cpu")
                     spec = parse_spec(method, params)
                     engine = build_engine(target, spec, draft=load_drafter(target, spec, sys.argv[2]))
-                    if compile_round:
-                        engine.compile_round()
                     calls = []
                     fits = topk_kernel._fits
                     topk_kernel._fits = lambda x, k: calls.append(k) or (kernel and fits(x, k))
@@ -85,7 +81,6 @@ SCRIPT = textwrap.dedent('''
                     runs.append([c.tokens for c in engine.generate(prompts, sp, seeds=[1, 2, 3], slots=3)[0]])
                     topk_kernel._fits = fits
                     assert calls, "the trees asked for no top-k"
-                    torch._dynamo.reset()
                 assert runs[0] == runs[1], (method, temperature, runs)
     print("ok")
 ''')
@@ -107,8 +102,8 @@ def test_check_sees_a_wrong_stride():
 
 
 def test_engine_with_the_kernel_decodes_the_same_tokens(tmp_path):
-    """`eagle2` (greedy with compiled rounds, T=0.8) and `opt-tree` (greedy, T=0.8): the same tokens with the kernel
-    as without."""
+    """`eagle2` and `opt-tree`, greedy and T=0.8: the same tokens with the kernel as without (the kernel inside
+    compiled rounds runs in every GPU bench cell: a CPU inductor compile of it here cost 80 s of CI)."""
     from tests import tiny
 
     tiny.save(tiny.hf_model("llama", vocab=64, hidden=64, layers=2, seed=1), tmp_path / "target")

@@ -10,10 +10,11 @@ nothing leaves the device (no host sync). Candidates past a row's limit that sti
 (when too few lie within it) are marked invalid: never accepted.
 
 The expansion runs as two phases, `root_level` and `expand` (once per level), which `RankedSteps` holds plain or
-compiled: compiled once each with dynamic shapes (the level, the scratch offset and the ancestry width are
-sizes, not constants), so every depth of an adaptive menu replays the same three traces instead of one trace of
-the whole unrolled expansion per depth (opt-tree's menu of seven depths took 95 s of an H100 actor's warm-up). The
-caller compiles its own last phase, the row limits and `finish` (one small trace per depth).
+compiled: compiled once each with dynamic shapes (the level and the scratch offset are sizes, not constants, and
+the ancestry masks always cover the caller's scratch slots), so every depth of an adaptive menu runs the same two
+traces instead of one trace of the whole unrolled expansion per depth (opt-tree's menu of seven depths took 95 s
+of an H100 actor's warm-up, 46 s in pieces). The caller compiles its own last phase, the row limits and `finish`
+(one small trace per depth).
 
 Knows nothing of models or methods: it calls `step(tokens, hidden, level, offset, mask)` like `trees.py`.
 """
