@@ -11,6 +11,8 @@
 #                 generate at batch 1 (the 20x baseline) in the same JSON
 #   profile-b16   the same at batch 16 (PROFILE_BATCHES overrides) for `none`, `eagle:k=4` and `eagle2` d4/t30, with
 #                 each kernel name's GPU time per round (`kernel_us_by_name`): where a batch's rounds grow
+#   profile-split profile-kernel's cells at batch 1 and 16 with each row's live slots split over several programs
+#                 (ADARUN_ATTN_SPLITS=auto, flash-decoding), for comparison with profile-kernel and profile-b16
 #   fixed-b64     `none` and `eagle2` d4/t30 at batch 64, T=0 (the batch where the kernels once lost 3.4x)
 #   fixed-b64-kernel the same with ADARUN_TREE_KERNEL=1
 #   natural       #17: continuous batching on the natural workload, 64 slots, `none`, `eagle:k=4` (the fastest fixed
@@ -45,15 +47,17 @@ for arg in "$@"; do
     adaptive-b16) ARGS="--methods $ADAPTIVE --batch-sizes 16,64 --temperatures 0 --new-tokens 128 --n-prompts 64 --repeats 4 --cost-model" ;;
     profile|profile-plain) ARGS=$PROFILE ;;
     profile-kernel) ARGS="$PROFILE --baselines hf --hf-prompts 2" ;;
+    profile-split) ARGS="--methods none,eagle2:depth=4:total_tokens=30 --batch-sizes 1,16 --temperatures 0 --new-tokens 128 --n-prompts 32 --repeats 2 --profile" ;;
     profile-b16) ARGS="--methods none,eagle:k=4,eagle2:depth=4:total_tokens=30 --batch-sizes ${PROFILE_BATCHES:-16} --temperatures 0 --new-tokens 128 --n-prompts 32 --repeats 2 --profile" ;;
     fixed-b64|fixed-b64-kernel) ARGS="--methods none,eagle2:depth=4:total_tokens=30 --batch-sizes 64 --temperatures 0 --new-tokens 128 --n-prompts 64 --repeats 3" ;;
     adaptive-b1|adaptive-b1-kernel) ARGS="--methods $ADAPTIVE --batch-sizes 1 --temperatures ${ADAPTIVE_TEMPERATURES:-0} --new-tokens 128 --n-prompts 16 --repeats 3 --cost-model" ;;
-    *) echo "usage: $0 natural|natural-whole|natural-chunk|fixed-grid|fixed-t07|profile-b16|adaptive-b16|adaptive-b1[-kernel]|profile|profile-plain|profile-kernel|fixed-b64|fixed-b64-kernel[:seconds] ..." >&2; exit 2 ;;
+    *) echo "usage: $0 natural|natural-whole|natural-chunk|fixed-grid|fixed-t07|profile-b16|profile-split|adaptive-b16|adaptive-b1[-kernel]|profile|profile-plain|profile-kernel|fixed-b64|fixed-b64-kernel[:seconds] ..." >&2; exit 2 ;;
   esac
   echo "== $name (${limit} s, ADARUN_COMPILE_ROUND=${ADARUN_COMPILE_ROUND:-1})"
   if [ "$name" = profile-plain ]; then plain=0; else plain=${ADARUN_COMPILE_ROUND:-1}; fi
   if [ "${name%-kernel}" != "$name" ]; then kernel=1; else kernel=${ADARUN_TREE_KERNEL:-1}; fi
-  ADARUN_COMPILE_ROUND=$plain ADARUN_TREE_KERNEL=$kernel timeout "$limit" python3 scripts/gpu_fast_bench.py $COMMON $ARGS \
+  if [ "$name" = profile-split ]; then splits=auto; else splits=${ADARUN_ATTN_SPLITS:-1}; fi
+  ADARUN_ATTN_SPLITS=$splits ADARUN_COMPILE_ROUND=$plain ADARUN_TREE_KERNEL=$kernel timeout "$limit" python3 scripts/gpu_fast_bench.py $COMMON $ARGS \
     --out "$OUT/$name" > "/tmp/$name.log" 2>&1
   rc=$?
   grep -E "B=|Error|error" "/tmp/$name.log" | tail -40

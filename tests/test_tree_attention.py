@@ -1,5 +1,6 @@
 """The Triton tree-attention kernel (CUDA's attention in the fast path) run by Triton's CPU interpreter: equal to
-SDPA over the dense mask for tree masks, offsets, strided cache views, empty rows and grouped heads; sensitive to
+SDPA over the dense mask for tree masks, offsets, strided cache views, empty rows and grouped heads, in one pass
+and with a row's live slots split over several programs and merged (ADARUN_ATTN_SPLITS); sensitive to
 the tree mask; and a whole engine run with it is token-identical to one without (greedy and sampled, `none` and
 `eagle2`, continuous batching on, its refills' prompts prefilled in chunks); compiled, the pass writes the cache in
 place. Runs in a subprocess: the interpreter is chosen when Triton is imported."""
@@ -33,7 +34,11 @@ SCRIPT = textwrap.dedent('''
                                                                enable_gqa=True)
         return out.transpose(1, 2)
 
-    for B, T, H, Hkv, D, S, off in [(3, 5, 6, 2, 64, 150, 2), (2, 1, 4, 4, 16, 70, 0), (1, 40, 8, 2, 32, 200, 0)]:
+    import itertools
+    import os
+    cases = [(3, 5, 6, 2, 64, 150, 2), (2, 1, 4, 4, 16, 70, 0), (1, 40, 8, 2, 32, 200, 0)]
+    for splits, (B, T, H, Hkv, D, S, off) in itertools.product(("1", "4", "auto"), cases):
+        os.environ["ADARUN_ATTN_SPLITS"] = splits  # flash-decoding's split of the live slots, merged after
         q = torch.randn(B, T, H, D)
         cache = LayerCache(torch.randn(B, S, 3, 2, Hkv, D), 1)  # layer 1 of 3: a strided slice, as in the cache
         kv = cache.view
@@ -43,10 +48,11 @@ SCRIPT = textwrap.dedent('''
         tm[:, torch.arange(T), off + torch.arange(T)] = True  # every token sees itself
         got = tree_attention(q, cache, span(lens, tm), None)
         err = (got - reference(q, kv, lens, tm)).abs().max().item()
-        assert err < 1e-5, (B, T, H, Hkv, D, err)
+        assert err < 1e-5, (splits, B, T, H, Hkv, D, err)
         if T > 1:  # the comparison sees the tree mask: the kernel handed an all-True tree differs
             wrong = tree_attention(q, cache, span(lens, torch.ones_like(tm)), None)
             assert (wrong - reference(q, kv, lens, tm)).abs().max().item() > 1e-3
+    os.environ["ADARUN_ATTN_SPLITS"] = "1"  # the default from here on (the interpreter runs each program in turn)
 
     from adaspec_worker.decode.layers import apply_rope
     from adaspec_worker.decode import rope_kernel

@@ -17,6 +17,7 @@ What it does not know: RoPE, projections, how the tree was built, or which slots
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -39,14 +40,15 @@ def span(lens: torch.Tensor, tree_mask: torch.Tensor) -> TreeSpan:
 
 
 _KERNEL = None  # the jitted kernel once `available()` defined it
+_MERGE = None  # the split partials' merge
 
 
 @functools.cache
 def available() -> bool:
     """Triton importable (the CUDA stack ships it; the CPU test extra installs it for the interpreter)."""
-    global _KERNEL
+    global _KERNEL, _MERGE
     try:
-        _KERNEL = _define()
+        _KERNEL, _MERGE = _define()
     except ImportError:
         return False
     return True
@@ -63,11 +65,13 @@ def _define():
         skv_b, skv_s, skv_c, skv_h,  # kv [B, S, 2, Hkv, D] strides
         so_b, so_t, so_h,  # out [B, T, H, D] strides
         sm_b, sm_t,  # tree mask [B, T, W] strides (last dim contiguous)
-        T, W, scale,
+        T, W, scale, part_ptr, ml_ptr,
         G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        SPLITS: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
+        split = tl.program_id(2)  # SPLITS > 1: this program's share of the row's live slots (flash-decoding)
         b = bh // HKV
         hk = bh % HKV
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [M] flattened (token, group head)
@@ -83,9 +87,12 @@ def _define():
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         k_base = kv_ptr + b * skv_b + hk * skv_h
-        for start in range(0, live, BLOCK_N):  # the row's live slots only, never the whole capacity
+        chunk = tl.cdiv(tl.cdiv(live, SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * chunk
+        hi = tl.minimum(live, lo + chunk)
+        for start in range(lo, hi, BLOCK_N):  # the row's live slots only, never the whole capacity
             slots = start + tl.arange(0, BLOCK_N)  # [N]
-            in_live = slots < live
+            in_live = slots < hi
             k = tl.load(k_base + slots[:, None] * skv_s + dims[None, :], mask=in_live[:, None], other=0.0)  # [N, D]
             v = tl.load(k_base + skv_c + slots[:, None] * skv_s + dims[None, :], mask=in_live[:, None], other=0.0)
             s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # [M, N] (scale may arrive as float64)
@@ -102,11 +109,31 @@ def _define():
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
             m_i = m_new
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + b * so_b + t[:, None] * so_t + head[:, None] * so_h + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        if SPLITS == 1:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(out_ptr + b * so_b + t[:, None] * so_t + head[:, None] * so_h + dims[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        else:  # the share's running max, sum and unnormalised output, merged by `merge_kernel`
+            at = ((b * T + t) * (G * HKV) + head) * SPLITS + split  # [M] partials [B, T, H, SPLITS, ...]
+            tl.store(part_ptr + at[:, None] * D + dims[None, :], acc, mask=row_ok[:, None])
+            tl.store(ml_ptr + at * 2, m_i, mask=row_ok)
+            tl.store(ml_ptr + at * 2 + 1, l_i, mask=row_ok)
 
-    return tree_attention_kernel
+    @triton.jit
+    def merge_kernel(part_ptr, ml_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)  # one (row, token, head): out [B, T, H, D] contiguous
+        sp = tl.arange(0, SPLITS)
+        dims = tl.arange(0, D)
+        m = tl.load(ml_ptr + (r * SPLITS + sp) * 2)
+        el = tl.load(ml_ptr + (r * SPLITS + sp) * 2 + 1)
+        top = tl.max(m, 0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - tl.where(top == float("-inf"), 0.0, top)))
+        total = tl.sum(el * w, 0)
+        acc = tl.load(part_ptr + (r * SPLITS + sp)[:, None] * D + dims[None, :])
+        out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+        tl.store(out_ptr + r * D + dims, out.to(out_ptr.dtype.element_ty))
+
+    return tree_attention_kernel, merge_kernel
 
 
 def tree_attention(q: torch.Tensor, cache: LayerCache, where: TreeSpan, scale: float | None) -> torch.Tensor:
@@ -133,20 +160,43 @@ def _tree_attention_op(q: torch.Tensor, kv: torch.Tensor, layer: int, lens: torc
     G = H // hkv
     out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
     block_m = 16
-    grid = (triton_cdiv(T * G, block_m), B * hkv)
+    programs = triton_cdiv(T * G, block_m) * B * hkv
+    splits = _splits(programs, T)
+    part = torch.empty(B, T, H, splits, D, dtype=torch.float32, device=q.device) if splits > 1 else out
+    ml = torch.empty(B, T, H, splits, 2, dtype=torch.float32, device=q.device) if splits > 1 else out
     # fixed: Triton's autotuner (block 32-256, 4-8 warps, 1-3 stages, timed per tree size) chose configurations
     # that were faster alone and slower in the round, 10.5 -> 17-21 us a call on an H100 (h100-kernel-default)
     block_n = 64
-    _KERNEL[grid](
+    _KERNEL[(triton_cdiv(T * G, block_m), B * hkv, splits)](
         q, kv_layer, out, lens, mask,
         q.stride(0), q.stride(1), q.stride(2),
         kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
         mask.stride(0), mask.stride(1),
-        T, mask.shape[-1], scale,
-        G=G, HKV=hkv, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+        T, mask.shape[-1], scale, part, ml,
+        G=G, HKV=hkv, D=D, BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=splits,
     )
+    if splits > 1:
+        _MERGE[(B * T * H,)](part, ml, out, D=D, SPLITS=splits)
     return out
+
+
+SPLIT_MAX_TOKENS = 64  # split only decode and tree passes: a prefill has programs enough, and its partials are big
+
+
+def _splits(programs: int, T: int) -> int:
+    """How many programs share a row's live slots (flash-decoding; a merge kernel follows). ADARUN_ATTN_SPLITS: unset
+    or 1, none (the measured default); an integer, that many (a power of two); "auto", enough programs to cover
+    about 128 SMs, at most 8. Off until a run measures it against the single pass."""
+    want = os.environ.get("ADARUN_ATTN_SPLITS", "1")
+    if T > SPLIT_MAX_TOKENS or want in ("", "1", "0"):
+        return 1
+    if want == "auto":
+        n = max(1, min(8, 128 // max(programs, 1)))
+        return 1 << (n.bit_length() - 1)
+    n = int(want)
+    assert n >= 1 and n & (n - 1) == 0, f"ADARUN_ATTN_SPLITS={want}: a power of two, or auto"
+    return n
 
 
 @_tree_attention_op.register_fake
