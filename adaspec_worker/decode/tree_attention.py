@@ -87,9 +87,13 @@ def _define():
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         k_base = kv_ptr + b * skv_b + hk * skv_h
-        chunk = tl.cdiv(tl.cdiv(live, SPLITS), BLOCK_N) * BLOCK_N
-        lo = split * chunk
-        hi = tl.minimum(live, lo + chunk)
+        if SPLITS == 1:  # the whole row (the measured default: the same code as before the split existed)
+            lo = 0
+            hi = live
+        else:
+            chunk = tl.cdiv(tl.cdiv(live, SPLITS), BLOCK_N) * BLOCK_N
+            lo = split * chunk
+            hi = tl.minimum(live, lo + chunk)
         for start in range(lo, hi, BLOCK_N):  # the row's live slots only, never the whole capacity
             slots = start + tl.arange(0, BLOCK_N)  # [N]
             in_live = slots < hi
