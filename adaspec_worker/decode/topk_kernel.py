@@ -31,7 +31,7 @@ _KERNEL = None  # the jitted kernel once `available()` defined it
 
 
 class TopK(NamedTuple):
-    values: torch.Tensor  # [..., k] float32 log-probabilities, best first
+    values: torch.Tensor  # [..., k] best first: float32 log-probabilities (log_softmax_topk), or x's values (top_k)
     indices: torch.Tensor  # [..., k] int64 vocabulary ids
 
 
