@@ -98,7 +98,8 @@ def expand(front: Frontier, step: StepFn, level: int, n_cand: int) -> Grown:
     bi = torch.arange(B, device=dev)[:, None]
     own = torch.zeros_like(front.anc)
     own[:, :, off : off + K] = torch.eye(K, dtype=torch.bool, device=dev)
-    mask = (front.anc | own)[:, :, : off + K]  # [B, K, off + K]
+    seen = front.anc | own  # [B, K, W] each node's ancestors and itself
+    mask = seen[:, :, : off + K]  # [B, K, off + K]
     logits, hidden = step(front.tok, front.hidden, level, off, mask)  # [B, K, V], [B, K, H]
     cs, ct = topk_kernel.log_softmax_topk(logits, K)  # [B, K, K]
     score = (front.score[:, :, None] + cs).reshape(B, K * K)
@@ -106,7 +107,7 @@ def expand(front: Frontier, step: StepFn, level: int, n_cand: int) -> Grown:
     fs, pick = topk_kernel.top_k(score, K)  # next frontier [B, K], best first
     local_parent = pick // K
     nxt = Frontier(tok=torch.gather(tok, 1, pick), score=fs, idx=n_cand + pick,
-                   hidden=None if hidden is None else hidden[bi, local_parent], anc=(front.anc | own)[bi, local_parent])
+                   hidden=None if hidden is None else hidden[bi, local_parent], anc=seen[bi, local_parent])
     cands = Candidates(tok=tok, score=score, parent=front.idx[:, :, None].expand(B, K, K).reshape(B, K * K),
                        depth=torch.full_like(tok, level + 1), frontier_logp=fs,
                        entropy=_entropy(torch.log_softmax(logits[:, 0].float(), -1)))  # the best frontier node's

@@ -6,7 +6,9 @@ updates the slot state (`SlotState`: the cache and the per-slot buffers) in plac
 through torch.compile (`compiled_settle`): its ~50 small ops (argmaxes, gathers, wheres, the compaction's index ops,
 the seeded uniforms of sampling) then fuse into a few kernels; run eagerly they were a quarter of a plain decoding
 round's 222 kernels on an H100 (bench/results/h100-inplace-cache). CPU runs the plain ops; a test checks that the
-compiled function gives the same state, token for token.
+compiled function gives the same state, token for token. The round's two other small pieces around the target
+pass, its input (`trees.tree_pass`) and its outcome's packing (`stats.pack_outcome`), are compiled here too
+(`compiled_tree_pass`, `compiled_pack`), once for every engine.
 
 What it does not know: proposers, drafters, batching or the host; which rule applies is `verify_round`'s choice
 from the sampling parameters and the tree.
