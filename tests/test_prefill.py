@@ -8,7 +8,7 @@ import torch
 
 from adaspec_worker.decode.build import build_engine
 from adaspec_worker.decode.drafters import load_draft_model, load_eagle_head
-from adaspec_worker.decode.model import load_target
+from adaspec_worker.decode.model import causal_tree, load_target
 from adaspec_worker.decode.prefill import ChunkedPrefill, prefill_target
 from adaspec_worker.decode.sampling import SamplingParams
 from jobs.specs import parse_spec
@@ -63,6 +63,31 @@ def test_chunks_leave_what_a_whole_prefill_leaves(tgt, drafter_kind, chunk):
             if ref is not None:
                 torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-4)  # float rounding of other sums
         assert (drafter.cache.full_lens == -7).all()
+
+
+@pytest.mark.parametrize("drafter_kind", ["eagle", "draft-model"])
+def test_a_drafters_prefill_makes_logits_at_each_rows_last_entry_only(tgt, drafter_kind, monkeypatch):
+    """No [B, T, V] block: the drafter's head maps one state per row (the peak memory of a batch's prefill), and its
+    opinion equals the last entries' rows of the whole block's logits."""
+    prompts = [[5, 9, 11, 13, 2, 7, 40], [3, 8], [6]]
+    ids, lens = padded(prompts)
+    drafter = (load_eagle_head(str(TINY_HEAD), tgt) if drafter_kind == "eagle" else load_draft_model(str(TINY), tgt))
+    feats = prefill_target(tgt, drafter, ids, lens, tgt.new_cache(3, 32)).features
+    drafter.begin(3, 32)
+    mapped = []
+    head = drafter.head
+    monkeypatch.setattr(drafter, "head", lambda state: mapped.append(tuple(state.shape)) or head(state))
+    logits, _ = drafter.prefill(ids, lens, feats)
+    assert mapped == [(3, mapped[0][1])], mapped
+    s = drafter.entry_shift
+    drafter.begin(3, 32)
+    drafter.cache.lens.zero_()
+    W = ids.shape[1] - s
+    block, _ = drafter.forward(ids[:, s:], drafter.lift(None if feats is None else feats[:, :W]),
+                               torch.arange(W).expand(3, W), causal_tree(3, W, ids.device), 0)
+    for b, n in enumerate((lens - s).tolist()):
+        want = block[b, n - 1] if n > 0 else torch.zeros_like(logits[b])
+        torch.testing.assert_close(logits[b], want)
 
 
 def test_a_long_prompt_prefills_between_rounds_while_the_other_slots_decode(tgt):

@@ -67,6 +67,15 @@ class Drafter:
     """Interface shared by all drafters. `pick_features` says what of the target's pass it reads per entry."""
 
     entry_shift = 0  # EAGLE: entry i carries token x[i+1] (shift 1); draft model: x[i] (shift 0)
+    carries_hidden = False  # EAGLE: the next draft step reads this step's hidden state; draft models: None
+
+    # forward(toks, feats, pos, mask, offset, logits=True) -> (logits [B, T, V] | None, state [B, T, *] | None):
+    # with logits False no [B, T, V] block is made and `state` is what head() maps to logits (extend() takes the
+    # logits of each row's last entry only); with logits True `state` is the carried hidden state, or None.
+
+    def head(self, state: torch.Tensor) -> torch.Tensor:
+        """forward(logits=False)'s state [..., *] -> logits [..., V]."""
+        raise NotImplementedError
 
     def pick_features(self, hidden: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor | None:
         """The target feature this drafter reads per entry, from the target pass's final-norm hidden
@@ -121,13 +130,14 @@ class Drafter:
             return (torch.zeros(B, tgt.cfg.vocab_size, dtype=tgt.dtype, device=toks.device),
                     torch.zeros(B, tgt.cfg.hidden_size, dtype=tgt.dtype, device=toks.device))
         pos = self.cache.lens[:, None] + torch.arange(W, device=toks.device)[None, :]
-        logits, hidden = self.forward(toks, self.lift(feats), pos, causal_tree(B, W, toks.device), 0)
+        _, state = self.forward(toks, self.lift(feats), pos, causal_tree(B, W, toks.device), 0, logits=False)
         last = (n_new - 1).clamp(min=0)
         bi = torch.arange(B, device=toks.device)
         self.cache.lens += n_new
         some = (n_new > 0)[:, None]  # rows without a new entry get the same blank opinion as when alone
-        return (torch.where(some, logits[bi, last], 0.0),
-                None if hidden is None else torch.where(some, hidden[bi, last], 0.0))
+        state = state[bi, last]  # [B, *]: logits at the last entries only, not a [B, W, V] block
+        return (torch.where(some, self.head(state), 0.0),
+                torch.where(some, state, 0.0) if self.carries_hidden else None)
 
     def step(self, toks, hidden, level: int, offset: int, mask):
         """Run tree nodes of draft level `level` (toks [B, T]) in the scratch region after the committed entries."""
@@ -151,13 +161,17 @@ class DraftModel(Drafter):
     def fuse(self) -> None:
         self.model.fuse()
 
-    def forward(self, toks, hidden, pos, mask, offset):
-        logits, _, _ = self.model(toks, pos, self.cache, mask, offset)
-        return logits, None
+    def forward(self, toks, hidden, pos, mask, offset, logits: bool = True):
+        out, final, _ = self.model(toks, pos, self.cache, mask, offset, logits=logits)
+        return (out, None) if logits else (None, final)
+
+    def head(self, state):
+        return self.model.head(state)
 
 
 class EagleHead(nn.Module, Drafter):
     entry_shift = 1
+    carries_hidden = True
 
     def __init__(self, cfg: ModelConfig, fc_bias: bool):
         super().__init__()
@@ -191,14 +205,18 @@ class EagleHead(nn.Module, Drafter):
         self.layers[0].self_attn.rope_kernel = self.kernel_attention and rope_kernel.available()
         self.rope_inv = default_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.fc.weight.device)  # made once
 
-    def forward(self, toks, feats, pos, mask, offset):
+    def forward(self, toks, feats, pos, mask, offset, logits: bool = True):
         if self._compiled is not None and toks.shape[1] <= CausalLM.compile_max_tokens:  # strides fixed: no recompiles
             return self._compiled(dense(toks), dense(feats), dense(pos), self.cache.kv, self.cache.lens, dense(mask),
-                                  offset)
-        return self._body(toks, feats, pos, self.cache.kv, self.cache.lens, mask, offset)
+                                  offset, logits)
+        return self._body(toks, feats, pos, self.cache.kv, self.cache.lens, mask, offset, logits)
 
-    def _body(self, toks, feats, pos, kv, lens, mask, offset: int):
-        """toks, pos [B, T]; feats [B, T, H]; kv [B, S, 1, 2, Hkv, D]; lens [B] -> (logits [B, T, V], hidden)."""
+    def head(self, state):
+        return self.target[0].lm_head(state)
+
+    def _body(self, toks, feats, pos, kv, lens, mask, offset: int, logits: bool = True):
+        """toks, pos [B, T]; feats [B, T, H]; kv [B, S, 1, 2, Hkv, D]; lens [B] -> (logits [B, T, V] | None,
+        hidden [B, T, H])."""
         tgt = self.target[0]
         h = self.fc(torch.cat((tgt.embed_tokens(toks), feats.to(self.fc.weight.dtype)), -1))
         if self.kernel_attention:  # the kernel reads lens and the tree mask itself
@@ -213,7 +231,7 @@ class EagleHead(nn.Module, Drafter):
         else:
             cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         h = self.layers[0](h, cos, sin, LayerCache(kv, 0), slots, full_mask)
-        return tgt.lm_head(h), h
+        return (self.head(h) if logits else None), h
 
     def train_forward(self, emb, feats, pos):
         """Full-sequence causal forward for training (no cache): emb, feats [B, T, H] -> hidden [B, T, H]."""
@@ -243,6 +261,7 @@ class Eagle3Layer(nn.Module):
 
 class Eagle3Head(nn.Module, Drafter):
     entry_shift = 1
+    carries_hidden = True
 
     def pick_features(self, hidden, aux):
         """Three target layers' inputs, concatenated: the feature EAGLE-3 reads."""
@@ -273,17 +292,21 @@ class Eagle3Head(nn.Module, Drafter):
     def lift(self, feats):
         return self.fc(feats.to(self.fc.weight.dtype))
 
-    def forward(self, toks, hidden, pos, mask, offset):
+    def forward(self, toks, hidden, pos, mask, offset, logits: bool = True):
         tgt = self.target[0]
         emb = tgt.embed_tokens(toks).to(hidden.dtype)
         slots, full_mask = self.cache.slots_and_mask(toks.shape[1], mask, offset)
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, hidden.dtype)
         h = self.midlayer(emb, hidden, cos, sin, LayerCache(self.cache.kv, 0), slots, full_mask)
-        draft_logits = self.lm_head(self.norm(h))  # [B, T, Vd]
-        full = draft_logits.new_full((*draft_logits.shape[:-1], tgt.cfg.vocab_size), float("-inf"))
-        ids = torch.arange(draft_logits.shape[-1], device=h.device) + self.d2t
+        return (self.head(h) if logits else None), h
+
+    def head(self, state):
+        """The reduced-vocabulary logits mapped onto the target's vocabulary (-inf where the head has no entry)."""
+        draft_logits = self.lm_head(self.norm(state))  # [..., Vd]
+        full = draft_logits.new_full((*draft_logits.shape[:-1], self.target[0].cfg.vocab_size), float("-inf"))
+        ids = torch.arange(draft_logits.shape[-1], device=state.device) + self.d2t
         full[..., ids] = draft_logits
-        return full, h
+        return full
 
 
 # ---------------------------------------------------------------- loading

@@ -76,13 +76,18 @@ class EarlyExitHead(nn.Module, Drafter):
         if compile and self._compiled is None:
             self._compiled = compiled(self._body)
 
-    def forward(self, toks, hidden, pos, mask, offset):
+    def forward(self, toks, hidden, pos, mask, offset, logits: bool = True):
         small = self._compiled is not None and toks.shape[1] <= CausalLM.compile_max_tokens
         body = self._compiled if small else self._body
-        return body(toks, pos, self.cache.kv, self.cache.lens, mask, offset), None
+        out = body(toks, pos, self.cache.kv, self.cache.lens, mask, offset, logits)
+        return (out, None) if logits else (None, out)
 
-    def _body(self, toks, pos, kv, lens, mask, offset: int):
-        """toks, pos [B, T]; kv [B, S, L', 2, Hkv, D]; lens [B]; mask [B, T, offset + T] -> logits [B, T, V]."""
+    def head(self, state):
+        return self.target[0].lm_head(state)
+
+    def _body(self, toks, pos, kv, lens, mask, offset: int, logits: bool = True):
+        """toks, pos [B, T]; kv [B, S, L', 2, Hkv, D]; lens [B]; mask [B, T, offset + T] -> logits [B, T, V] (or,
+        logits False, the normed hidden states [B, T, H] that head() maps to them)."""
         tgt = self.target[0]
         slots, full_mask = slots_and_mask(lens, kv.shape[1], toks.shape[1], mask, offset)
         h = tgt.embed_tokens(toks)
@@ -95,7 +100,8 @@ class EarlyExitHead(nn.Module, Drafter):
                     fused_mask = gqa_mask(full_mask, self.cfg.num_heads // self.cfg.num_kv_heads, h.dtype)
                 m = fused_mask
             h = layer(h, cos, sin, LayerCache(kv, i), slots, m)
-        return tgt.lm_head(self.norm(h))
+        h = self.norm(h)
+        return self.head(h) if logits else h
 
     def head_forward(self, exit_hidden: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Training: layer N's hidden states over whole blocks [B, T, H] (no cache) -> the head's logits [B, T, V]."""

@@ -180,10 +180,14 @@ class CausalLM(nn.Module):
         aux = torch.cat([outs[i] for i in self.aux_layers], -1) if self.aux_layers else None
         if not logits:
             return None, hidden, aux
-        out = self.lm_head(hidden)  # [B, T, V]
+        return self.head(hidden), hidden, aux
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states [..., H] -> logits [..., V]."""
+        out = self.lm_head(hidden)
         if self.cfg.final_softcap is not None:  # Gemma-2
             out = torch.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
-        return out, hidden, aux
+        return out
 
 
 # ---------------------------------------------------------------- loading
