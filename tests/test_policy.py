@@ -117,17 +117,22 @@ def test_policy_learns_what_its_rounds_cost_and_scales_the_cost_model_for_shapes
 
 
 def test_an_adaptive_engine_times_its_rounds_for_its_policy(models):
-    """generate() hands each landed round's seconds to the proposer; the next call's policy has them for the
-    shape and batch bucket the last call ran."""
+    """generate() hands each landed round's seconds to the proposer; the next call's policy has them for each
+    shape the last call's rounds ran (the call's first, then the per-round choices) at its batch bucket."""
     d, tgt = models
     eng = _engine(d, tgt, "ldlp-tree")
     eng.proposer.cost = CostModel.from_json({**_cost(0.0).to_json(), "device": "cpu"})
+    ran = []
+    landed = eng.proposer.landed
+    eng.proposer.landed = lambda report: ran.append((report.B, report.shape[0], report.seconds)) or landed(report)
     sp = SamplingParams(max_new_tokens=6)
     eng.generate([[1, 2, 3], [4, 5]], sp, [0, 1])
-    shape = eng.proposer.shape
+    first = list(ran)
+    assert first and all(s.drafts for _, s, _ in first)
     eng.generate([[1, 2, 3]], sp, [0])
-    assert list(eng.proposer.policy.timings.seen) == [(2, ("greedy",), shape)]
-    assert eng.proposer.policy.timings.seen[(2, ("greedy",), shape)][0] > 0
+    seen = eng.proposer.policy.timings.seen
+    assert set(seen) == {(B, ("greedy",), s) for B, s, _ in first}
+    assert all(v[0] > 0 for v in seen.values())
 
 
 @pytest.fixture(scope="module")

@@ -314,7 +314,7 @@ class Engine:
             done = torch.cuda.Event()
             done.record()
         clock.mark("other")
-        return Flight(origin=list(batch.origin), host=host, done=done, warm=warm)
+        return Flight(origin=list(batch.origin), shape=key[2], host=host, done=done, warm=warm)
 
     def _land(self, flight: Flight, batch: Batch) -> list[RowOutcome]:
         """The round's one device-to-host wait; the outcome per slot, and the proposer's plan into the batch."""

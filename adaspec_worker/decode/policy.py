@@ -27,8 +27,6 @@ import math
 import random
 from dataclasses import dataclass
 
-import torch
-
 from .cost import CostModel
 from .sampling import SamplingParams
 
@@ -194,47 +192,42 @@ class ShapePolicy:
 
 
 class RoundTally:
-    """Device counters of the rows' rounds in one generate() call, read back (one sync) at the next begin().
-
-    A row took part in a round when its emitted-token counter moved (finished and padding rows do not)."""
+    """The rounds of one generate() call, counted on the host as they land (`Budgeted.landed`), handed to the policy
+    at the next begin(): tokens and seconds by the shape each round ran (a call's rounds may change shape)."""
 
     def __init__(self):
-        self.sums: torch.Tensor | None = None  # [3] float64: row-rounds, tokens emitted, squares
-        self.pending: tuple | None = None  # (rule, shape) the sums belong to
+        self.rule: tuple | None = None  # the call's sampling rule; None: no call pending
         self.evidence = True  # False: the call's shape was forced (warm-up), its tokens say nothing of acceptance
         self.B = 0  # the batch bucket the call began at
-        self.seconds: dict[int, list[float]] = {}  # batch bucket -> each landed round's seconds (host-side)
+        self.tokens: dict[Shape, list[float]] = {}  # shape -> [row-rounds, tokens emitted, squares]
+        self.seconds: dict[tuple[int, Shape], list[float]] = {}  # (batch bucket, shape) -> landed rounds' seconds
 
-    def start(self, device, rule: tuple, shape: Shape, evidence: bool = True, B: int = 0) -> None:
-        """A call of `shape` at batch bucket B begins; a forced call (`evidence` False) is timed at B only (its
-        dummy rows drain through smaller sizes in a few rounds each)."""
-        if self.sums is None or self.sums.device != torch.device(device):
-            self.sums = torch.zeros(3, dtype=torch.float64, device=device)
-        self.sums.zero_()
-        self.pending = (rule, shape)
-        self.evidence, self.B = evidence, B
-        self.seconds = {}
+    def start(self, rule: tuple, evidence: bool = True, B: int = 0) -> None:
+        """A call begins at batch bucket B; a forced call (`evidence` False) is timed at B only (its dummy rows drain
+        through smaller sizes in a few rounds each)."""
+        self.rule, self.evidence, self.B = rule, evidence, B
+        self.tokens, self.seconds = {}, {}
 
-    def add(self, emitted: torch.Tensor) -> None:
-        """emitted [B]: tokens each row emitted this round (0: not in the round). No host sync."""
-        moved = (emitted > 0).double()
-        e = emitted.double()
-        self.sums.add_(torch.stack([moved.sum(), e.sum(), (e * e).sum()]))
+    def add(self, shape: Shape, emitted: list[int]) -> None:
+        """A landed round of `shape`: the tokens each row in it emitted."""
+        sums = self.tokens.setdefault(shape, [0.0, 0.0, 0.0])
+        sums[0] += len(emitted)
+        sums[1] += sum(emitted)
+        sums[2] += sum(e * e for e in emitted)
 
-    def time(self, B: int, seconds: float) -> None:
-        """A landed round's seconds at batch bucket B."""
-        if self.pending is not None and (self.evidence or B == self.B):
-            self.seconds.setdefault(B, []).append(seconds)
+    def time(self, B: int, seconds: float, shape: Shape) -> None:
+        """A landed round's seconds at batch bucket B, of `shape`."""
+        if self.rule is not None and (self.evidence or B == self.B):
+            self.seconds.setdefault((B, shape), []).append(seconds)
 
     def flush(self, policy: ShapePolicy) -> None:
-        """Hand the last call's counts (unless forced) and round times to the policy (outside any round: once per
-        generate()). Times go as the median per batch bucket: the call's first rounds of a shape compile and capture."""
-        if self.pending is not None and self.sums is not None:
-            rounds, tokens, squares = self.sums.tolist()
-            if rounds > 0 and self.evidence:
-                policy.update(*self.pending, rounds, tokens, squares)
-            rule, shape = self.pending
-            for B, times in self.seconds.items():
-                policy.timed(B, rule, shape, sorted(times)[len(times) // 2])
-        self.pending = None
-        self.seconds = {}
+        """Hand the last call's counts (unless forced) and round times to the policy (once per generate()). Times go
+        as the median per batch bucket and shape: a call's first rounds of a shape compile and capture."""
+        if self.rule is not None:
+            if self.evidence:
+                for shape, (rounds, tokens, squares) in self.tokens.items():
+                    if rounds > 0:
+                        policy.update(self.rule, shape, rounds, tokens, squares)
+            for (B, shape), times in self.seconds.items():
+                policy.timed(B, self.rule, shape, sorted(times)[len(times) // 2])
+        self.rule, self.tokens, self.seconds = None, {}, {}

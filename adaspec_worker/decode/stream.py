@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from .batch import Batch, Completion, Outputs, Request, on_device
+from .proposers.base import Landed
 from .stats import EngineStats, PhaseClock
 
 # the phases a round's time is split into (the oracle's uncharged reference work included)
@@ -54,6 +55,7 @@ class Flight:
     """A launched round: its outcome on its way to the host."""
 
     origin: list[int]  # [B] each slot's prompt when the round was launched (slots may be re-pointed before it lands)
+    shape: tuple  # the proposer's plan_key at launch: which of its shapes the round ran
     host: torch.Tensor  # [B, columns] the outcome's host copy (pinned on CUDA), laid out by stats.py
     done: torch.cuda.Event | None  # recorded after the copy (CUDA)
     warm: float  # the engine's warm-up seconds (compile + capture) when its launch began
@@ -206,7 +208,10 @@ class Stream:
             clock.flush(spent, upto)
             # no compile or capture inside `spent` (from this round's launch to the next one's, or to now)
             timed = (ahead.warm if ahead is not None else eng.warmup_seconds) == flight.warm
-            self._account(flight.origin, spent, timed)
+            seconds = self._account(flight.origin, spent)
+            live = [row if self.outputs.running(row) else -1 for row in flight.origin]
+            eng.proposer.landed(Landed(origin=live, shape=flight.shape, outcomes=outcomes,
+                                       seconds=seconds if timed else None))
             ended = self.outputs.record(flight.origin, outcomes)
             flight = ahead
             if ended:
@@ -275,9 +280,9 @@ class Stream:
         elif shrink and self.loading is None and (not self.refill or not fits):
             self.engine._shrink(batch, self.outputs)
 
-    def _account(self, origin: list[int], spent: EngineStats, timed: bool) -> None:
-        """A landed round (and the time since the last one, `spent`) into the stream's and its groups' stats; its
-        seconds to the proposer when `timed` (nothing compiled or captured in that time)."""
+    def _account(self, origin: list[int], spent: EngineStats) -> float:
+        """A landed round (and the time since the last one, `spent`) into the stream's and its groups' stats; returns
+        the round's seconds (draft, verify and the host's share)."""
         total = self.stats
         total.target_passes += 1
         total.slot_rounds += len(origin)
@@ -285,11 +290,10 @@ class Stream:
         total.busy_slot_rounds += sum(busy.values())
         for key in TIMES:
             setattr(total, key, getattr(total, key) + getattr(spent, key))
-        if timed:
-            self.engine.proposer.timed(len(origin), spent.draft_seconds + spent.verify_seconds + spent.other_seconds)
+        seconds = spent.draft_seconds + spent.verify_seconds + spent.other_seconds
         n = sum(busy.values())
         if not n:
-            return
+            return seconds
         oldest = next(g for g in self.groups if g in busy)
         for group, k in busy.items():
             g = self.groups[group]
@@ -298,6 +302,7 @@ class Stream:
             g.slot_rounds += k + (len(origin) - n if group == oldest else 0)
             for key in TIMES:  # the round's time split by busy slots
                 setattr(g, key, getattr(g, key) + getattr(spent, key) * k / n)
+        return seconds
 
 
 class CallStream:

@@ -3,9 +3,11 @@
 Registered by spec class like the fixed methods (`base.PROPOSERS`); parameters and sources are documented
 on their specs in `jobs/specs.py`. Every method here is a `Budgeted` proposer:
 
-  - the round's shape (depth, node budget, width) is chosen once per generate() call by `policy.ShapePolicy`
-    from the method's menu, the batch bucket, the sampling rule and the measured cost model (`self.cost`,
-    set by the builder or the worker): expected tokens per second, `none` (drafter idle) when nothing pays;
+  - whether a call drafts, and its first round's shape (depth, node budget, width), is chosen once per generate()
+    call by `policy.ShapePolicy` from the method's menu, the batch bucket, the sampling rule and the measured cost
+    model (`self.cost`, set by the builder or the worker): expected tokens per second, `none` (drafter idle) when
+    nothing pays; while it drafts, each next round's shape is chosen among the menu's drafting shapes by
+    `depth_policy.DepthPolicy` from how the rows' last rounds went (on the host, as rounds land);
   - per row, `limit(r, stats, depth)` turns the method's signal into that row's depth limit, and
     `ranked.finish` spends the row's node budget on its best candidates within it:
       adaeagle      LDLP's predicted accepted length (AdaEAGLE)
@@ -28,6 +30,7 @@ import torch
 
 from jobs.specs import AdaEagleDDDSpec, AdaEagleSpec, AdaEDLSpec, DDDSpec, LDLPTreeSpec, MethodSpec, OptTreeSpec
 
+from ..depth_policy import DepthPolicy
 from ..policy import NO_DRAFT, RoundTally, Shape, ShapePolicy, menu, rule_key
 from ..ranked import Candidates, LevelStats, RankedSteps, finish, grow_levels, leading, level_stats
 from ..trees import chain_tree
@@ -44,8 +47,10 @@ class Budgeted(Proposer):
     def __init__(self, spec: MethodSpec, max_depth: int, width: int, nodes_per_level: int):
         super().__init__(spec)
         self.policy = ShapePolicy(menu(max_depth, width, nodes_per_level), spec.accept_prior)
+        self.depths = DepthPolicy(self.policy.shapes, prior=0.5 + spec.accept_prior / 2)  # optimistic: deep gets tried
         self.tally = RoundTally()
         self.shape = NO_DRAFT
+        self.B, self.rule = 0, ("greedy",)  # the call's batch bucket and sampling rule
         self.forced: Shape | None = None  # warm-up: this shape, whatever the policy would choose
         self.max_nodes = 1 + max(s.nodes for s in self.policy.shapes)
         self.scratch = width * max_depth
@@ -74,11 +79,12 @@ class Budgeted(Proposer):
         self.forced = variant
 
     def begin(self, batch: BatchInfo) -> None:
-        self.tally.flush(self.policy)  # the previous call's rounds (one read, outside any round)
+        self.tally.flush(self.policy)  # the previous call's rounds
         forced = self.forced
         self.shape = forced if forced is not None else self.policy.choose(batch.B, batch.sampling)
-        self.tally.start(batch.device, rule_key(batch.sampling), self.shape, evidence=forced is None, B=batch.B)
-        self.row_state("last_counter", batch.B, 0, torch.long, batch.device)  # [B] counter after the last round
+        self.B, self.rule = batch.B, rule_key(batch.sampling)
+        self.tally.start(self.rule, evidence=forced is None, B=batch.B)
+        self.depths.forget_slots()
 
     def plan_key(self, plan):
         return (self.shape,)
@@ -108,12 +114,21 @@ class Budgeted(Proposer):
         """[B] the depth each row may draft to this round (clamped to [1, depth] by the caller)."""
         raise NotImplementedError
 
-    def timed(self, B: int, seconds: float) -> None:
-        self.tally.time(B, seconds)
+    def landed(self, report) -> None:
+        """The round's tokens and time to its shape's tally; then, in a call that drafts and was not forced, the next
+        round's shape from the rows' acceptance (`DepthPolicy`)."""
+        shape = report.shape[0]
+        self.tally.add(shape, [len(out.tokens) for row, out in zip(report.origin, report.outcomes) if row >= 0])
+        if report.seconds is not None:
+            self.tally.time(report.B, report.seconds, shape)
+        if self.forced is not None or not self.shape.drafts:
+            return
+        self.depths.observe(report.origin, report.outcomes)
+        nxt = self.depths.choose(lambda s: self.policy.seconds(report.B, self.rule, s))
+        if nxt is not None:
+            self.shape = nxt
 
     def observe(self, verdict, tree, r):
-        self.tally.add(r.counter - self.last_counter)  # tokens each row emitted (0: finished or padding)
-        self.last_counter.copy_(r.counter)
         self.observe_rows(verdict, tree, r)
         return None
 

@@ -15,6 +15,7 @@ A round, as the engine drives it:
     tree = proposer.propose(round_input, plan)  plan: the host list the engine keeps, or None
     ... one target pass and verification ...
     plan = proposer.observe(verdict, tree, round_input)   [B] next plan (rides the round's one sync), or None
+    proposer.landed(Landed(...))                the round's outcomes on the host (the next round may be queued)
     proposer.persist()                          the worker, after a shard: state the spec keeps with the job
 
 The engine owns the plan; `plan_key(plan)` says what of it changes the round's shapes (part of the
@@ -29,6 +30,7 @@ import torch
 from jobs.specs import MethodSpec
 
 from ..sampling import STREAM_DRAFT, SamplingParams, sample, target_probs, uniform
+from ..stats import RowOutcome
 from ..trees import DraftTree
 
 PROPOSERS: dict[type[MethodSpec], type[Proposer]] = {}
@@ -62,6 +64,20 @@ class Variant:
 
     key: object  # what `force` takes (an adaptive menu's `Shape`); None: the proposer's only shape
     max_emit: int  # at most this many tokens a round of it emits (its tree's depth + 1, or an upper bound)
+
+
+@dataclass
+class Landed:
+    """A landed round as the host sees it (`Proposer.landed`)."""
+
+    origin: list[int]  # [B] the row each slot decoded; -1: padding, or a row that had already finished
+    shape: tuple  # the proposer's plan_key when the round was launched
+    outcomes: list[RowOutcome]  # [B] what each slot did
+    seconds: float | None  # the round's draft + verify + host seconds; None when a compile or capture fell in it
+
+    @property
+    def B(self) -> int:
+        return len(self.origin)
 
 
 @dataclass
@@ -144,9 +160,9 @@ class Proposer:
         """Run `variant` (a `Variant.key` of `variants()`) in the next calls, which are no evidence for choosing;
         None: choose again. Proposers with one shape ignore it."""
 
-    def timed(self, B: int, seconds: float) -> None:
-        """A landed round at batch bucket B took `seconds` of device time (draft + verify + the host's share),
-        measured by the engine's phase clock; proposers whose policy learns what rounds cost keep it."""
+    def landed(self, report: Landed) -> None:
+        """A round landed on the host (before the engine launches the one after the round already queued): proposers
+        that learn what rounds cost, or choose the next round's shape, read it here. No device work."""
 
     def persist(self) -> None:
         """Write what the spec asks to keep with the job (token-recycling's matrix, a retrieval datastore) to its
