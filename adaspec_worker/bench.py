@@ -128,7 +128,8 @@ def bench_adarun(engine: Engine, prompts, B: int, n: int, sampling: SamplingPara
             "draft_seconds": total.draft_seconds, "verify_seconds": total.verify_seconds,
             "other_seconds": total.other_seconds, "prefill_seconds": total.prefill_seconds,
             "warmup_seconds": total.warmup_seconds, "rounds": total.target_passes,
-            "reference_seconds": total.reference_seconds}
+            "reference_seconds": total.reference_seconds,
+            "draft_depths": {str(d): n for d, n in sorted(total.rows.draft_lengths.items())}}  # row-rounds per depth
 
 
 def kernels_per_round(engine: Engine, prompts, B: int, sampling: SamplingParams) -> dict:

@@ -27,7 +27,7 @@ def test_levels_past_a_rounds_tree_or_its_first_rejection_are_not_counted():
     c = p.context(2, 4)
     p.observe([0], [outcome(3, 3)])  # the same row: its whole tree of 3 taken, nothing said of level 4
     assert p.offered[c] == [1, 1, 1, 0, 0, 0, 0, 0] and p.taken[c] == [1, 1, 1, 0, 0, 0, 0, 0]
-    assert p.slots == {0: (0, p.context(3, 3))} and p.context(3, 3) != p.context(3, 4)
+    assert p.slots == {0: (0, [p.context(3, 3)])} and p.context(3, 3) != p.context(3, 4)
 
 
 def test_expected_tokens_follow_the_counted_acceptance_and_shrink_to_the_prior_where_unseen():
@@ -49,24 +49,25 @@ def test_a_slot_given_to_another_row_starts_fresh():
     assert p.slots == {} and p.choose(linear_cost()) is None
 
 
-def markov_rounds(p: DepthPolicy, rounds: int) -> list[int]:
-    """A row in an easy stretch accepts its whole tree, in a hard one nothing; stretches last 10 rounds."""
-    depths, shape = [], p.shapes[-1]
+def markov_rounds(p: DepthPolicy, rounds: int, lag: int = 1) -> list[int]:
+    """A row in an easy stretch accepts its whole tree, in a hard one nothing; stretches last 10 rounds. A choice
+    sets the round `lag` rounds later (the rounds in between are already queued). [rounds] each round's depth."""
+    depths = [p.shapes[-1].depth] * lag
     for i in range(rounds):
         easy = (i // 10) % 2 == 0
-        p.observe([0], [outcome(shape.depth if easy else 0, shape.depth)])
-        shape = p.choose(linear_cost())
-        depths.append(shape.depth)
-    return depths
+        p.observe([0], [outcome(depths[i] if easy else 0, depths[i])], lag)
+        depths.append(p.choose(linear_cost()).depth)
+    return depths[:rounds]
 
 
-def test_deep_after_a_whole_tree_was_taken_shallow_after_a_rejection():
+@pytest.mark.parametrize("lag", [1, 2])
+def test_deep_in_an_easy_stretch_shallow_in_a_hard_one(lag):
     p = DepthPolicy(SHAPES, prior=0.8)
-    depths = markov_rounds(p, 400)
-    late = depths[200:]
-    after_easy = [d for i, d in enumerate(late) if ((200 + i) // 10) % 2 == 0 and (200 + i) % 10 != 9]
-    after_hard = [d for i, d in enumerate(late) if ((200 + i) // 10) % 2 == 1 and (200 + i) % 10 != 9]
-    assert min(after_easy) == 8 and max(after_hard) == 1, (after_easy, after_hard)
+    depths = markov_rounds(p, 400, lag)
+    inside = [i for i in range(200, 400) if i % 10 >= lag]  # rounds chosen from a round of the same stretch
+    easy = [depths[i] for i in inside if (i // 10) % 2 == 0]
+    hard = [depths[i] for i in inside if (i // 10) % 2 == 1]
+    assert min(easy) == 8 and max(hard) == 1, (easy, hard)
 
 
 def test_without_contexts_the_choice_cannot_tell_stretches_apart(monkeypatch):
@@ -75,6 +76,15 @@ def test_without_contexts_the_choice_cannot_tell_stretches_apart(monkeypatch):
     monkeypatch.setattr(p, "context", lambda accepted, depth: FRESH)
     depths = markov_rounds(p, 400)[200:]
     assert len(set(depths)) == 1
+
+
+def test_with_a_lag_the_counts_pair_a_round_with_the_context_its_shape_was_chosen_from():
+    p = DepthPolicy(SHAPES, prior=0.8)
+    p.observe([0], [outcome(4, 4)], lag=2)  # round 1: fresh
+    p.observe([0], [outcome(0, 4)], lag=2)  # round 2: queued before round 1 landed, so chosen fresh too
+    assert p.offered[FRESH][0] == 2
+    p.observe([0], [outcome(1, 4)], lag=2)  # round 3: chosen when round 1 (all 4 taken) landed
+    assert p.offered[p.context(4, 4)][:2] == [1, 1] and p.offered[p.context(0, 4)] == [0] * 8
 
 
 def test_the_batch_chooses_for_its_rows_mean():

@@ -4,9 +4,11 @@
 starts with. While it drafts, `DepthPolicy` picks every next round's shape among the menu's drafting shapes
 (each its own captured graphs, so the choice costs no capture) from what the landed rounds said:
 
-  - a row's *context* is how its last round went: the tokens it accepted, and whether that was its whole tree
-    (a row that took all it was offered is in an easy stretch; one that stopped early, in a hard one), or
-    `FRESH` for a row's first round;
+  - a row's *context* is how its last landed round went: the tokens it accepted, and whether that was its whole
+    tree (a row that took all it was offered is in an easy stretch; one that stopped early, in a hard one), or
+    `FRESH` for a row's first round. With overlapped rounds the next round is already queued when a round lands,
+    so a choice made then sets the round after it (`lag` 2): the counts pair each round with the context its
+    shape was chosen from (the row's round `lag` rounds before it);
   - per context c and level i, h[c, i] = P(level i of the row's tree is accepted | level i - 1 was), counted from
     every landed round that offered level i to a row whose level i - 1 was accepted. Rounds cut short by their
     tree's depth say nothing past it (Kaplan-Meier). Each context's counts shrink to the pooled counts of all
@@ -15,8 +17,7 @@ starts with. While it drafts, `DepthPolicy` picks every next round's shape among
     the mean over its rows. The chosen shape maximises that over the shape's expected seconds per round (the
     call-level policy's: measured rounds of that shape, else the calibrated cost model).
 
-With overlapped rounds the next round is already queued when a round lands, so a choice takes effect one round
-later. The choice never changes a row's text (verification is lossless whatever the tree), and is a function
+The choice never changes a row's text (verification is lossless whatever the tree), and is a function
 of the landed outcomes and measured times only.
 
 Knows nothing of models, drafters or trees: it reads `stats.RowOutcome`s and prices shapes through a callable.
@@ -45,26 +46,29 @@ class DepthPolicy:
         contexts = 1 + 2 * (self.D + 1)  # FRESH, then (accepted a in 0..D) x (took its whole tree or not)
         self.offered = [[0] * self.D for _ in range(contexts)]  # [C][D] rounds offering level i + 1 after level i
         self.taken = [[0] * self.D for _ in range(contexts)]  # [C][D] of those, rounds that accepted level i + 1
-        self.slots: dict[int, tuple[int, int]] = {}  # slot -> (its row, the row's context)
+        self.slots: dict[int, tuple[int, list[int]]] = {}  # slot -> (its row, its last contexts, newest first)
         self.chosen: Counter[int] = Counter()  # rounds chosen per depth (for stats)
 
     def context(self, accepted: int, depth: int) -> int:
         return 1 + 2 * min(accepted, self.D) + int(depth > 0 and accepted >= depth)
 
-    def observe(self, origin: list[int], outcomes: list[RowOutcome]) -> None:
-        """A landed round: origin [B] the row per slot (-1: none decoding), outcomes [B] what each slot did."""
+    def observe(self, origin: list[int], outcomes: list[RowOutcome], lag: int = 1) -> None:
+        """A landed round: origin [B] the row per slot (-1: none decoding), outcomes [B] what each slot did; the next
+        round launched is `lag` rounds after this one."""
+        assert lag >= 1, f"lag must be >= 1, got {lag}"
         seen = {}
         for slot, (row, out) in enumerate(zip(origin, outcomes)):
             if row < 0:  # padding, or a row frozen in its slot
                 continue
-            was_row, c = self.slots.get(slot, (-1, FRESH))
-            c = c if was_row == row else FRESH
+            was_row, history = self.slots.get(slot, (-1, []))
+            history = history if was_row == row else []
+            c = history[lag - 1] if len(history) >= lag else FRESH  # what this round's shape was chosen from
             d = min(out.draft_depth, self.D)
             offered, taken = self.offered[c], self.taken[c]
             for i in range(min(d, out.n_accepted + 1)):  # level i + 1 offered, level i accepted
                 offered[i] += 1
                 taken[i] += i < out.n_accepted
-            seen[slot] = (row, self.context(out.n_accepted, out.draft_depth))
+            seen[slot] = (row, [self.context(out.n_accepted, out.draft_depth), *history[: lag - 1]])
         self.slots = seen
 
     def pooled(self) -> list[float]:
@@ -86,7 +90,7 @@ class DepthPolicy:
         `seconds(shape)` prices a round of that shape at the batch's size."""
         if not self.slots:
             return None
-        counts = Counter(c for _, c in self.slots.values())
+        counts = Counter(history[0] for _, history in self.slots.values())
         pooled = self.pooled()
         per_context = {c: self.expected_tokens(c, pooled) for c in counts}
         n = sum(counts.values())

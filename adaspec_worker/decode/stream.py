@@ -211,7 +211,7 @@ class Stream:
             seconds = self._account(flight.origin, spent)
             live = [row if self.outputs.running(row) else -1 for row in flight.origin]
             eng.proposer.landed(Landed(origin=live, shape=flight.shape, outcomes=outcomes,
-                                       seconds=seconds if timed else None))
+                                       seconds=seconds if timed else None, lag=1 if ahead is None else 2))
             ended = self.outputs.record(flight.origin, outcomes)
             flight = ahead
             if ended:

@@ -123,7 +123,7 @@ class Budgeted(Proposer):
             self.tally.time(report.B, report.seconds, shape)
         if self.forced is not None or not self.shape.drafts:
             return
-        self.depths.observe(report.origin, report.outcomes)
+        self.depths.observe(report.origin, report.outcomes, report.lag)
         nxt = self.depths.choose(lambda s: self.policy.seconds(report.B, self.rule, s))
         if nxt is not None:
             self.shape = nxt

@@ -74,6 +74,7 @@ class Landed:
     shape: tuple  # the proposer's plan_key when the round was launched
     outcomes: list[RowOutcome]  # [B] what each slot did
     seconds: float | None  # the round's draft + verify + host seconds; None when a compile or capture fell in it
+    lag: int = 1  # the next launch is this many rounds after this one (2: one was queued before this one landed)
 
     @property
     def B(self) -> int:
