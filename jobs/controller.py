@@ -116,7 +116,7 @@ def preflight(m: Manifest, worker_cls: type | None = None) -> tuple[ShardFiles, 
     if worker_cls is not None and hasattr(worker_cls, "preflight"):
         worker_cls.preflight(m)
     files = open_output(m)
-    probe = Store(m.output.path, m.output.storage_options, backoff_s=0.2, attempts=2)
+    probe = Store(m.output.path, m.output.storage_options, backoff_s=0.2, attempts=4)  # retries transient faults
     try:
         probe.write_bytes("_adarun_probe", b"ok")
         probe.remove("_adarun_probe")
