@@ -12,7 +12,8 @@
 #   profile-b16   the same at batch 16 (PROFILE_BATCHES overrides) for `none`, `eagle:k=4` and `eagle2` d4/t30, with
 #                 each kernel name's GPU time per round (`kernel_us_by_name`): where a batch's rounds grow
 #   profile-split profile-kernel's cells at batch 1 and 16 with each row's live slots split over several programs
-#                 (ADARUN_ATTN_SPLITS=auto, flash-decoding), for comparison with profile-kernel and profile-b16
+#                 (ADARUN_ATTN_SPLITS=auto, flash-decoding: the default since h100-split) whatever ADARUN_ATTN_SPLITS
+#                 says; the other sections take ADARUN_ATTN_SPLITS as given (1: the single pass, for comparison)
 #   fixed-b64     `none` and `eagle2` d4/t30 at batch 64, T=0 (the batch where the kernels once lost 3.4x)
 #   fixed-b64-kernel the same with ADARUN_TREE_KERNEL=1
 #   natural       #17: continuous batching on the natural workload, 64 slots, `none`, `eagle:k=4` (the fastest fixed
@@ -56,7 +57,7 @@ for arg in "$@"; do
   echo "== $name (${limit} s, ADARUN_COMPILE_ROUND=${ADARUN_COMPILE_ROUND:-1})"
   if [ "$name" = profile-plain ]; then plain=0; else plain=${ADARUN_COMPILE_ROUND:-1}; fi
   if [ "${name%-kernel}" != "$name" ]; then kernel=1; else kernel=${ADARUN_TREE_KERNEL:-1}; fi
-  if [ "$name" = profile-split ]; then splits=auto; else splits=${ADARUN_ATTN_SPLITS:-1}; fi
+  if [ "$name" = profile-split ]; then splits=auto; else splits=${ADARUN_ATTN_SPLITS:-auto}; fi
   ADARUN_ATTN_SPLITS=$splits ADARUN_COMPILE_ROUND=$plain ADARUN_TREE_KERNEL=$kernel timeout "$limit" python3 scripts/gpu_fast_bench.py $COMMON $ARGS \
     --out "$OUT/$name" > "/tmp/$name.log" 2>&1
   rc=$?
