@@ -30,6 +30,8 @@
 #   adaptive-b1   #12: the same at batch 1, T=0 (ADAPTIVE_TEMPERATURES=0,0.7 adds T=0.7; 16 prompts). The adaptive
 #                 methods' propose compiles once per menu shape at warm-up: each cell's warm_seconds says what it cost
 #   adaptive-b1-kernel the same with ADARUN_TREE_KERNEL=1
+#   (ADARUN_DEPTH_POLICY=0 keeps each call's first shape for all its rounds: the adaptive methods without the
+#   per-round depth of decode/depth_policy.py, for comparison in the same call)
 # Each bench cell warms its engine up first (decode/warmup.py): its timed calls replay graphs from their first round.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ADARUN_GIT_COMMIT=$(cat .kit/commit 2>/dev/null || git rev-parse HEAD)

@@ -135,6 +135,22 @@ def test_an_adaptive_engine_times_its_rounds_for_its_policy(models):
     assert all(v[0] > 0 for v in seen.values())
 
 
+def test_without_the_per_round_choice_a_call_keeps_its_first_shape(models):
+    """ADARUN_DEPTH_POLICY=0 (`Budgeted.per_round` False): every round of a call runs the shape its call chose."""
+    d, tgt = models
+    eng = _engine(d, tgt, "ldlp-tree")
+    eng.proposer.cost = CostModel.from_json({**_cost(0.0).to_json(), "device": "cpu"})
+    ran = []
+    landed = eng.proposer.landed
+    eng.proposer.landed = lambda report: ran.append(report.shape[0]) or landed(report)
+    sp = SamplingParams(max_new_tokens=12)
+    eng.generate([[1, 2, 3], [4, 5]], sp, [0, 1])
+    assert len(set(ran)) > 1  # on: the rounds changed shape (the check below is not vacuous)
+    eng.proposer.per_round, ran[:] = False, []
+    eng.generate([[1, 2, 3], [4, 5]], sp, [0, 1])
+    assert len(ran) > 2 and len(set(ran)) == 1
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("policy")

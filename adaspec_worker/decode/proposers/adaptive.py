@@ -26,6 +26,8 @@ Knows nothing of the engine: the LDLP and the cost model are handed in by the bu
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from jobs.specs import AdaEagleDDDSpec, AdaEagleSpec, AdaEDLSpec, DDDSpec, LDLPTreeSpec, MethodSpec, OptTreeSpec
@@ -43,6 +45,8 @@ class Budgeted(Proposer):
     # propose reads the call's shape (a constant the compiled code guards on: one compile per menu shape, at warm-up)
     # and per-row state tensors, never a tensor's value on the host
     traceable = True
+    # each round's depth from DepthPolicy; ADARUN_DEPTH_POLICY=0 keeps the call's first shape for all its rounds
+    per_round = os.environ.get("ADARUN_DEPTH_POLICY", "1") != "0"
 
     def __init__(self, spec: MethodSpec, max_depth: int, width: int, nodes_per_level: int):
         super().__init__(spec)
@@ -121,7 +125,7 @@ class Budgeted(Proposer):
         self.tally.add(shape, [len(out.tokens) for row, out in zip(report.origin, report.outcomes) if row >= 0])
         if report.seconds is not None:
             self.tally.time(report.B, report.seconds, shape)
-        if self.forced is not None or not self.shape.drafts:
+        if self.forced is not None or not self.shape.drafts or not self.per_round:
             return
         self.depths.observe(report.origin, report.outcomes, report.lag)
         nxt = self.depths.choose(lambda s: self.policy.seconds(report.B, self.rule, s))
