@@ -46,6 +46,7 @@ class DepthPolicy:
         contexts = 1 + 2 * (self.D + 1)  # FRESH, then (accepted a in 0..D) x (took its whole tree or not)
         self.offered = [[0] * self.D for _ in range(contexts)]  # [C][D] rounds offering level i + 1 after level i
         self.taken = [[0] * self.D for _ in range(contexts)]  # [C][D] of those, rounds that accepted level i + 1
+        self.all_offered, self.all_taken = [0] * self.D, [0] * self.D  # [D] the same summed over contexts
         self.slots: dict[int, tuple[int, list[int]]] = {}  # slot -> (its row, its last contexts, newest first)
         self.chosen: Counter[int] = Counter()  # rounds chosen per depth (for stats)
 
@@ -67,15 +68,17 @@ class DepthPolicy:
             offered, taken = self.offered[c], self.taken[c]
             for i in range(min(d, out.n_accepted + 1)):  # level i + 1 offered, level i accepted
                 offered[i] += 1
-                taken[i] += i < out.n_accepted
+                self.all_offered[i] += 1
+                if i < out.n_accepted:
+                    taken[i] += 1
+                    self.all_taken[i] += 1
             seen[slot] = (row, [self.context(out.n_accepted, out.draft_depth), *history[: lag - 1]])
         self.slots = seen
 
     def pooled(self) -> list[float]:
         """[D] h over all contexts, shrunk to the prior."""
         m = self.strength
-        return [(sum(t[i] for t in self.taken) + m * self.prior) / (sum(o[i] for o in self.offered) + m)
-                for i in range(self.D)]
+        return [(t + m * self.prior) / (o + m) for t, o in zip(self.all_taken, self.all_offered)]
 
     def expected_tokens(self, c: int, pooled: list[float]) -> list[float]:
         """[D + 1] tokens per round a row in context c expects from a tree of depth d (entry d)."""
