@@ -116,7 +116,8 @@ def preflight(m: Manifest, worker_cls: type | None = None) -> tuple[ShardFiles, 
     if worker_cls is not None and hasattr(worker_cls, "preflight"):
         worker_cls.preflight(m)
     files = open_output(m)
-    probe = Store(m.output.path, m.output.storage_options, backoff_s=0.2, attempts=4)  # retries transient faults
+    probe = Store(m.output.path, m.output.storage_options, backoff_s=0.2, attempts=2)  # an unreachable store: seconds
+    probe.chaos = 0.0  # reachability only: the chaos drill (ADARUN_CHAOS_WRITE_FAILURE_RATE) is for the job's writes
     try:
         probe.write_bytes("_adarun_probe", b"ok")
         probe.remove("_adarun_probe")

@@ -54,7 +54,7 @@ class Budgeted(Proposer):
         self.depths = DepthPolicy(self.policy.shapes, prior=0.5 + spec.accept_prior / 2)  # optimistic: deep gets tried
         self.tally = RoundTally()
         self.shape = NO_DRAFT
-        self.B, self.rule = 0, ("greedy",)  # the call's batch bucket and sampling rule
+        self.rule = ("greedy",)  # the call's sampling rule (`policy.rule_key`)
         self.forced: Shape | None = None  # warm-up: this shape, whatever the policy would choose
         self.max_nodes = 1 + max(s.nodes for s in self.policy.shapes)
         self.scratch = width * max_depth
@@ -86,7 +86,7 @@ class Budgeted(Proposer):
         self.tally.flush(self.policy)  # the previous call's rounds
         forced = self.forced
         self.shape = forced if forced is not None else self.policy.choose(batch.B, batch.sampling)
-        self.B, self.rule = batch.B, rule_key(batch.sampling)
+        self.rule = rule_key(batch.sampling)
         self.tally.start(self.rule, evidence=forced is None, B=batch.B)
         self.depths.forget_slots()
 
