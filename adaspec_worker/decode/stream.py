@@ -208,8 +208,8 @@ class Stream:
             clock.flush(spent, upto)
             # no compile or capture inside `spent` (from this round's launch to the next one's, or to now)
             timed = (ahead.warm if ahead is not None else eng.warmup_seconds) == flight.warm
-            seconds = self._account(flight.origin, spent)
-            live = [row if self.outputs.running(row) else -1 for row in flight.origin]
+            live = [row if self.outputs.running(row) else -1 for row in flight.origin]  # [B] -1: none decoding
+            seconds = self._account(live, spent)
             eng.proposer.landed(Landed(origin=live, shape=flight.shape, outcomes=outcomes,
                                        seconds=seconds if timed else None, lag=1 if ahead is None else 2))
             ended = self.outputs.record(flight.origin, outcomes)
@@ -280,13 +280,13 @@ class Stream:
         elif shrink and self.loading is None and (not self.refill or not fits):
             self.engine._shrink(batch, self.outputs)
 
-    def _account(self, origin: list[int], spent: EngineStats) -> float:
-        """A landed round (and the time since the last one, `spent`) into the stream's and its groups' stats; returns
-        the round's seconds (draft, verify and the host's share)."""
+    def _account(self, live: list[int], spent: EngineStats) -> float:
+        """A landed round (live [B]: each slot's row, -1 where none was decoding; and the time since the last round,
+        `spent`) into the stream's and its groups' stats; returns the round's draft + verify + host seconds."""
         total = self.stats
         total.target_passes += 1
-        total.slot_rounds += len(origin)
-        busy = Counter(self.outputs.rows[row].request.group for row in origin if self.outputs.running(row))
+        total.slot_rounds += len(live)
+        busy = Counter(self.outputs.rows[row].request.group for row in live if row >= 0)
         total.busy_slot_rounds += sum(busy.values())
         for key in TIMES:
             setattr(total, key, getattr(total, key) + getattr(spent, key))
@@ -299,7 +299,7 @@ class Stream:
             g = self.groups[group]
             g.target_passes += 1
             g.busy_slot_rounds += k
-            g.slot_rounds += k + (len(origin) - n if group == oldest else 0)
+            g.slot_rounds += k + (len(live) - n if group == oldest else 0)
             for key in TIMES:  # the round's time split by busy slots
                 setattr(g, key, getattr(g, key) + getattr(spent, key) * k / n)
         return seconds
