@@ -10,6 +10,7 @@ Knows nothing of engines, methods or Ray: it times callables.
 
 from __future__ import annotations
 
+import gc
 import os
 import statistics
 import time
@@ -49,7 +50,10 @@ def measure(fn: Callable[[], Any], device: torch.device | str, warmup: int = 1, 
     for _ in range(warmup):
         fn()
     cuda = torch.device(device).type == "cuda"
+    gc.collect()  # garbage that only the cycle collector frees would count in this peak: an earlier method's engine
+    # (its compiled methods and captured graphs refer back to it) with its caches, still allocated
     if cuda:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     runs = [time_call(fn, device) for _ in range(repeats)]
     times = [s for _, s in runs]

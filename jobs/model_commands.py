@@ -28,6 +28,16 @@ from .manifest_schema import ResourcesCfg
 @click.option("--seq-len", type=int, default=None, help="Tokens per block (default 512).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default 1e-3).")
 @click.option("--noise", type=float, default=None, help="Width of uniform noise on input features (default 0.2).")
+@click.option(
+    "--unroll",
+    type=int,
+    default=None,
+    help="Drafting steps each position trains on its own predictions (default 1: EAGLE's recipe; 3: the training-time"
+    " test, for deeper drafts).",
+)
+@click.option(
+    "--unroll-weight", type=float, default=None, help="Step s of the unroll weighs this ** (s-1) (default 0.8)."
+)
 @click.option("--max-files", type=int, default=None, help="Use at most this many corpus texts.")
 @click.option("--max-tokens", type=int, default=None, help="Use at most this many corpus tokens.")
 @click.option(

@@ -83,3 +83,33 @@ def test_bench_natural_workload_compares_refill_on_and_off(tmp_path):
     assert on["tokens"] == off["tokens"] and on["stopped_early"] > 0  # the same rows, some stopping early
     assert on["occupancy"] >= off["occupancy"] and on["rounds"] <= off["rounds"]
     assert "Natural workload" in (out / "bench.md").read_text()
+
+
+def test_a_cell_is_measured_with_no_earlier_methods_engine_alive(tmp_path, monkeypatch):
+    """Engines hold reference cycles (compiled bound methods, captured graphs), so an earlier method's engine and its
+    caches outlive it until the cycle collector runs: measured with it alive, a method's peak memory counted both."""
+    import gc
+
+    from adaspec_worker import timing
+    from adaspec_worker.decode.engine import Engine
+
+    alive: list[int] = []
+    time_call = timing.time_call
+
+    def counting(fn, device):
+        alive.append(sum(isinstance(o, Engine) for o in gc.get_objects()))
+        return time_call(fn, device)
+
+    monkeypatch.setattr(timing, "time_call", counting)
+    gc.collect()
+    gc.disable()  # as when the collector has not happened to run between two cells
+    try:
+        r = CliRunner().invoke(cli, ["bench", "--target", str(TINY), "--draft", str(TINY_HEAD), "--baselines=",
+                                     "--prompts", str(REPO / "manifests" / "prompts.parquet"),
+                                     "--methods", "eagle:k=2,eagle2:depth=2:total_tokens=6", "--batch-sizes", "1",
+                                     "--temperatures", "0", "--new-tokens", "4", "--n-prompts", "1", "--repeats", "1",
+                                     "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path / "bench")])
+    finally:
+        gc.enable()
+    assert r.exit_code == 0, r.output
+    assert alive == [1, 1, 1], alive  # none, eagle, eagle2: one engine each time

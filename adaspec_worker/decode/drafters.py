@@ -235,12 +235,34 @@ class EagleHead(nn.Module, Drafter):
 
     def train_forward(self, emb, feats, pos):
         """Full-sequence causal forward for training (no cache): emb, feats [B, T, H] -> hidden [B, T, H]."""
+        return self.train_unrolled(emb, feats, pos, 1)[0]
+
+    def train_unrolled(self, emb, feats, pos, steps: int) -> list[torch.Tensor]:
+        """The head run `steps` times over a whole sequence, each run on its own previous predictions, as drafting
+        runs it (the training-time test of HASS and EAGLE-3): emb, feats [B, T, H] (the tokens x[p+1] and the
+        target's features f[p]), pos [B, T] -> one hidden [B, T, H] per step; step s at position p predicts f[p+1]
+        from a chain rooted at p-s+1.
+
+        Step 1 is the plain causal forward. Step s > 1 reads step s-1's prediction made one position earlier as its
+        feature input, and attends as a depth-s draft node does: to the true-feature keys of positions <= p-s+1 (the
+        committed context) and to the keys of its chain's own steps 2..s (at positions p-s+2..p), never to the
+        true-feature keys of those positions. Positions p < s-1 have no such chain: the caller masks them out."""
         B, T, _ = emb.shape
-        cache = KVCache(B, T, 1, self.cfg.num_kv_heads, self.cfg.head_dim, emb.dtype, emb.device)
-        h = self.fc(torch.cat((emb, feats), -1))
-        slots, mask = cache.slots_and_mask(T, causal_tree(B, T, emb.device))
-        cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
-        return self.layers[0](h, cos, sin, LayerCache(cache.kv, 0), slots, mask)
+        c = self.cfg
+        cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, emb.dtype)
+        p = torch.arange(T, device=emb.device)
+        outs: list[torch.Tensor] = []
+        kv = emb.new_zeros(B, 0, 1, 2, c.num_kv_heads, c.head_dim)
+        for s in range(1, steps + 1):
+            x = feats if s == 1 else torch.cat((feats[:, :1], outs[-1][:, :-1]), 1)  # step s-1's output, shifted
+            h = self.fc(torch.cat((emb, x), -1))
+            kv = torch.cat((kv, kv.new_zeros(B, T, *kv.shape[2:])), 1)  # a new tensor: earlier steps' graph intact
+            blocks = [p[None, :] <= (p[:, None] - s + 1)]  # [T, T] true-feature keys: the chain's context
+            blocks += [p[None, :] == (p[:, None] - s + t) for t in range(2, s + 1)]  # step t's key of this chain
+            mask = torch.cat(blocks, 1).expand(B, T, s * T)  # [B, T, s*T]
+            slots = (s - 1) * T + p.expand(B, T)  # [B, T]
+            outs.append(self.layers[0](h, cos, sin, LayerCache(kv, 0), slots, mask))
+        return outs
 
 
 class Eagle3Layer(nn.Module):

@@ -6,6 +6,11 @@ loss = SmoothL1(pred, f[i+1]) + 0.1 * CE(target's next-token distribution, lm_he
 with uniform noise U(-noise/2, noise/2) on input features. AdamW, linear warm-up, cosine decay,
 gradient clipping at 0.5.
 
+With `unroll` > 1 (the training-time test of HASS and EAGLE-3) each position also runs the head on its own
+predictions for unroll - 1 more steps, attending as a node that deep in a draft tree does, and the loss adds each
+step's (weighted by unroll_weight ** (s - 1)): the head learns to draft from its own features, as it does past the
+first level. Validation reports every head's top-1 agreement at 4 unrolled steps and its teacher-forced chain length.
+
 Checkpoints (`OUT/checkpoint/`, safetensors + JSON, never pickle) hold the head, the optimizer
 moments and the step, so rerunning the same command resumes. The final head goes to OUT/
 (config.json + model.safetensors, loadable by the engine and by EAGLE's code) with
@@ -43,9 +48,14 @@ class DraftTrainConfig:
     checkpoint_every: int = 500
     max_seconds: float | None = None  # stop early (and save) once training has run this long
     seed: int = 0
+    unroll: int = 1  # drafting steps each training position runs on its own predictions (1: EAGLE's recipe)
+    unroll_weight: float = 0.8  # step s of the unroll weighs unroll_weight ** (s - 1)
     exclude_heldout: bool = False  # drop the shared benchmark's held-out files (sha1 rule in corpus.py)
     dtype: str = "auto"
     device: str = "auto"
+
+
+EVAL_STEPS = 4  # unrolled steps every evaluation reports, whatever the training unroll
 
 
 def _features(target, ids: torch.Tensor):
@@ -56,22 +66,52 @@ def _features(target, ids: torch.Tensor):
     return hidden.float(), logits.float()
 
 
-def head_loss(head: EagleHead, target, ids: torch.Tensor, noise: float, p_weight: float):
-    """Loss on one batch of blocks, plus (smooth-L1 part, CE part, top-1 agreement)."""
+@dataclass
+class HeadLoss:
+    """One batch's loss and what it is made of: the smooth-L1 and cross-entropy parts summed over unrolled steps
+    (weighted), each step's top-1 agreement with the target, and `chain`: the mean number of leading steps that all
+    agree, from each root position (a teacher-forced stand-in for a greedy chain's accepted length)."""
+
+    loss: torch.Tensor
+    smooth_l1: torch.Tensor
+    ce: torch.Tensor
+    top1: list[torch.Tensor]  # one per step
+    chain: torch.Tensor
+
+
+def head_loss(head: EagleHead, target, ids: torch.Tensor, noise: float, p_weight: float, steps: int = 1,
+              step_weight: float = 1.0) -> HeadLoss:
+    """The EAGLE loss on one batch of blocks, over `steps` unrolled drafting steps (`EagleHead.train_unrolled`);
+    step s weighs step_weight ** (s - 1) and counts only positions with a whole chain (p >= s - 1)."""
     with torch.no_grad():
         f, logits = _features(target, ids)
         emb = target.embed_tokens(ids[:, 1:]).float()
         p = torch.softmax(logits[:, 1:], -1)  # target's next-token distribution after x[i+1]
+        best = p.argmax(-1)  # [B, T]
     x = f[:, :-1]
     if noise:
         x = x + (torch.rand_like(x) - 0.5) * noise
-    T = ids.shape[1] - 1
-    pred = head.train_forward(emb, x, torch.arange(T, device=ids.device).expand(ids.shape[0], T))
-    v = F.smooth_l1_loss(pred, f[:, 1:])
-    logq = torch.log_softmax(target.lm_head(pred.to(target.dtype)).float(), -1)
-    ce = -(p * logq).sum(-1).mean()
-    acc = (logq.argmax(-1) == p.argmax(-1)).float().mean()
-    return v + p_weight * ce, v.detach(), ce.detach(), acc.detach()
+    B, T = ids.shape[0], ids.shape[1] - 1
+    preds = head.train_unrolled(emb, x, torch.arange(T, device=ids.device).expand(B, T), steps)
+    loss = v_sum = ce_sum = torch.zeros((), device=ids.device)
+    top1, hits = [], []
+    for s, pred in enumerate(preds, start=1):
+        valid = slice(s - 1, T)  # positions whose chain root p - s + 1 exists
+        v = F.smooth_l1_loss(pred[:, valid], f[:, 1:][:, valid])
+        logq = torch.log_softmax(target.lm_head(pred[:, valid].to(target.dtype)).float(), -1)
+        ce = -(p[:, valid] * logq).sum(-1).mean()
+        w = step_weight ** (s - 1)
+        loss = loss + w * (v + p_weight * ce)
+        v_sum, ce_sum = v_sum + w * v.detach(), ce_sum + w * ce.detach()
+        hit = logq.argmax(-1) == best[:, valid]  # [B, T - s + 1]
+        top1.append(hit.float().mean().detach())
+        hits.append(hit[:, : T - steps + 1])  # aligned on the root: step s's column r is the chain rooted at r
+    run = torch.ones_like(hits[0])
+    chain = torch.zeros(hits[0].shape, device=ids.device)
+    for hit in hits:
+        run = run & hit
+        chain = chain + run
+    return HeadLoss(loss, v_sum, ce_sum, top1, chain.mean().detach())
 
 
 def _save_checkpoint(path: str, head, opt, step: int, cfg: DraftTrainConfig) -> None:
@@ -145,14 +185,15 @@ def train_draft(target_dir: str, corpus: str, out: str, cfg: DraftTrainConfig, t
         for grp in opt.param_groups:  # progress by steps or by the time budget, whichever is further
             frac = max(step / cfg.steps, (ts - t_train) / cfg.max_seconds if cfg.max_seconds else 0.0)
             grp["lr"] = cfg.lr * sched(frac * cfg.steps)
-        loss, v, ce, acc = head_loss(head, target, ids, cfg.noise, cfg.p_weight)
+        out = head_loss(head, target, ids, cfg.noise, cfg.p_weight, cfg.unroll, cfg.unroll_weight)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        out.loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{acc.item():.2f}", step_ms=f"{(time.time() - ts) * 1e3:.0f}")
+        losses.append(out.loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{out.top1[0].item():.2f}",
+                        step_ms=f"{(time.time() - ts) * 1e3:.0f}")
         bar.update(1)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             _save_checkpoint(ckpt, head, opt, step, cfg)
@@ -172,15 +213,22 @@ def train_draft(target_dir: str, corpus: str, out: str, cfg: DraftTrainConfig, t
 
 @torch.no_grad()
 def evaluate(head, target, val: torch.Tensor, cfg: DraftTrainConfig, max_blocks: int = 64) -> dict:
+    """Validation over the first `max_blocks` blocks: the step-1 loss and its parts, each of `EVAL_STEPS` unrolled
+    steps' top-1 agreement, and the teacher-forced chain length over those steps (the same for every `unroll`, so
+    heads trained either way compare)."""
     was = head.training
     head.eval()
-    tot = {"loss": 0.0, "smooth_l1": 0.0, "ce": 0.0, "top1": 0.0}
+    tot: dict[str, float] = {}
     n = 0
     for i in range(0, min(val.shape[0], max_blocks), cfg.batch_size):
         ids = val[i: i + cfg.batch_size].to(target.device)
-        loss, v, ce, acc = head_loss(head, target, ids, 0.0, cfg.p_weight)
-        for k, x in zip(tot, (loss, v, ce, acc)):
-            tot[k] += float(x) * ids.shape[0]
+        first = head_loss(head, target, ids, 0.0, cfg.p_weight)
+        out = head_loss(head, target, ids, 0.0, cfg.p_weight, EVAL_STEPS)
+        vals = {"loss": first.loss, "smooth_l1": first.smooth_l1, "ce": first.ce,
+                **{("top1" if s == 0 else f"top1_step{s + 1}"): a for s, a in enumerate(out.top1)},
+                f"chain{EVAL_STEPS}": out.chain}
+        for k, x in vals.items():
+            tot[k] = tot.get(k, 0.0) + float(x) * ids.shape[0]
         n += ids.shape[0]
     head.train(was)
     return {k: round(x / max(n, 1), 4) for k, x in tot.items()}
