@@ -185,14 +185,14 @@ def train_draft(target_dir: str, corpus: str, out: str, cfg: DraftTrainConfig, t
         for grp in opt.param_groups:  # progress by steps or by the time budget, whichever is further
             frac = max(step / cfg.steps, (ts - t_train) / cfg.max_seconds if cfg.max_seconds else 0.0)
             grp["lr"] = cfg.lr * sched(frac * cfg.steps)
-        out = head_loss(head, target, ids, cfg.noise, cfg.p_weight, cfg.unroll, cfg.unroll_weight)
+        res = head_loss(head, target, ids, cfg.noise, cfg.p_weight, cfg.unroll, cfg.unroll_weight)
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        res.loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
-        losses.append(out.loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{out.top1[0].item():.2f}",
+        losses.append(res.loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{res.top1[0].item():.2f}",
                         step_ms=f"{(time.time() - ts) * 1e3:.0f}")
         bar.update(1)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
