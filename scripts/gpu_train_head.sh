@@ -5,20 +5,19 @@
 #   TRAIN_SECONDS (default 400)  the training's time budget (the cosine schedule ends with it)
 #   UNROLLS (default 3)          train-draft --unroll values, one head each, trained side by side: drafting steps each
 #                                position trains on its own predictions
-# Each head comes back in $OUT/eagle-uN (config.json, model.safetensors, train_report.json; no checkpoint) and stays
-# in out/heads/eagle-uN on the machine while it is warm.
+# The heads go to out/heads/eagle-uN (config.json, model.safetensors, train_report.json; no checkpoint), where
+# gpu_head_bench.sh finds them on the same machine, and come back together as $OUT/heads.tar.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ADARUN_GIT_COMMIT=$(cat .kit/commit 2>/dev/null || git rev-parse HEAD)
 nvidia-smi -L
+rm -rf out/heads; mkdir -p out/heads
 CORPUS="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/**/*.py"
 for u in ${UNROLLS:-3}; do  # several recipes train side by side on the one GPU (a 22M target leaves it mostly idle)
   echo "== train-draft --unroll $u (${TRAIN_SECONDS:-400} s) on $CORPUS"
-  python3 scripts/model_command.py train-draft --target .kit/pycoder-22m --corpus "$CORPUS" --out "$OUT/eagle-u$u" \
+  python3 scripts/model_command.py train-draft --target .kit/pycoder-22m --corpus "$CORPUS" --out "out/heads/eagle-u$u" \
     --steps 20000 --max-seconds "${TRAIN_SECONDS:-400}" --unroll "$u" --exclude-heldout --max-files 16000 \
     --quiet > "/tmp/train-u$u.log" 2>&1 &
 done
 wait
-mkdir -p out/heads  # for gpu_head_bench.sh on the same warm machine
-for u in ${UNROLLS:-3}; do
-  tail -2 "/tmp/train-u$u.log"; rm -rf "$OUT/eagle-u$u/checkpoint"; cp -r "$OUT/eagle-u$u" out/heads/
-done
+for u in ${UNROLLS:-3}; do tail -2 "/tmp/train-u$u.log"; rm -rf "out/heads/eagle-u$u/checkpoint"; done
+tar -C out -cf "$OUT/heads.tar" heads  # one file back (the device returns at most 8)
