@@ -3,8 +3,9 @@ allocated after the engine is built, after its warm-up (workspace, caches, captu
 of a generate() call and after it; the allocations live at that peak and those still live at the end, grouped by the
 first adaspec_worker frame that made them (torch.cuda.memory's history, Python stacks).
 
-    python3 scripts/gpu_memory_phases.py --target .kit/pycoder-22m --draft heads/pycoder-22m-eagle \
-        --prompts .kit/code-prompts.parquet --batch 16 --methods none,eagle2:depth=4:total_tokens=30 --out $OUT/mem.json
+    ADARUN_GIT_COMMIT=$(cat .kit/commit) python3 scripts/gpu_memory_phases.py --target .kit/pycoder-22m \
+        --draft heads/pycoder-22m-eagle --prompts .kit/code-prompts.parquet --batch 16 \
+        --methods none,eagle2:depth=4:total_tokens=30 --out $OUT/mem.json
 
 On CPU (a dry run of the script itself) the memory figures are absent.
 """
@@ -12,6 +13,7 @@ import argparse
 import collections
 import gc
 import json
+import os
 import sys
 
 import torch
@@ -86,7 +88,8 @@ def main() -> None:
     target = load_target(a.target, cfg.dtype, a.device)
     sampling = SamplingParams(max_new_tokens=a.new_tokens, temperature=0.0)
     mem = (lambda: torch.cuda.memory_allocated() / MiB) if cuda else (lambda: None)
-    report = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name() if cuda else "cpu", "methods": {}}
+    report = {"command": " ".join(sys.argv), "git_commit": os.environ.get("ADARUN_GIT_COMMIT", "unknown"),
+              "device": torch.cuda.get_device_name() if cuda else "cpu", "methods": {}}
     for label in a.methods.split(","):
         gc.collect()
         if cuda:

@@ -303,3 +303,32 @@ def test_phase_clock_flushes_a_round_without_the_one_queued_behind_it():
     later = EngineStats()
     clock.flush(later)  # the default: every interval up to the last mark, which stays
     assert (later.draft_seconds, later.verify_seconds) == (0.5, 0.0) and clock.marks == [("verify", 4.0)]
+
+
+def test_a_shrinking_batch_moves_its_cache_rows_in_place():
+    """A batch that shrinks keeps its live rows in order; its padding is chosen so that every kept row moves by one
+    row copy with no temporary of the whole kept cache (a batch-16 call's memory peak on an H100 came from it)."""
+    from adaspec_worker.decode.batch import padding, shrunk
+    from adaspec_worker.decode.kv_cache import move_rows
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        B = shrunk(int(torch.randint(2, 65, (1,), generator=g)))  # a batch's sizes: 2, 4, 8, 16, 24, 32, ...
+        A = int(torch.randint(1, B + 1, (1,), generator=g))
+        alive = sorted(torch.randperm(B, generator=g)[:A].tolist())
+        n = shrunk(A)
+        if n >= B:
+            continue
+        order = alive + padding(alive, n, B)
+        assert len(order) == n == len(set(order)) and order[:A] == alive
+        assert not set(order[A:]) & set(alive), "padding slots are dead ones"
+        buf = torch.randn(B, 3, generator=g)
+        want = buf[torch.tensor(order)].clone()
+        moved = move_rows(buf, order)
+        assert moved or B > 16, (B, alive)  # to a power-of-two bucket always; above 16 slots it may fall back
+        if moved:
+            torch.testing.assert_close(buf[:n], want)
+    # an order whose moves would read an overwritten row is refused, leaving the buffer as it was
+    buf = torch.arange(4.0)[:, None]
+    assert not move_rows(buf, [1, 0]) and buf.flatten().tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert move_rows(buf, [2, 3]) and buf.flatten().tolist() == [2.0, 3.0, 2.0, 3.0]

@@ -60,6 +60,15 @@ def shrunk(n: int) -> int:
     return bucket(n) if n <= 16 else -(-n // 8) * 8
 
 
+def padding(alive: list[int], n: int, B: int) -> list[int]:
+    """The dead slots that fill places len(alive)..n-1 of a batch shrunk from B to n slots around its live slots
+    `alive` (ascending): a place's own slot where it is dead (it stays put), else the highest dead slots, which no
+    move overwrites, so the cache's rows move one by one with no temporary copy (`kv_cache.move_rows`)."""
+    kept, A = set(alive), len(alive)
+    spare = [i for i in range(B - 1, -1, -1) if i not in kept and not A <= i < n]
+    return [p if p not in kept else spare.pop(0) for p in range(A, n)]
+
+
 class Workspace:
     """Per-engine buffers every round reads and writes in place, sized (B slots, S cache positions).
 
@@ -134,11 +143,12 @@ class Workspace:
             setattr(self, name, buffer[:B])
         self.cache.view(B)
 
-    def select(self, rows: torch.Tensor) -> None:
+    def select(self, rows: torch.Tensor, order: list[int] | None = None) -> None:
+        """Keep slots `rows` [n] (device; `order`: the same on the host, for the cache's moves), moved to the front."""
         n = rows.shape[0]
         for buffer in self.full.values():
             buffer[:n] = buffer[rows]
-        self.cache.select(rows)
+        self.cache.select(rows, order)
         self.view(n)
 
 
@@ -154,10 +164,10 @@ class Batch:
     def select(self, order: list[int]) -> None:
         """Keep slots `order`, in that order: workspace, proposer and drafter state, origin and plan."""
         index = on_device(order, self.workspace.root.device)
-        self.workspace.select(index)
+        self.workspace.select(index, order)
         self.proposer.select(index)
         if self.drafter is not None:
-            self.drafter.select(index)
+            self.drafter.select(index, order)
         self.origin = [self.origin[i] for i in order]
         if self.plan is not None:
             self.plan = [self.plan[i] for i in order]

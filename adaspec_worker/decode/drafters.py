@@ -91,8 +91,8 @@ class Drafter:
         self.cache = self.new_cache(B, S)
         return True
 
-    def select(self, rows: torch.Tensor) -> None:
-        self.cache.select(rows)
+    def select(self, rows: torch.Tensor, order: list[int] | None = None) -> None:
+        self.cache.select(rows, order)
 
     def admit(self, rows: torch.Tensor, ids: torch.Tensor, lens: torch.Tensor, feats: torch.Tensor | None):
         """Continuous batching: prefill new prompts into cache rows `rows` [k] through a scratch cache of the

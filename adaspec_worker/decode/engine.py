@@ -25,7 +25,19 @@ from collections.abc import Callable
 
 import torch
 
-from .batch import Batch, Completion, Outputs, Request, StagedRefill, StopFn, Workspace, bucket, on_device, shrunk
+from .batch import (
+    Batch,
+    Completion,
+    Outputs,
+    Request,
+    StagedRefill,
+    StopFn,
+    Workspace,
+    bucket,
+    on_device,
+    padding,
+    shrunk,
+)
 from .drafters import Drafter
 from .logprobs import path_logprobs
 from .model import CausalLM, compiled
@@ -329,9 +341,8 @@ class Engine:
         """Drop finished slots when the live rows fit a smaller static size (`shrunk`; or always, eager)."""
         alive = batch.live(outputs)
         if alive and (not self.fast or shrunk(len(alive)) < batch.workspace.B):
-            kept = set(alive)
-            dead = [i for i in range(len(batch.origin)) if i not in kept]
-            batch.select((alive + dead)[: shrunk(len(alive)) if self.fast else len(alive)])
+            n = shrunk(len(alive)) if self.fast else len(alive)
+            batch.select(alive + padding(alive, n, len(batch.origin)))
 
     def _round_input(self, sampling: SamplingParams, target_logits: torch.Tensor | None = None) -> RoundInput:
         work = self.workspace

@@ -15,6 +15,7 @@ What it does not know: models, attention kernels, drafting.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,21 @@ def compact(kv: torch.Tensor, lens: torch.Tensor, src: torch.Tensor, n_keep: tor
     lens += n_keep
 
 
+def move_rows(buf: torch.Tensor, order: Sequence[int]) -> bool:
+    """buf[:n] = buf[order] along dim 0 (n = len(order)) by one row copy per moved row, with no temporary, when no
+    row is read after an earlier move overwrote it (true when the kept rows are in ascending order, as shrinking a
+    batch keeps them); returns False, having done nothing, otherwise."""
+    moves = [(i, r) for i, r in enumerate(order) if r != i]
+    written: set[int] = set()
+    for i, r in moves:
+        if r in written:
+            return False
+        written.add(i)
+    for i, r in moves:
+        buf[i].copy_(buf[r])
+    return True
+
+
 def causal_tree(B: int, T: int, device) -> torch.Tensor:
     return torch.ones(T, T, dtype=torch.bool, device=device).tril().expand(B, T, T)
 
@@ -102,10 +118,14 @@ class KVCache:
         src [B, P] indexes the block written by the last forward (0 = its first token)."""
         compact(self.kv, self.lens, src, n_keep)
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep `rows` (indices into the current batch), moved to the front, in place."""
+    def select(self, rows: torch.Tensor, order: Sequence[int] | None = None) -> None:
+        """Keep `rows` (indices into the current batch), moved to the front, in place. With `order` (the same indices
+        on the host) the rows move one by one where they can (`move_rows`), not through a copy of the whole kept
+        cache: that copy was a batch-16 `eagle2` call's peak, 36 of its 245 MiB on an H100
+        (bench/results/h100-head-retrain/memory-b16.json)."""
         n = rows.shape[0]
-        self.full_kv[:n] = self.full_kv[rows]
+        if order is None or not move_rows(self.full_kv, order):
+            self.full_kv[:n] = self.full_kv[rows]
         self.full_lens[:n] = self.full_lens[rows]
         self.view(n)
 
