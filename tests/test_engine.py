@@ -332,3 +332,28 @@ def test_a_shrinking_batch_moves_its_cache_rows_in_place():
     buf = torch.arange(4.0)[:, None]
     assert not move_rows(buf, [1, 0]) and buf.flatten().tolist() == [0.0, 1.0, 2.0, 3.0]
     assert move_rows(buf, [2, 3]) and buf.flatten().tolist() == [2.0, 3.0, 2.0, 3.0]
+
+
+def test_a_round_makes_its_trees_ancestry_once(monkeypatch):
+    """The target pass's mask and the verification read one ancestry per round (it was made twice: `levels` gathers
+    over [B, N, N] each time)."""
+    from adaspec_worker.decode.trees import DraftTree
+
+    made = []
+    plain = DraftTree.ancestors
+
+    def counting(self):
+        if self.ancestry is None:
+            made.append(self.size)
+        return plain(self)
+
+    monkeypatch.setattr(DraftTree, "ancestors", counting)
+    from tests.helpers import TINY, TINY_HEAD
+
+    tgt = load_target(str(TINY), dtype="float32", device="cpu")
+    engine = build_engine(tgt, parse_spec("eagle2", {"depth": 3, "total_tokens": 10}), draft=str(TINY_HEAD))
+    for temperature in (0.0, 0.8):
+        made.clear()
+        sampling = SamplingParams(max_new_tokens=12, temperature=temperature)
+        _, st = engine.generate([[1, 2, 3, 4, 5], [6, 7, 8]], sampling)
+        assert len(made) == st.target_passes > 0, (len(made), st.target_passes)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -381,6 +382,7 @@ class Engine:
         outcome buffer."""
         work, target = self.workspace, self.target
         inputs = self._tree_pass(tree, work.cache.lens)
+        tree = replace(tree, ancestry=inputs.mask)  # verification reads the same ancestry: made once a round
         logits, hidden, aux = target(tree.tokens, inputs.positions, work.cache, inputs.mask)
         before = work.ldlp_feat.clone() if self.on_round is not None else None  # the hook sees the round's features
         slots = SlotState(kv=work.cache.kv, lens=work.cache.lens, alive=work.alive, root=work.root, seed=work.seed,

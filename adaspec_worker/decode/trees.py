@@ -36,6 +36,7 @@ class DraftTree:
     levels: int  # static bound on depth (Python int: sizes the verifier's loops and paths)
     width: int  # static bound on children per node
     draft_probs: torch.Tensor | None = None  # [B, N, V] q at each node, sampled chains only
+    ancestry: torch.Tensor | None = None  # [B, N, N] `ancestors()` where already made (the target pass's mask)
 
     @property
     def size(self) -> int:
@@ -43,6 +44,8 @@ class DraftTree:
 
     def ancestors(self) -> torch.Tensor:
         """[B, N, N] bool: anc[b, i, j] = j is i or an ancestor of i."""
+        if self.ancestry is not None:
+            return self.ancestry
         B, N = self.parents.shape
         eye = torch.eye(N, dtype=torch.bool, device=self.parents.device).expand(B, N, N)
         anc = eye
