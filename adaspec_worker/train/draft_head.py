@@ -222,9 +222,9 @@ def evaluate(head, target, val: torch.Tensor, cfg: DraftTrainConfig, max_blocks:
     n = 0
     for i in range(0, min(val.shape[0], max_blocks), cfg.batch_size):
         ids = val[i: i + cfg.batch_size].to(target.device)
-        first = head_loss(head, target, ids, 0.0, cfg.p_weight)
-        out = head_loss(head, target, ids, 0.0, cfg.p_weight, EVAL_STEPS)
-        vals = {"loss": first.loss, "smooth_l1": first.smooth_l1, "ce": first.ce,
+        # weight 0 past step 1 (0.0 ** 0 == 1): the loss and its parts are step 1's, the top-1s and chain every step's
+        out = head_loss(head, target, ids, 0.0, cfg.p_weight, EVAL_STEPS, step_weight=0.0)
+        vals = {"loss": out.loss, "smooth_l1": out.smooth_l1, "ce": out.ce,
                 **{("top1" if s == 0 else f"top1_step{s + 1}"): a for s, a in enumerate(out.top1)},
                 f"chain{EVAL_STEPS}": out.chain}
         for k, x in vals.items():
