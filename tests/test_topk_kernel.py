@@ -1,6 +1,7 @@
 """The Triton log-softmax + top-k kernel (the draft trees' top-k on CUDA) run by Triton's CPU interpreter: equal to
 `torch.log_softmax(...).topk(...)` for float32 and bfloat16 logits, vocabularies that are and are not powers of two,
-rows of -inf, k of 1 to 16, and tied logits (the smallest index first); the plain top-k of a float64 rerank key
+rows of -inf, k of 1 to 32, and tied logits (the smallest index first), rows in one program and vocabulary-sized rows
+in chunks merged by a second kernel; the plain top-k of a float64 rerank key
 equals `torch.topk`; and the check breaks when a row's values are read at the wrong stride. Runs in a subprocess:
 the interpreter is chosen when Triton is imported."""
 from __future__ import annotations
@@ -31,23 +32,31 @@ SCRIPT = textwrap.dedent('''
         torch.testing.assert_close(torch.gather(want, 1, indices), ref, rtol=1e-5, atol=1e-5)  # the values' ids
         return indices
 
-    for R, V, k, dtype in [(5, 1000, 10, torch.float32), (3, 8192, 4, torch.bfloat16), (1, 64, 1, torch.float32),
-                           (7, 300, 16, torch.bfloat16)]:
-        check(torch.randn(R, V, dtype=dtype) * 4, k)
+    assert topk_kernel._chunks(8192) == (1024, 8) and topk_kernel._chunks(3000) == (1024, 4)
+    assert topk_kernel._chunks(128256) == (4096, 32) and topk_kernel._chunks(2048) is None
+    for split in (True, False):  # vocabulary-sized rows in chunks and merged, and in one program
+        topk_kernel._SPLIT = split
+        for R, V, k, dtype in [(5, 1000, 10, torch.float32), (3, 8192, 4, torch.bfloat16), (1, 64, 1, torch.float32),
+                               (7, 300, 16, torch.bfloat16), (2, 3000, 32, torch.float32), (3, 8192, 10, torch.float32),
+                               (2, 20000, 5, torch.bfloat16)]:
+            check(torch.randn(R, V, dtype=dtype) * 4, k)
 
-    x = torch.zeros(2, 50)
-    x[0, [7, 3, 30]] = 5.0  # a three-way tie: the smallest index first
-    x[1] = float("-inf")
-    x[1, 9] = 0.0
-    idx = check(x, 3)
-    assert idx[0].tolist() == [3, 7, 30], idx
-    assert idx[1, 0].item() == 9
+        for V in (50, 5000):  # ties within and across chunks; a row of -inf but for one entry in the last chunk
+            x = torch.zeros(2, V)
+            x[0, [V - 43, 3, V // 2]] = 5.0  # a three-way tie: the smallest index first
+            x[1] = float("-inf")
+            x[1, V - 9] = 0.0
+            idx = check(x, 3)
+            assert idx[0].tolist() == sorted([V - 43, 3, V // 2]), idx
+            assert idx[1, 0].item() == V - 9, idx
 
-    key = torch.randn(3, 310, dtype=torch.float64)
-    key[:, 5] = key[:, 6] - 1e-9  # the rerank's depth tie-break survives: float64 all the way
-    values, indices = topk_kernel._topk_op(key, 30, False)
-    assert values.dtype == torch.float64
-    assert torch.equal(values, key.topk(30).values) and torch.equal(indices, key.topk(30).indices)
+        for C in (310, 4100):
+            key = torch.randn(3, C, dtype=torch.float64)
+            key[:, 5] = key[:, 6] - 1e-9  # the rerank's depth tie-break survives: float64 all the way
+            values, indices = topk_kernel._topk_op(key, 30, False)
+            assert values.dtype == torch.float64
+            assert torch.equal(values, key.topk(30).values) and torch.equal(indices, key.topk(30).indices)
+    topk_kernel._SPLIT = True
 
     empty = op(torch.randn(0, 40), 3)
     assert empty[0].shape == (0, 3) and empty[1].shape == (0, 3)

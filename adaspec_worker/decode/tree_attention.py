@@ -186,6 +186,8 @@ def _tree_attention_op(q: torch.Tensor, kv: torch.Tensor, layer: int, lens: torc
 
 
 SPLIT_MAX_TOKENS = 64  # split only decode and tree passes: a prefill has programs enough, and its partials are big
+# programs a pass aims for: "auto" splits each row's live slots until the grid has about this many
+SPLIT_PROGRAMS = int(os.environ.get("ADARUN_ATTN_SPLIT_PROGRAMS", "128"))
 
 
 def _splits(programs: int, T: int) -> int:
@@ -197,7 +199,7 @@ def _splits(programs: int, T: int) -> int:
     if T > SPLIT_MAX_TOKENS or want in ("", "1", "0"):
         return 1
     if want == "auto":
-        n = max(1, min(8, 128 // max(programs, 1)))
+        n = max(1, min(8, SPLIT_PROGRAMS // max(programs, 1)))
         return 1 << (n.bit_length() - 1)
     n = int(want)
     assert n >= 1 and n & (n - 1) == 0, f"ADARUN_ATTN_SPLITS={want}: a power of two, or auto"
