@@ -80,6 +80,14 @@ def parse_method(text: str) -> tuple[str, dict, str]:
     return name, params, text
 
 
+# the engine's switches for comparison runs (read where each kernel or policy is chosen, under adaspec_worker/decode):
+# a cell's numbers depend on them, so the JSON records those set. An allow-list: other ADARUN_ variables may hold a
+# job's storage options, which are never written to disk.
+ENGINE_SETTINGS = ("ADARUN_ATTN_SPLITS", "ADARUN_ATTN_SPLIT_PROGRAMS", "ADARUN_COMPILE", "ADARUN_COMPILE_MAX_TOKENS",
+                   "ADARUN_COMPILE_ROUND", "ADARUN_DEPTH_POLICY", "ADARUN_TOPK_KERNEL", "ADARUN_TOPK_SPLIT",
+                   "ADARUN_TREE_KERNEL")
+
+
 def provenance(argv: list[str], dev) -> dict:
     def cmd(*a):
         try:
@@ -97,7 +105,8 @@ def provenance(argv: list[str], dev) -> dict:
             "git_commit": os.environ.get("ADARUN_GIT_COMMIT") or cmd("git", "rev-parse", "HEAD") or "unknown",
             "device": str(dev), "gpu": gpu, "driver": driver, "cpu": platform.processor() or platform.machine(),
             "python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "engine_settings": {k: os.environ[k] for k in ENGINE_SETTINGS if k in os.environ}}
 
 
 def load_prompts(cfg: BenchConfig, tok) -> list[list[int]]:
@@ -326,7 +335,8 @@ def markdown(result: dict) -> str:
     lines = [f"# adarun bench: {where}", "",
              f"`{m['command']}`  ",
              f"commit `{m['git_commit']}`, device {m['device']} ({where}, driver {m['driver']}), "
-             f"torch {m['torch']}, transformers {m['transformers']}, python {m['python']}, {m['date']}", "",
+             f"torch {m['torch']}, transformers {m['transformers']}, python {m['python']}, {m['date']}"
+             + "".join(f", {k}={v}" for k, v in m.get("engine_settings", {}).items()), "",
              "| method | batch | temp | tok/s | ms/tok | vs none | vs HF generate | tau | draft/verify/other s "
              "| prefill s | warm-up s | kernels/round | peak MiB | mem vs none |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

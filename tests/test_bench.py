@@ -8,7 +8,9 @@ from jobs.cli import cli
 from tests.helpers import REPO, TINY, TINY_HEAD
 
 
-def test_bench_writes_json_markdown_and_plots(tmp_path):
+def test_bench_writes_json_markdown_and_plots(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADARUN_TOPK_SPLIT", "0")  # an engine switch: recorded
+    monkeypatch.setenv("ADARUN_STORAGE_OPTION", "secret=hunter2")  # a job's storage option: never written
     out = tmp_path / "bench"
     r = CliRunner().invoke(cli, ["bench", "--target", str(TINY), "--draft", str(TINY_HEAD), "--draft-model", str(TINY),
                                  "--ldlp", str(REPO / "models" / "pycoder-tiny-ldlp"),
@@ -23,6 +25,8 @@ def test_bench_writes_json_markdown_and_plots(tmp_path):
     meta = res["meta"]
     for k in ("command", "git_commit", "device", "torch", "transformers", "python"):
         assert meta[k], k
+    assert meta["engine_settings"] == {"ADARUN_TOPK_SPLIT": "0"}
+    assert "hunter2" not in (out / "bench.json").read_text() + (out / "bench.md").read_text()
     labels = {c["label"] for c in res["cells"]}
     want = {"none", "eagle2:depth=3:total_tokens=10", "adaeagle", "eagle-thompson:lengths=[2,4]", "hf-generate",
             "hf-prompt-lookup", "hf-assisted"}
@@ -113,3 +117,15 @@ def test_a_cell_is_measured_with_no_earlier_methods_engine_alive(tmp_path, monke
         gc.enable()
     assert r.exit_code == 0, r.output
     assert alive == [1, 1, 1], alive  # none, eagle, eagle2: one engine each time
+
+
+def test_every_engine_switch_is_recorded_by_bench():
+    """Each ADARUN_ variable the decoder reads is in bench's ENGINE_SETTINGS, so a cell's JSON says how it ran."""
+    import re
+
+    from adaspec_worker.bench import ENGINE_SETTINGS
+
+    read = set()
+    for path in (REPO / "adaspec_worker" / "decode").rglob("*.py"):
+        read |= set(re.findall(r"environ\.get\(\"(ADARUN_[A-Z_0-9]+)\"", path.read_text()))
+    assert read and read <= set(ENGINE_SETTINGS), read - set(ENGINE_SETTINGS)
