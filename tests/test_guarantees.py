@@ -363,7 +363,9 @@ def test_relative_paths_recorded_absolute_and_resume_from_elsewhere(ray_cluster,
 
 
 def test_sigint_exits_130_and_a_rerun_completes(ray_cluster, tmp_path):
-    prompts = small_prompts(tmp_path / "in.parquet", n=40)
+    # 40 shards: the signal must land mid-run (with 10 shards a fast machine once finished them all before the
+    # controller's next poll and exited 0)
+    prompts = small_prompts(tmp_path / "in.parquet", n=160)
     out = tmp_path / "out"
     path = write_manifest(tmp_path, small_job(prompts, out, decoding__max_new_tokens=24, resources__workers=1))
     proc = subprocess.Popen(
