@@ -8,7 +8,8 @@ first, the indices as int64. A vocabulary-sized row (more than `SPLIT_MIN` entri
 instead: one program per `CHUNK` of the row takes the chunk's k best and its max and sum of exponentials, and one
 program per row merges the chunks' candidates (the largest value, the smallest index among equal ones, k times)
 and log-sum-exps. A batch-1 draft level has 10 rows: ten programs each reducing a whole 8,192-entry row k times
-in sequence was 7 us a call, 49 us of a 684 us `eagle2` round (bench/results/h100-split, profile-split). Whether a
+in sequence was 7 us a call, 49 us of a 684 us `eagle2` round (bench/results/h100-split, profile-split); split,
+the batch-1 ratios rose 0.8% (T=0) and 1.1% (T=0.7), within the noise (bench/results/memory-fix-sweeps). Whether a
 row is split depends on V alone, never on R, so a row's values do not depend on the rows beside it.
 
 The plain path is a log-softmax kernel writing the whole [R, V] float32 table and
@@ -35,7 +36,7 @@ MAX_VOCAB = 32768  # a row in registers: 32k float32 over 16 warps is 64 values 
 MAX_K = 32
 SPLIT_MIN = 2048  # rows longer than this are split into chunks (ADARUN_TOPK_SPLIT=0: never, for comparison)
 MAX_CHUNKS = 32  # chunks per row: the merge's candidates (chunks x k) stay a few thousand at most
-MAX_SPLIT_VOCAB = MAX_CHUNKS * 8192  # the split path's longest row (a 128k vocabulary: 16 chunks of 8,192)
+MAX_SPLIT_VOCAB = MAX_CHUNKS * 8192  # the split path's longest row (a 128k vocabulary: 32 chunks of 4,096)
 
 _KERNEL = None  # the jitted kernels once `available()` defined them
 _CHUNK_KERNEL = None

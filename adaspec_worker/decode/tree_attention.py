@@ -192,7 +192,8 @@ SPLIT_PROGRAMS = int(os.environ.get("ADARUN_ATTN_SPLIT_PROGRAMS", "128"))
 
 def _splits(programs: int, T: int) -> int:
     """How many programs share a row's live slots (flash-decoding; a merge kernel follows). ADARUN_ATTN_SPLITS: unset
-    or "auto" (the default), enough programs to cover about 128 SMs, at most 8; 1 (or 0), the single pass; an
+    or "auto" (the default), enough programs to reach SPLIT_PROGRAMS (ADARUN_ATTN_SPLIT_PROGRAMS, 128: about an
+    H100's SMs; larger values, for batch 16's tree passes, not yet measured), at most 8; 1 (or 0), the single pass; an
     integer, that many (a power of two). Measured on an H100 (bench/results/h100-split): `none` +9.6% tok/s at
     batch 1 and +10.7% at batch 16, `eagle2` d4/t30 +8.6% and +2.3%, against the single pass in the same call."""
     want = os.environ.get("ADARUN_ATTN_SPLITS", "auto")
